@@ -1,0 +1,3 @@
+from nbdserve.cli import main
+
+main()

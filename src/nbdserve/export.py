@@ -1,0 +1,147 @@
+"""An export: one image shared by every connection that names it.
+
+This is the layer between the transmission phase and the image. It owns the one entry
+point through which every change reaches the image (``change``), so that dirty bitmaps
+are marked for every WRITE, WRITE_ZEROES and TRIM before the reply goes out, and it
+answers block-status queries for each metadata context the export offers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from nbdserve.image import RawImage
+from nbdserve.protocol import constants as c
+
+log = logging.getLogger(__name__)
+
+
+class DirtyTracker(Protocol):
+    """What the export needs from the bitmaps (nbdserve.bitmaps implements it)."""
+
+    def mark_dirty(self, offset: int, length: int) -> None: ...
+
+    def make_durable(self) -> None: ...
+
+    def contexts(self) -> Sequence[str]: ...
+
+    def extents(self, name: str, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+        ...
+
+
+class FastZeroUnsupported(OSError):
+    """FAST_ZERO asked for a zeroing that would have to write data (spec: ENOTSUP)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExportConfig:
+    name: str
+    image_path: str
+    description: str = ""
+    read_only: bool = False
+    max_connections: int = 0  # 0 = unlimited
+
+
+class Export:
+    def __init__(self, config: ExportConfig, image: RawImage,
+                 tracker: DirtyTracker | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.description = config.description
+        self.image = image
+        self.read_only = config.read_only or image.read_only
+        self.size = image.size
+        self.max_connections = config.max_connections
+        # Every connection shares this image and its bitmaps, so a FLUSH on one covers
+        # writes acknowledged on all. Not offered with a limit of one connection,
+        # where a multi-connection client would wait forever for its second socket.
+        self.multi_conn = config.max_connections != 1
+        self.tracker = tracker
+        self.connections = 0
+
+    # -- negotiation ------------------------------------------------------------------
+
+    def meta_contexts(self) -> Sequence[str]:
+        names = [c.BASE_ALLOCATION, c.QEMU_ALLOCATION_DEPTH]
+        if self.tracker is not None:
+            names.extend(self.tracker.contexts())
+        return names
+
+    # -- the single write entry point -------------------------------------------------
+
+    def change(self, command: int, offset: int, length: int, flags: int = 0,
+               payload: bytes | bytearray | memoryview | None = None) -> None:
+        """Apply WRITE, WRITE_ZEROES or TRIM; the bitmaps learn of it first.
+
+        Marking comes before the data moves so that a crash between the two can only
+        over-report. A failed request still marks: over-reporting is always safe.
+        """
+        if self.tracker is not None and length:
+            self.tracker.mark_dirty(offset, length)
+        image = self.image
+        if command == c.NBD_CMD_WRITE:
+            image.pwrite(offset, payload)
+        elif command == c.NBD_CMD_WRITE_ZEROES:
+            self._write_zeroes(offset, length, flags)
+        elif command == c.NBD_CMD_TRIM:
+            # A hint; punching changes what reads return, hence the mark above.
+            image.punch_hole(offset, length)
+        else:
+            raise ValueError(f"command {command} does not change the image")
+
+    def _write_zeroes(self, offset: int, length: int, flags: int) -> None:
+        image = self.image
+        if not flags & c.NBD_CMD_FLAG_NO_HOLE and image.punch_hole(offset, length):
+            return
+        if image.zero_range(offset, length):
+            return
+        if flags & c.NBD_CMD_FLAG_FAST_ZERO:
+            raise FastZeroUnsupported(95, "zeroing this range would mean writing data")
+        image.write_zeroes_slowly(offset, length)
+
+    def flush(self) -> None:
+        """Make every acknowledged write durable: bitmaps' journal first, then data."""
+        if self.tracker is not None:
+            self.tracker.make_durable()
+        self.image.flush()
+
+    # -- reads and block status ---------------------------------------------------------
+
+    def block_status(self, context: str, offset: int, length: int,
+                     limit: int) -> list[tuple[int, int]]:
+        """(length, flags) extents for one context, never past the request."""
+        if context == c.BASE_ALLOCATION:
+            hole = c.NBD_STATE_HOLE | c.NBD_STATE_ZERO
+            return [(run, 0 if data else hole)
+                    for run, data in self.image.allocation(offset, length, limit)]
+        if context == c.QEMU_ALLOCATION_DEPTH:
+            return [(run, 1 if data else 0)
+                    for run, data in self.image.allocation(offset, length, limit)]
+        if self.tracker is not None:
+            return self.tracker.extents(context, offset, length, limit)
+        raise KeyError(context)
+
+    def close(self) -> None:
+        self.image.close()
+
+
+class ExportCatalog:
+    """The exports of one server, by name (what option haggling looks up)."""
+
+    def __init__(self, exports: Sequence[Export] = ()) -> None:
+        self._exports = {export.name: export for export in exports}
+
+    def add(self, export: Export) -> None:
+        self._exports[export.name] = export
+
+    def find(self, name: str) -> Export | None:
+        return self._exports.get(name)
+
+    def listed(self) -> Sequence[Export]:
+        return list(self._exports.values())
+
+    def __iter__(self):
+        return iter(self._exports.values())

@@ -1,0 +1,222 @@
+"""A raw image file (or block device): the bottom of the I/O chain.
+
+Only byte-moving primitives live here; policy (validation, bitmaps, durability) sits
+in ``nbdserve.export``. Every method is a plain blocking call: the caller decides
+whether it runs on the event loop (page-cache hits) or in a worker thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+# fallocate(2) modes (linux/falloc.h); os.posix_fallocate cannot punch or zero.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+SECTOR = 512
+_ZERO_CHUNK = bytes(1 << 20)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_fallocate.restype = ctypes.c_int
+
+
+class ImageError(Exception):
+    """An image that cannot be served, with a message meant for the operator."""
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def parse_size(text: str) -> int:
+    """'10G', '512M', '1T', '4096' -> bytes (binary units, like qemu-img)."""
+    units = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40,
+             "P": 1 << 50, "E": 1 << 60}
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B") or text
+    number, unit = cleaned, ""
+    if cleaned and cleaned[-1] in units:
+        number, unit = cleaned[:-1], cleaned[-1]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"invalid size {text!r} (use bytes or a suffix K, M, G, T)") from None
+    if value < 0 or value != int(value):
+        raise ValueError(f"invalid size {text!r}")
+    return int(value)
+
+
+def create_sparse(path: str, size: int) -> None:
+    """Create a sparse raw image; refuse to touch an existing file."""
+    if size % SECTOR:
+        raise ImageError(f"size {size} is not a multiple of {SECTOR} bytes")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What identifies an image's content between runs (used by the bitmaps' guard)."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+    device: int
+
+
+class RawImage:
+    """An open raw image. Thread-safe: positional I/O only, no shared file offset."""
+
+    def __init__(self, path: str, *, read_only: bool = False) -> None:
+        self.path = path
+        self.read_only = read_only
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            self.fd = os.open(path, flags)
+        except OSError as exc:
+            raise ImageError(f"cannot open image {path}: {exc.strerror}") from None
+        try:
+            st = os.fstat(self.fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise ImageError(f"{path} is neither a regular file nor a block device")
+            self.is_block_device = stat.S_ISBLK(st.st_mode)
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+            if self.size % SECTOR:
+                # QEMU's client rounds the size up to 512 and then fails on the tail; we
+                # refuse rather than hide the last bytes (see docs/protocol.md).
+                raise ImageError(
+                    f"{path}: size {self.size} is not a multiple of {SECTOR} bytes; "
+                    f"resize it (truncate -s or qemu-img resize) before serving it"
+                )
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.can_punch = not self.is_block_device
+        self.can_zero_range = True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def identity(self) -> Identity:
+        st = os.fstat(self.fd)
+        return Identity(self.size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+    # -- reads ------------------------------------------------------------------------
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            # A short read inside the export means the file shrank under us.
+            data += bytes(length - len(data))
+        return data
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | None:
+        """Read only if every byte is in the page cache (RWF_NOWAIT), else None."""
+        buffer = bytearray(length)
+        try:
+            done = os.preadv(self.fd, [buffer], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EAGAIN):
+                return None
+            raise
+        if done < length:
+            return None
+        return bytes(buffer)
+
+    def readahead(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def allocation(self, offset: int, length: int, limit: int) -> Iterator[tuple[int, bool]]:
+        """Yield (length, is_data) runs covering [offset, offset+length), at most limit.
+
+        SEEK_DATA/SEEK_HOLE tell where data is; where the file system cannot say, the
+        whole range is reported as data (always a safe answer).
+        """
+        end = offset + length
+        position = offset
+        count = 0
+        while position < end and count < limit:
+            try:
+                data_start = os.lseek(self.fd, position, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after position: a hole to EOF
+                    yield end - position, False
+                    return
+                yield end - position, True
+                return
+            if data_start > position:
+                hole_end = min(data_start, end)
+                yield hole_end - position, False
+                count += 1
+                position = hole_end
+                continue
+            try:
+                hole_start = os.lseek(self.fd, position, os.SEEK_HOLE)
+            except OSError:
+                hole_start = end
+            data_end = min(hole_start, end)
+            yield data_end - position, True
+            count += 1
+            position = data_end
+
+    # -- writes -----------------------------------------------------------------------
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Deallocate a range (it then reads as zeros). False if the fs cannot."""
+        if not self.can_punch or length == 0:
+            return False
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                self.can_punch = False
+                return False
+            raise
+        return True
+
+    def zero_range(self, offset: int, length: int) -> bool:
+        """Zero a range quickly, keeping it allocated. False if the fs cannot."""
+        if not self.can_zero_range or length == 0:
+            return length == 0
+        try:
+            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                self.can_zero_range = False
+                return False
+            raise
+        return True
+
+    def write_zeroes_slowly(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            step = min(len(_ZERO_CHUNK), end - offset)
+            self.pwrite(offset, memoryview(_ZERO_CHUNK)[:step])
+            offset += step
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)

@@ -1,0 +1,1 @@
+"""The sans-I/O protocol core: bytes in, values out; no sockets here."""

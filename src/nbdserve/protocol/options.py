@@ -1,0 +1,373 @@
+"""Option haggling (spec: "Option types"), as a sans-I/O state machine.
+
+The asyncio layer reads an option header and its payload and hands both to
+``OptionNegotiator.handle_option``; it gets back the encoded replies and what to do
+next. Nothing here touches a socket, so every rule is tested with literal bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from nbdserve.protocol import constants as c
+
+GREETING = struct.pack(
+    ">QQH", c.NBDMAGIC, c.IHAVEOPT, c.NBD_FLAG_FIXED_NEWSTYLE | c.NBD_FLAG_NO_ZEROES
+)
+OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length
+OPTION_REPLY_HEADER = struct.Struct(">QIII")  # magic, option, reply type, length
+INFO_EXPORT = struct.Struct(">HQH")
+INFO_BLOCK_SIZE = struct.Struct(">HIII")
+EXPORT_NAME_REPLY = struct.Struct(">QH")
+KNOWN_CLIENT_FLAGS = c.NBD_FLAG_C_FIXED_NEWSTYLE | c.NBD_FLAG_C_NO_ZEROES
+
+
+class ExportView(Protocol):
+    """What negotiation needs to know about an export (nbdserve.export.Export has it)."""
+
+    name: str
+    description: str
+    size: int
+    read_only: bool
+    multi_conn: bool
+
+    def meta_contexts(self) -> Sequence[str]: ...
+
+
+class ExportCatalog(Protocol):
+    def find(self, name: str) -> ExportView | None: ...
+
+    def listed(self) -> Sequence[ExportView]: ...
+
+
+class ProtocolViolation(Exception):
+    """The client broke a MUST of the spec; the only answer is to hang up."""
+
+
+class Outcome(enum.Enum):
+    CONTINUE = "continue"  # send the replies, read the next option
+    ABORT = "abort"  # send the replies (the ACK), then close
+    DISCONNECT = "disconnect"  # close without sending anything more
+    TRANSMISSION = "transmission"  # send the replies, then enter transmission
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """What haggling agreed, handed to the transmission phase."""
+
+    export: ExportView
+    structured_replies: bool
+    transmission_flags: int
+    meta_contexts: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class OptionResult:
+    replies: bytes
+    outcome: Outcome = Outcome.CONTINUE
+    session: Session | None = None
+    note: str = ""  # a short reason, for the log, when the outcome is not CONTINUE
+
+
+class OptionError(Exception):
+    """An option is refused with an NBD_REP_ERR_* reply; the haggling goes on."""
+
+    def __init__(self, reply_type: int, message: str) -> None:
+        super().__init__(message)
+        self.reply_type = reply_type
+        self.message = message
+
+
+def encode_option_reply(option: int, reply_type: int, data: bytes = b"") -> bytes:
+    return OPTION_REPLY_HEADER.pack(c.NBD_REP_MAGIC, option, reply_type, len(data)) + data
+
+
+def encode_option_error(option: int, reply_type: int, message: str) -> bytes:
+    return encode_option_reply(option, reply_type, message.encode()[: c.MAX_ERROR_MESSAGE])
+
+
+def parse_client_flags(data: bytes) -> tuple[bool, bool]:
+    """Return (fixed_newstyle, no_zeroes); unknown bits MUST drop the connection."""
+    (flags,) = struct.unpack(">I", data)
+    if flags & ~KNOWN_CLIENT_FLAGS:
+        raise ProtocolViolation(f"client flags 0x{flags:x} set unknown bits")
+    return bool(flags & c.NBD_FLAG_C_FIXED_NEWSTYLE), bool(flags & c.NBD_FLAG_C_NO_ZEROES)
+
+
+def decode_string(raw: bytes, what: str) -> str:
+    """Spec: strings are UTF-8, at most 4096 bytes, with no NUL."""
+    if len(raw) > c.NBD_MAX_STRING:
+        raise OptionError(c.NBD_REP_ERR_INVALID, f"{what} longer than 4096 bytes")
+    if b"\0" in raw:
+        raise OptionError(c.NBD_REP_ERR_INVALID, f"{what} contains NUL")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OptionError(c.NBD_REP_ERR_INVALID, f"{what} is not valid UTF-8") from None
+
+
+def parse_info_request(payload: bytes) -> tuple[str, list[int]]:
+    """INFO and GO: u32 name length, name, u16 count, count x u16 info types."""
+    if len(payload) < 6:
+        raise OptionError(c.NBD_REP_ERR_INVALID, "request too short")
+    (name_length,) = struct.unpack_from(">I", payload, 0)
+    if name_length > len(payload) - 6:
+        raise OptionError(c.NBD_REP_ERR_INVALID, "name length exceeds the request")
+    name = decode_string(payload[4 : 4 + name_length], "export name")
+    (count,) = struct.unpack_from(">H", payload, 4 + name_length)
+    if len(payload) != 6 + name_length + 2 * count:
+        raise OptionError(c.NBD_REP_ERR_INVALID, "information request count does not match")
+    infos = list(struct.unpack_from(f">{count}H", payload, 6 + name_length))
+    return name, infos
+
+
+def parse_meta_request(payload: bytes) -> tuple[str, list[str]]:
+    """LIST and SET_META_CONTEXT: u32 name length, name, u32 count, count x (u32, query)."""
+    if len(payload) < 8:
+        raise OptionError(c.NBD_REP_ERR_INVALID, "request too short")
+    (name_length,) = struct.unpack_from(">I", payload, 0)
+    if name_length > len(payload) - 8:
+        raise OptionError(c.NBD_REP_ERR_INVALID, "name length exceeds the request")
+    name = decode_string(payload[4 : 4 + name_length], "export name")
+    position = 4 + name_length
+    (count,) = struct.unpack_from(">I", payload, position)
+    position += 4
+    queries = []
+    for _ in range(count):
+        if position + 4 > len(payload):
+            raise OptionError(c.NBD_REP_ERR_INVALID, "query count exceeds the request")
+        (length,) = struct.unpack_from(">I", payload, position)
+        position += 4
+        if length > len(payload) - position:
+            raise OptionError(c.NBD_REP_ERR_INVALID, "query length exceeds the request")
+        queries.append(decode_string(payload[position : position + length], "query"))
+        position += length
+    if position != len(payload):
+        raise OptionError(c.NBD_REP_ERR_INVALID, "trailing bytes after the queries")
+    return name, queries
+
+
+def match_list_query(query: str, available: Sequence[str]) -> list[str]:
+    """LIST_META_CONTEXT: exact names plus the namespace wildcards of base: and qemu:."""
+    if query in ("base:", "qemu:", c.QEMU_DIRTY_BITMAP_PREFIX):
+        return [name for name in available if name.startswith(query)]
+    return [query] if query in available else []
+
+
+def transmission_flags(export: ExportView, structured_replies: bool) -> int:
+    flags = (
+        c.NBD_FLAG_HAS_FLAGS
+        | c.NBD_FLAG_SEND_FLUSH
+        | c.NBD_FLAG_SEND_FUA
+        | c.NBD_FLAG_SEND_CACHE
+    )
+    if export.read_only:
+        flags |= c.NBD_FLAG_READ_ONLY
+    else:
+        flags |= (
+            c.NBD_FLAG_SEND_TRIM | c.NBD_FLAG_SEND_WRITE_ZEROES | c.NBD_FLAG_SEND_FAST_ZERO
+        )
+    if export.multi_conn:
+        flags |= c.NBD_FLAG_CAN_MULTI_CONN
+    if structured_replies:
+        flags |= c.NBD_FLAG_SEND_DF  # spec: DF only once structured replies are on
+    return flags
+
+
+class OptionNegotiator:
+    """The server side of option haggling for one connection."""
+
+    def __init__(
+        self,
+        catalog: ExportCatalog,
+        *,
+        shutting_down: Callable[[], bool] = lambda: False,
+        max_options: int = c.MAX_OPTIONS_BEFORE_GO,
+    ) -> None:
+        self.catalog = catalog
+        self.shutting_down = shutting_down
+        self.max_options = max_options
+        self.fixed_newstyle = False
+        self.no_zeroes = False
+        self.structured_replies = False
+        self.options_seen = 0
+        # The selection of the last SET_META_CONTEXT and the export it named.
+        self.meta_export: str | None = None
+        self.meta_contexts: dict[int, str] = {}
+
+    def handle_client_flags(self, data: bytes) -> None:
+        self.fixed_newstyle, self.no_zeroes = parse_client_flags(data)
+
+    def handle_option(self, option: int, payload: bytes) -> OptionResult:
+        self.options_seen += 1
+        if self.options_seen > self.max_options:
+            return OptionResult(b"", Outcome.DISCONNECT, note="too many options")
+        if option == c.NBD_OPT_EXPORT_NAME:
+            return self._export_name(payload)
+        if not self.fixed_newstyle:
+            # Only EXPORT_NAME exists for non-fixed clients; QEMU hangs up too.
+            return OptionResult(b"", Outcome.DISCONNECT, note="option from non-fixed client")
+        if option == c.NBD_OPT_ABORT:
+            return OptionResult(
+                encode_option_reply(option, c.NBD_REP_ACK), Outcome.ABORT, note="abort"
+            )
+        if self.shutting_down():
+            return OptionResult(
+                encode_option_error(option, c.NBD_REP_ERR_SHUTDOWN, "server is shutting down")
+            )
+        handler = self._handlers.get(option)
+        if handler is None:
+            name = c.OPTION_NAMES.get(option, str(option))
+            return OptionResult(
+                encode_option_error(option, c.NBD_REP_ERR_UNSUP, f"option {name} unsupported")
+            )
+        try:
+            return handler(self, option, payload)
+        except OptionError as error:
+            return OptionResult(encode_option_error(option, error.reply_type, error.message))
+
+    # -- one method per option ------------------------------------------------------
+
+    def _export_name(self, payload: bytes) -> OptionResult:
+        # No error reply exists for EXPORT_NAME: any refusal is a hard disconnect.
+        if self.shutting_down():
+            return OptionResult(b"", Outcome.DISCONNECT, note="shutting down")
+        try:
+            name = decode_string(payload, "export name")
+        except OptionError as error:
+            return OptionResult(b"", Outcome.DISCONNECT, note=error.message)
+        export = self.catalog.find(name)
+        if export is None:
+            return OptionResult(b"", Outcome.DISCONNECT, note=f"unknown export {name!r}")
+        session = self._session(export)
+        reply = EXPORT_NAME_REPLY.pack(export.size, session.transmission_flags)
+        if not self.no_zeroes:
+            reply += bytes(124)
+        return OptionResult(reply, Outcome.TRANSMISSION, session)
+
+    def _list(self, option: int, payload: bytes) -> OptionResult:
+        if payload:
+            raise OptionError(c.NBD_REP_ERR_INVALID, "LIST takes no data")
+        replies = []
+        for export in self.catalog.listed():
+            name = export.name.encode()
+            data = struct.pack(">I", len(name)) + name + export.description.encode()
+            replies.append(encode_option_reply(option, c.NBD_REP_SERVER, data))
+        replies.append(encode_option_reply(option, c.NBD_REP_ACK))
+        return OptionResult(b"".join(replies))
+
+    def _starttls(self, option: int, payload: bytes) -> OptionResult:
+        if payload:
+            raise OptionError(c.NBD_REP_ERR_INVALID, "STARTTLS takes no data")
+        raise OptionError(c.NBD_REP_ERR_POLICY, "TLS is not configured on this server")
+
+    def _structured_reply(self, option: int, payload: bytes) -> OptionResult:
+        if payload:
+            raise OptionError(c.NBD_REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
+        if self.structured_replies:
+            raise OptionError(c.NBD_REP_ERR_INVALID, "structured replies already negotiated")
+        self.structured_replies = True
+        return OptionResult(encode_option_reply(option, c.NBD_REP_ACK))
+
+    def _info_or_go(self, option: int, payload: bytes) -> OptionResult:
+        name, requested = parse_info_request(payload)
+        export = self.catalog.find(name)
+        if export is None:
+            raise OptionError(c.NBD_REP_ERR_UNKNOWN, f"export {name!r} not available")
+        session = self._session(export)
+        replies = [
+            self._info(option, INFO_EXPORT.pack(c.NBD_INFO_EXPORT, export.size,
+                                                session.transmission_flags)),
+            # Sent even unasked (as QEMU does): clients ignore what they did not ask for.
+            self._info(option, INFO_BLOCK_SIZE.pack(
+                c.NBD_INFO_BLOCK_SIZE, c.MIN_BLOCK_SIZE, c.PREFERRED_BLOCK_SIZE, c.MAX_PAYLOAD)),
+        ]
+        if c.NBD_INFO_NAME in requested:
+            replies.append(self._info(option, struct.pack(">H", c.NBD_INFO_NAME)
+                                      + export.name.encode()))
+        if c.NBD_INFO_DESCRIPTION in requested and export.description:
+            replies.append(self._info(option, struct.pack(">H", c.NBD_INFO_DESCRIPTION)
+                                      + export.description.encode()))
+        replies.append(encode_option_reply(option, c.NBD_REP_ACK))
+        if option == c.NBD_OPT_INFO:
+            return OptionResult(b"".join(replies))
+        return OptionResult(b"".join(replies), Outcome.TRANSMISSION, session)
+
+    def _list_meta_context(self, option: int, payload: bytes) -> OptionResult:
+        # Allowed before STRUCTURED_REPLY (spec: SHOULD NOT; QEMU and nbdkit accept it).
+        name, queries = parse_meta_request(payload)
+        export = self._meta_export(name)
+        available = list(export.meta_contexts())
+        if queries:
+            found: list[str] = []
+            for query in queries:
+                found.extend(n for n in match_list_query(query, available) if n not in found)
+        else:
+            found = available
+        replies = [self._meta_reply(option, 0, context) for context in found]
+        replies.append(encode_option_reply(option, c.NBD_REP_ACK))
+        return OptionResult(b"".join(replies))
+
+    def _set_meta_context(self, option: int, payload: bytes) -> OptionResult:
+        # The selection is replaced even when this SET fails (spec).
+        self.meta_contexts = {}
+        self.meta_export = None
+        if not self.structured_replies:
+            # Check the framing first so a malformed request still gets ERR_INVALID.
+            parse_meta_request(payload)
+            raise OptionError(c.NBD_REP_ERR_INVALID, "SET_META_CONTEXT needs structured replies")
+        name, queries = parse_meta_request(payload)
+        export = self._meta_export(name)
+        available = export.meta_contexts()
+        replies = []
+        for query in queries:
+            # SET takes exact names only: wildcards and unknown names select nothing.
+            if query in available and query not in self.meta_contexts.values():
+                context_id = len(self.meta_contexts) + 1
+                self.meta_contexts[context_id] = query
+                replies.append(self._meta_reply(option, context_id, query))
+        self.meta_export = name
+        replies.append(encode_option_reply(option, c.NBD_REP_ACK))
+        return OptionResult(b"".join(replies))
+
+    _handlers: dict[int, Callable[[OptionNegotiator, int, bytes], OptionResult]] = {
+        c.NBD_OPT_LIST: _list,
+        c.NBD_OPT_STARTTLS: _starttls,
+        c.NBD_OPT_INFO: _info_or_go,
+        c.NBD_OPT_GO: _info_or_go,
+        c.NBD_OPT_STRUCTURED_REPLY: _structured_reply,
+        c.NBD_OPT_LIST_META_CONTEXT: _list_meta_context,
+        c.NBD_OPT_SET_META_CONTEXT: _set_meta_context,
+    }
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _meta_export(self, name: str) -> ExportView:
+        export = self.catalog.find(name)
+        if export is None:
+            raise OptionError(c.NBD_REP_ERR_UNKNOWN, f"export {name!r} not available")
+        return export
+
+    def _session(self, export: ExportView) -> Session:
+        # Contexts chosen by SET for another export do not carry over (spec).
+        contexts = dict(self.meta_contexts) if self.meta_export == export.name else {}
+        return Session(
+            export=export,
+            structured_replies=self.structured_replies,
+            transmission_flags=transmission_flags(export, self.structured_replies),
+            meta_contexts=contexts,
+        )
+
+    @staticmethod
+    def _info(option: int, body: bytes) -> bytes:
+        return encode_option_reply(option, c.NBD_REP_INFO, body)
+
+    @staticmethod
+    def _meta_reply(option: int, context_id: int, name: str) -> bytes:
+        return encode_option_reply(
+            option, c.NBD_REP_META_CONTEXT, struct.pack(">I", context_id) + name.encode()
+        )

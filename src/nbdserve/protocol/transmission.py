@@ -1,0 +1,130 @@
+"""Transmission phase codec (spec: "Transmission"): requests, validation, replies.
+
+Pure functions and precompiled structs: this is the per-request hot path, so it avoids
+per-request objects and copies where it can.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from array import array
+from collections.abc import Iterable
+
+from nbdserve.protocol import constants as c
+
+REQUEST_HEADER = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
+CHUNK_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
+OFFSET_DATA_HEADER = struct.Struct(">IHHQIQ")  # chunk header + offset
+OFFSET_HOLE_CHUNK = struct.Struct(">IHHQIQI")  # chunk header + offset + hole size
+ERROR_CHUNK_HEADER = struct.Struct(">IHHQIIH")  # chunk header + error + message length
+BLOCK_STATUS_HEADER = struct.Struct(">IHHQII")  # chunk header + context id
+
+_WRITE_COMMANDS = (c.NBD_CMD_WRITE, c.NBD_CMD_WRITE_ZEROES, c.NBD_CMD_TRIM)
+_BIG_ENDIAN_HOST = sys.byteorder == "big"
+
+
+class RequestValidator:
+    """Every spec rule a request must pass, each with the error it earns.
+
+    Built once per connection from what was negotiated, so ``check`` is a handful of
+    comparisons per request.
+    """
+
+    __slots__ = ("size", "read_only", "allowed_flags", "has_contexts")
+
+    def __init__(self, size: int, transmission_flags: int, structured_replies: bool,
+                 has_contexts: bool) -> None:
+        self.size = size
+        self.read_only = bool(transmission_flags & c.NBD_FLAG_READ_ONLY)
+        self.has_contexts = has_contexts
+        fua = c.NBD_CMD_FLAG_FUA if transmission_flags & c.NBD_FLAG_SEND_FUA else 0
+        # Spec: FUA is valid on any command once SEND_FUA is advertised; every other
+        # flag belongs to one command and only once its feature was negotiated.
+        zero_flags = fua | c.NBD_CMD_FLAG_NO_HOLE
+        if transmission_flags & c.NBD_FLAG_SEND_FAST_ZERO:
+            zero_flags |= c.NBD_CMD_FLAG_FAST_ZERO
+        self.allowed_flags = {
+            c.NBD_CMD_READ: fua | (c.NBD_CMD_FLAG_DF if structured_replies else 0),
+            c.NBD_CMD_WRITE: fua,
+            c.NBD_CMD_DISC: fua,
+            c.NBD_CMD_FLUSH: fua,
+            c.NBD_CMD_TRIM: fua,
+            c.NBD_CMD_CACHE: fua,
+            c.NBD_CMD_WRITE_ZEROES: zero_flags,
+            c.NBD_CMD_BLOCK_STATUS: fua | c.NBD_CMD_FLAG_REQ_ONE,
+        }
+
+    def check(self, command: int, flags: int, offset: int, length: int) -> tuple[int, str]:
+        """Return (0, "") for a valid request, else (NBD error, short reason)."""
+        allowed = self.allowed_flags.get(command)
+        if allowed is None:
+            return c.NBD_EINVAL, f"unknown command {command}"
+        if self.read_only and command in _WRITE_COMMANDS:
+            return c.NBD_EPERM, "export is read-only"
+        if command not in (c.NBD_CMD_DISC, c.NBD_CMD_FLUSH) and offset + length > self.size:
+            # Spec: writes past the end earn ENOSPC, everything else EINVAL.
+            if command in (c.NBD_CMD_WRITE, c.NBD_CMD_WRITE_ZEROES):
+                return c.NBD_ENOSPC, "request past the end of the export"
+            return c.NBD_EINVAL, "request past the end of the export"
+        if flags & ~allowed:
+            return c.NBD_EINVAL, f"flags 0x{flags:x} not valid for this command"
+        if command == c.NBD_CMD_READ and length > c.MAX_PAYLOAD:
+            return c.NBD_EINVAL, "read larger than 32 MiB"
+        if command == c.NBD_CMD_BLOCK_STATUS:
+            if not self.has_contexts:
+                return c.NBD_EINVAL, "no metadata context negotiated"
+            if length == 0:
+                return c.NBD_EINVAL, "block status needs a non-zero length"
+        return 0, ""
+
+
+def simple_reply(cookie: int, error: int = 0) -> bytes:
+    return SIMPLE_REPLY.pack(c.NBD_SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+def none_chunk(cookie: int) -> bytes:
+    return CHUNK_HEADER.pack(
+        c.NBD_STRUCTURED_REPLY_MAGIC, c.NBD_REPLY_FLAG_DONE, c.NBD_REPLY_TYPE_NONE, cookie, 0
+    )
+
+
+def error_chunk(cookie: int, error: int, message: str) -> bytes:
+    text = message.encode()[: c.MAX_ERROR_MESSAGE]
+    return ERROR_CHUNK_HEADER.pack(
+        c.NBD_STRUCTURED_REPLY_MAGIC, c.NBD_REPLY_FLAG_DONE, c.NBD_REPLY_TYPE_ERROR,
+        cookie, 6 + len(text), error, len(text),
+    ) + text
+
+
+def offset_data_header(cookie: int, offset: int, length: int, done: bool) -> bytes:
+    return OFFSET_DATA_HEADER.pack(
+        c.NBD_STRUCTURED_REPLY_MAGIC, c.NBD_REPLY_FLAG_DONE if done else 0,
+        c.NBD_REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset,
+    )
+
+
+def offset_hole_chunk(cookie: int, offset: int, length: int, done: bool) -> bytes:
+    return OFFSET_HOLE_CHUNK.pack(
+        c.NBD_STRUCTURED_REPLY_MAGIC, c.NBD_REPLY_FLAG_DONE if done else 0,
+        c.NBD_REPLY_TYPE_OFFSET_HOLE, cookie, 12, offset, length,
+    )
+
+
+def encode_extents(extents: Iterable[tuple[int, int]]) -> bytes:
+    """(length, flags) pairs as the big-endian u32 descriptors of a status chunk."""
+    words = array("I")
+    for length, flags in extents:
+        words.append(length)
+        words.append(flags)
+    if not _BIG_ENDIAN_HOST:
+        words.byteswap()
+    return words.tobytes()
+
+
+def block_status_chunk(cookie: int, context_id: int, descriptors: bytes, done: bool) -> bytes:
+    return BLOCK_STATUS_HEADER.pack(
+        c.NBD_STRUCTURED_REPLY_MAGIC, c.NBD_REPLY_FLAG_DONE if done else 0,
+        c.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, 4 + len(descriptors), context_id,
+    ) + descriptors

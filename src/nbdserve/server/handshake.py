@@ -1,0 +1,52 @@
+"""Drive option haggling over a stream: a thin adapter around OptionNegotiator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nbdserve.protocol import constants as c
+from nbdserve.protocol.options import (
+    GREETING,
+    OPTION_HEADER,
+    OptionNegotiator,
+    Outcome,
+    ProtocolViolation,
+    Session,
+)
+
+log = logging.getLogger("nbdserve.handshake")
+
+
+async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    negotiator: OptionNegotiator, peer: str) -> Session | None:
+    """Run the newstyle handshake; return the agreed session, or None to hang up."""
+    writer.write(GREETING)
+    await writer.drain()
+    try:
+        negotiator.handle_client_flags(await reader.readexactly(4))
+    except ProtocolViolation as error:
+        log.warning("%s: %s; disconnecting", peer, error)
+        return None
+    while True:
+        magic, option, length = OPTION_HEADER.unpack(await reader.readexactly(16))
+        if magic != c.IHAVEOPT:
+            log.warning("%s: bad option magic 0x%x; disconnecting", peer, magic)
+            return None
+        if length > c.MAX_OPTION_LENGTH:
+            log.warning("%s: option payload of %d bytes; disconnecting", peer, length)
+            return None
+        payload = await reader.readexactly(length) if length else b""
+        result = negotiator.handle_option(option, payload)
+        if result.replies:
+            writer.write(result.replies)
+            await writer.drain()
+        if result.outcome is Outcome.CONTINUE:
+            continue
+        if result.outcome is Outcome.TRANSMISSION:
+            return result.session
+        if result.outcome is Outcome.DISCONNECT:
+            log.warning("%s: %s; disconnecting", peer, result.note)
+        else:
+            log.debug("%s: client aborted the handshake", peer)
+        return None

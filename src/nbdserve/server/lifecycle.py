@@ -1,0 +1,189 @@
+"""The server's life: accept connections, run each through handshake and
+transmission, and stop gracefully on SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from nbdserve.export import ExportCatalog
+from nbdserve.protocol.options import OptionNegotiator
+from nbdserve.server.handshake import negotiate
+from nbdserve.server.listener import describe
+from nbdserve.server.transmission import Transmission
+
+log = logging.getLogger("nbdserve.server")
+
+HANDSHAKE_TIMEOUT = 10.0  # seconds a client may spend haggling before GO
+SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish on SIGTERM
+STREAM_LIMIT = 4 << 20  # StreamReader buffer; large enough for whole WRITE payloads
+
+
+class Connection:
+    """Book-keeping for one client, so shutdown can find it."""
+
+    def __init__(self, writer: asyncio.StreamWriter, peer: str) -> None:
+        self.writer = writer
+        self.peer = peer
+        self.transmission: Transmission | None = None
+        self.task: asyncio.Task | None = None
+
+
+class Server:
+    def __init__(self, catalog: ExportCatalog, sockets: Sequence[socket.socket], *,
+                 max_connections: int = 0, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 workers: int = 8) -> None:
+        self.catalog = catalog
+        self.sockets = list(sockets)
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.executor = ThreadPoolExecutor(max_workers=workers,
+                                           thread_name_prefix="nbdserve-io")
+        self.connections: set[Connection] = set()
+        self.slots = asyncio.Semaphore(max_connections) if max_connections else None
+        self.stopping = False
+        self.stop_requested = asyncio.Event()
+        self._servers: list[asyncio.AbstractServer] = []
+
+    def is_shutting_down(self) -> bool:
+        return self.stopping
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for sock in self.sockets:
+            if sock.family == socket.AF_UNIX:
+                server = await asyncio.start_unix_server(self.handle, sock=sock,
+                                                         limit=STREAM_LIMIT)
+            else:
+                server = await asyncio.start_server(self.handle, sock=sock, limit=STREAM_LIMIT)
+            self._servers.append(server)
+            for export in self.catalog:
+                log.info("serving export %r (%s, %d bytes%s) on %s", export.name,
+                         export.image.path, export.size,
+                         ", read-only" if export.read_only else "", describe(sock))
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop, signum)
+        await self.start()
+        log.info("ready (pid %d)", os.getpid())
+        await self.stop_requested.wait()
+        await self.shutdown()
+
+    def request_stop(self, signum: int | None = None) -> None:
+        if signum is not None:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+        self.stop_requested.set()
+
+    # -- one connection ---------------------------------------------------------------------
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else "unix"
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = Connection(writer, peer)
+        connection.task = asyncio.current_task()
+        self.connections.add(connection)
+        try:
+            if self.slots is not None:
+                # Like qemu-nbd -e: a client over the limit waits, as if in the backlog.
+                async with self.slots:
+                    await self.serve_connection(connection, reader, writer)
+            else:
+                await self.serve_connection(connection, reader, writer)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("%s: connection failed", peer)
+        finally:
+            self.connections.discard(connection)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def serve_connection(self, connection: Connection, reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+        peer = connection.peer
+        if self.stopping:
+            return
+        negotiator = OptionNegotiator(self.catalog, shutting_down=self.is_shutting_down)
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                session = await negotiate(reader, writer, negotiator, peer)
+        except TimeoutError:
+            log.warning("%s: handshake not finished in %.0f s; disconnecting", peer,
+                        self.handshake_timeout)
+            return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            log.debug("%s: client left during the handshake", peer)
+            return
+        if session is None:
+            return
+        export = session.export
+        features = ["structured-replies"] if session.structured_replies else []
+        features += list(session.meta_contexts.values())
+        log.info("%s: connected to export %r (flags 0x%04x%s)", peer, export.name,
+                 session.transmission_flags,
+                 "; " + ", ".join(features) if features else "")
+        transmission = Transmission(reader, writer, session, self.executor, peer,
+                                    self.is_shutting_down)
+        connection.transmission = transmission
+        export.connections += 1
+        try:
+            await transmission.run()
+            if transmission.transport.get_write_buffer_size():
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+        finally:
+            export.connections -= 1
+            log.info("%s: disconnected from export %r after %d requests", peer, export.name,
+                     transmission.requests)
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish, flush, close everything."""
+        self.stopping = True
+        for server in self._servers:
+            server.close()
+        inflight = [task for conn in self.connections if conn.transmission
+                    for task in conn.transmission.tasks]
+        if inflight:
+            log.info("waiting for %d in-flight requests", len(inflight))
+            await asyncio.wait(inflight, timeout=SHUTDOWN_GRACE)
+        loop = asyncio.get_running_loop()
+        for conn in list(self.connections):
+            # Flush queued replies, then hang up; requests that raced the shutdown
+            # have been answered with ESHUTDOWN.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await conn.writer.drain()
+            if conn.task is not None:
+                conn.task.cancel()
+        remaining = [conn.task for conn in self.connections if conn.task is not None]
+        if remaining:
+            await asyncio.wait(remaining, timeout=5)
+        for export in self.catalog:
+            try:
+                if not export.read_only:
+                    await loop.run_in_executor(self.executor, export.flush)
+            except OSError as exc:
+                log.error("flushing export %r failed: %s", export.name, exc)
+            export.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self.executor.shutdown(wait=True)
+        log.info("stopped")

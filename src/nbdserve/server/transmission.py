@@ -1,0 +1,267 @@
+"""The transmission phase of one connection.
+
+One loop reads pipelined requests. Requests that the page cache can answer at once
+(most READs, WRITEs without FUA, CACHE, BLOCK_STATUS) are served inline: a task per
+request would cost more than the I/O. Requests that may block (FLUSH, FUA, TRIM,
+WRITE_ZEROES, reads of uncached data) run in worker threads and are answered out of
+order when done. Every reply is handed to the transport in one synchronous step, so a
+chunk is never interleaved with another on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from nbdserve.errors import nbd_error
+from nbdserve.export import Export
+from nbdserve.protocol import constants as c
+from nbdserve.protocol.options import Session
+from nbdserve.protocol.transmission import (
+    REQUEST_HEADER,
+    RequestValidator,
+    block_status_chunk,
+    encode_extents,
+    error_chunk,
+    none_chunk,
+    offset_data_header,
+    offset_hole_chunk,
+    simple_reply,
+)
+
+log = logging.getLogger("nbdserve.transmission")
+
+INLINE_READ_MAX = 1 << 20  # larger reads go to a worker thread
+SPARSE_READ_MIN = 64 << 10  # reads at least this long look for holes (OFFSET_HOLE)
+MAX_INFLIGHT_BYTES = 64 << 20  # payload held by unanswered requests, per connection
+WRITE_BUFFER_HIGH = 4 << 20  # wait for the socket to drain above this
+
+
+class Transmission:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 session: Session, executor: Executor, peer: str,
+                 shutting_down: Callable[[], bool]) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.transport = writer.transport
+        self.export: Export = session.export  # type: ignore[assignment]
+        self.structured = session.structured_replies
+        self.contexts = session.meta_contexts
+        self.validator = RequestValidator(
+            self.export.size, session.transmission_flags, session.structured_replies,
+            bool(session.meta_contexts),
+        )
+        self.executor = executor
+        self.peer = peer
+        self.shutting_down = shutting_down
+        self.loop = asyncio.get_running_loop()
+        self.tasks: set[asyncio.Task] = set()
+        self.inflight_bytes = 0
+        self.room = asyncio.Event()
+        self.room.set()
+        self.requests = 0
+
+    # -- the request loop -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve requests until DISC, EOF or a protocol violation."""
+        readexactly = self.reader.readexactly
+        unpack = REQUEST_HEADER.unpack
+        validator = self.validator
+        try:
+            while True:
+                if not self.room.is_set():
+                    await self.room.wait()
+                header = await readexactly(28)
+                magic, flags, command, cookie, offset, length = unpack(header)
+                if magic != c.NBD_REQUEST_MAGIC:
+                    log.warning("%s: bad request magic 0x%x; disconnecting", self.peer, magic)
+                    return
+                payload = None
+                if command == c.NBD_CMD_WRITE:
+                    if length > c.MAX_PAYLOAD:
+                        # Spec: over 32 MiB may be treated as hostile; QEMU hangs up too.
+                        log.warning("%s: write payload of %d bytes; disconnecting",
+                                    self.peer, length)
+                        return
+                    payload = await readexactly(length)
+                elif command == c.NBD_CMD_DISC:
+                    log.debug("%s: client disconnected (DISC)", self.peer)
+                    return
+                self.requests += 1
+                if self.shutting_down():
+                    self.send_error(command, cookie, c.NBD_ESHUTDOWN, "server is shutting down")
+                    continue
+                error, reason = validator.check(command, flags, offset, length)
+                if error:
+                    self.send_error(command, cookie, error, reason)
+                    continue
+                self.dispatch(command, flags, cookie, offset, length, payload)
+                if self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+                    await self.writer.drain()
+        except asyncio.IncompleteReadError:
+            log.debug("%s: client closed the connection", self.peer)
+        except ConnectionError as exc:
+            log.debug("%s: connection lost: %s", self.peer, exc)
+        finally:
+            await self.finish_inflight()
+
+    def dispatch(self, command: int, flags: int, cookie: int, offset: int, length: int,
+                 payload: bytes | None) -> None:
+        """handle_request: one branch per command (validation already passed)."""
+        export = self.export
+        if command == c.NBD_CMD_READ:
+            if length <= INLINE_READ_MAX and not flags & c.NBD_CMD_FLAG_FUA and (
+                not self.structured or length < SPARSE_READ_MIN or flags & c.NBD_CMD_FLAG_DF
+            ):
+                try:
+                    data = export.image.pread_nowait(offset, length)
+                except OSError as exc:
+                    self.send_error(command, cookie, nbd_error(exc), exc.strerror or "read")
+                    return
+                if data is not None:
+                    self.send_read(cookie, offset, data)
+                    return
+            self.spawn(self.slow_read(cookie, offset, length, flags), length)
+        elif command == c.NBD_CMD_WRITE:
+            try:
+                export.change(command, offset, length, flags, payload)
+            except OSError as exc:
+                self.send_error(command, cookie, nbd_error(exc), exc.strerror or "write")
+                return
+            if flags & c.NBD_CMD_FLAG_FUA:
+                self.spawn(self.in_thread(command, cookie, export.flush), 0)
+            else:
+                self.transport.write(simple_reply(cookie))
+        elif command in (c.NBD_CMD_WRITE_ZEROES, c.NBD_CMD_TRIM):
+            def apply() -> None:
+                export.change(command, offset, length, flags)
+                if flags & c.NBD_CMD_FLAG_FUA:
+                    export.flush()
+            self.spawn(self.in_thread(command, cookie, apply), 0)
+        elif command == c.NBD_CMD_FLUSH:
+            self.spawn(self.in_thread(command, cookie, export.flush), 0)
+        elif command == c.NBD_CMD_CACHE:
+            try:
+                export.image.readahead(offset, length)
+            except OSError:
+                pass  # a hint: failing to prefetch changes nothing
+            self.transport.write(simple_reply(cookie))
+        elif command == c.NBD_CMD_BLOCK_STATUS:
+            self.send_block_status(cookie, offset, length, flags)
+
+    # -- slow paths -------------------------------------------------------------------------
+
+    def spawn(self, coroutine, held_bytes: int) -> None:
+        self.inflight_bytes += held_bytes
+        if self.inflight_bytes > MAX_INFLIGHT_BYTES:
+            self.room.clear()  # backpressure: stop reading requests until some finish
+        task = self.loop.create_task(coroutine)
+        self.tasks.add(task)
+
+        def done(finished: asyncio.Task) -> None:
+            self.tasks.discard(finished)
+            self.inflight_bytes -= held_bytes
+            if self.inflight_bytes <= MAX_INFLIGHT_BYTES:
+                self.room.set()
+        task.add_done_callback(done)
+
+    async def in_thread(self, command: int, cookie: int, work: Callable[[], None]) -> None:
+        try:
+            await self.loop.run_in_executor(self.executor, work)
+        except OSError as exc:
+            self.send_error(command, cookie, nbd_error(exc), exc.strerror or "I/O error")
+            return
+        except Exception as exc:  # never let one request take the connection down
+            log.exception("%s: request failed", self.peer)
+            self.send_error(command, cookie, nbd_error(exc), str(exc) or "internal error")
+            return
+        self.transport.write(simple_reply(cookie))
+
+    async def slow_read(self, cookie: int, offset: int, length: int, flags: int) -> None:
+        export = self.export
+        sparse = self.structured and not flags & c.NBD_CMD_FLAG_DF and length >= SPARSE_READ_MIN
+
+        def read() -> list[tuple[int, int, bytes | None]]:
+            if flags & c.NBD_CMD_FLAG_FUA:
+                export.flush()  # as QEMU: READ with FUA first makes earlier writes durable
+            if not sparse:
+                return [(offset, length, export.image.pread(offset, length))]
+            pieces = []
+            position = offset
+            for run, is_data in export.image.allocation(offset, length, 1 << 16):
+                pieces.append((position, run,
+                               export.image.pread(position, run) if is_data else None))
+                position += run
+            if position < offset + length:  # the extent limit was reached
+                rest = offset + length - position
+                pieces.append((position, rest, export.image.pread(position, rest)))
+            return pieces
+
+        try:
+            pieces = await self.loop.run_in_executor(self.executor, read)
+        except OSError as exc:
+            self.send_error(c.NBD_CMD_READ, cookie, nbd_error(exc), exc.strerror or "read")
+            return
+        if len(pieces) == 1 and pieces[0][2] is not None:
+            self.send_read(cookie, offset, pieces[0][2])
+            return
+        chunks: list[bytes] = []
+        last = len(pieces) - 1
+        for index, (position, run, data) in enumerate(pieces):
+            done = index == last
+            if data is None:
+                chunks.append(offset_hole_chunk(cookie, position, run, done))
+            else:
+                chunks.append(offset_data_header(cookie, position, run, done))
+                chunks.append(data)
+        self.transport.writelines(chunks)
+
+    # -- replies (framing only) -------------------------------------------------------------
+
+    def send_read(self, cookie: int, offset: int, data: bytes) -> None:
+        if not self.structured:
+            self.transport.writelines((simple_reply(cookie), data))
+        elif not data:
+            self.transport.write(none_chunk(cookie))
+        else:
+            self.transport.writelines((offset_data_header(cookie, offset, len(data), True), data))
+
+    def send_error(self, command: int, cookie: int, error: int, message: str) -> None:
+        if error != c.NBD_ESHUTDOWN:
+            log.info("%s: %s failed: %s (error %d)", self.peer,
+                     c.COMMAND_NAMES.get(command, command), message, error)
+        if self.structured:
+            self.transport.write(error_chunk(cookie, error, message))
+        else:
+            self.transport.write(simple_reply(cookie, error))
+
+    def send_block_status(self, cookie: int, offset: int, length: int, flags: int) -> None:
+        limit = 1 if flags & c.NBD_CMD_FLAG_REQ_ONE else c.MAX_EXTENTS_PER_CHUNK
+        chunks = []
+        try:
+            for context_id, name in self.contexts.items():
+                extents = self.export.block_status(name, offset, length, limit)
+                chunks.append((context_id, encode_extents(extents)))
+        except OSError as exc:
+            self.send_error(c.NBD_CMD_BLOCK_STATUS, cookie, nbd_error(exc),
+                            exc.strerror or "block status")
+            return
+        except (KeyError, ValueError) as exc:
+            # A context that went away since SET (a removed bitmap, say).
+            self.send_error(c.NBD_CMD_BLOCK_STATUS, cookie, c.NBD_EINVAL, str(exc))
+            return
+        last = len(chunks) - 1
+        self.transport.writelines([
+            block_status_chunk(cookie, context_id, descriptors, index == last)
+            for index, (context_id, descriptors) in enumerate(chunks)
+        ])
+
+    # -- end of the connection --------------------------------------------------------------
+
+    async def finish_inflight(self) -> None:
+        """Let every accepted request complete and its reply be queued."""
+        if self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
