@@ -48,6 +48,7 @@ class Server:
         self.connections: set[Connection] = set()
         self.slots = asyncio.Semaphore(max_connections) if max_connections else None
         self.stopping = False
+        self.accepted = 0
         self.stop_requested = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
 
@@ -89,7 +90,12 @@ class Server:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         peername = writer.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else "unix"
+        self.accepted += 1
+        if isinstance(peername, tuple):
+            peer = f"[{peername[0]}]:{peername[1]}" if ":" in peername[0] else \
+                f"{peername[0]}:{peername[1]}"
+        else:
+            peer = f"unix#{self.accepted}"
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
