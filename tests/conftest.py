@@ -155,7 +155,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(*argv: str, check: bool = True, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+def run(*argv: str, check: bool = True, timeout: float = 120,
+        **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"{argv} exited {result.returncode}\nstdout: {result.stdout}\n"

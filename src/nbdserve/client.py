@@ -82,6 +82,7 @@ class NbdClient:
         self._pending: dict[int, _Pending] = {}
         self._receiver: asyncio.Task | None = None
         self._closed_error: BaseException | None = None
+        self._server_shutting_down = False
 
     # -- connecting ---------------------------------------------------------------------
 
@@ -292,8 +293,7 @@ class NbdClient:
             await asyncio.gather(*(p.future for p in list(self._pending.values())),
                                  return_exceptions=True)
         if self._closed_error is None:
-            self.writer.write(REQUEST_HEADER.pack(c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_DISC,
-                                                  0, 0, 0))
+            self._send_disc()
             try:
                 await self.writer.drain()
             except ConnectionError:
@@ -301,6 +301,9 @@ class NbdClient:
         if self._receiver is not None:
             self._receiver.cancel()
         self.writer.close()
+
+    def _send_disc(self) -> None:
+        self.writer.write(REQUEST_HEADER.pack(c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_DISC, 0, 0, 0))
 
     async def __aenter__(self) -> NbdClient:
         return self
@@ -320,6 +323,7 @@ class NbdClient:
                         struct.pack(">I", magic) + await readexactly(12))
                     pending = self._pending.pop(cookie)
                     if error:
+                        self._server_shutting_down |= error == c.NBD_ESHUTDOWN
                         pending.future.set_exception(NbdError(error))
                     elif pending.command == c.NBD_CMD_READ:
                         pending.future.set_result(await readexactly(pending.length))
@@ -332,6 +336,11 @@ class NbdClient:
                     self._chunk(cookie, flags, kind, payload)
                 else:
                     raise ConnectionError(f"bad reply magic 0x{magic:x}")
+                if self._server_shutting_down and not self._pending:
+                    # Spec: after ESHUTDOWN the client MUST disconnect (softly).
+                    self._send_disc()
+                    self._fail_all(ConnectionError("server is shutting down"))
+                    return
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             self._fail_all(exc)
         except Exception as exc:
@@ -353,6 +362,7 @@ class NbdClient:
         elif kind & 0x8000:
             error, length = struct.unpack_from(">IH", payload)
             pending.error = NbdError(error, payload[6 : 6 + length].decode(errors="replace"))
+            self._server_shutting_down |= error == c.NBD_ESHUTDOWN
         elif kind != c.NBD_REPLY_TYPE_NONE:
             raise ConnectionError(f"unknown chunk type {kind}")
         if flags & c.NBD_REPLY_FLAG_DONE:

@@ -22,6 +22,7 @@ log = logging.getLogger("nbdserve.server")
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client may spend haggling before GO
 SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish on SIGTERM
+SHUTDOWN_LINGER = 2.0  # seconds clients get to read ESHUTDOWN and disconnect themselves
 STREAM_LIMIT = 4 << 20  # StreamReader buffer; large enough for whole WRITE payloads
 
 
@@ -169,10 +170,14 @@ class Server:
         if inflight:
             log.info("waiting for %d in-flight requests", len(inflight))
             await asyncio.wait(inflight, timeout=SHUTDOWN_GRACE)
+        # Requests arriving now get ESHUTDOWN, after which a client MUST disconnect
+        # (spec); give them a moment to do so before hanging up on them.
+        lingering = [conn.task for conn in self.connections if conn.task is not None]
+        if lingering:
+            await asyncio.wait(lingering, timeout=SHUTDOWN_LINGER)
         loop = asyncio.get_running_loop()
         for conn in list(self.connections):
-            # Flush queued replies, then hang up; requests that raced the shutdown
-            # have been answered with ESHUTDOWN.
+            # Flush queued replies, then hang up.
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await conn.writer.drain()

@@ -1,0 +1,170 @@
+"""The server as a process: command line, listeners, limits, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+
+import pytest
+
+from conftest import NBDSERVE, run
+from nbdserve.client import NbdClient, NbdError, OptionRefused
+from nbdserve.export import Export, ExportCatalog, ExportConfig
+from nbdserve.image import RawImage
+from nbdserve.protocol import constants as c
+from nbdserve.server.lifecycle import Server
+from nbdserve.server.listener import bind_unix
+
+
+def test_help_and_version():
+    out = run(*NBDSERVE, "--help").stdout
+    assert "serve" in out
+    out = run(*NBDSERVE, "serve", "--help").stdout
+    for option in ("--export-name", "--bind", "--port", "--socket", "--read-only",
+                   "--description", "--shared", "--create"):
+        assert option in out
+    assert run(*NBDSERVE, "--version").stdout.startswith("nbdserve, version ")
+
+
+def test_image_not_a_multiple_of_512_is_refused(tmp_path):
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(b"x" * 1000)
+    result = run(*NBDSERVE, "serve", str(odd), "-k", str(tmp_path / "s"), check=False)
+    assert result.returncode == 1
+    assert "not a multiple of 512" in result.stderr
+
+
+def test_missing_image_is_a_clear_error(tmp_path):
+    result = run(*NBDSERVE, "serve", str(tmp_path / "none.img"), "-k", str(tmp_path / "s"),
+                 check=False)
+    assert result.returncode == 1
+    assert "cannot open image" in result.stderr and "No such file" in result.stderr
+
+
+def test_bad_size_is_a_usage_error(tmp_path):
+    result = run(*NBDSERVE, "serve", str(tmp_path / "x.img"), "--create", "12Q", check=False)
+    assert result.returncode == 2
+    assert "invalid size" in result.stderr
+
+
+def test_create_makes_a_sparse_image(tmp_path, start_server):
+    path = tmp_path / "new.img"
+    server = start_server(path, "--create", "10G")
+    assert os.path.getsize(path) == 10 << 30
+    assert os.stat(path).st_blocks == 0
+    assert "export-size: 10737418240" in run("nbdinfo", server.uri()).stdout
+
+
+def test_tcp_ipv4_and_ipv6(image, start_server):
+    v4 = start_server(image, unix=False)
+    assert "export-size: 67108864" in run("nbdinfo", v4.uri()).stdout
+    v6 = start_server(image, unix=False, host="::1")
+    assert v6.uri().startswith("nbd://[::1]:")
+    assert "export-size: 67108864" in run("nbdinfo", v6.uri()).stdout
+
+
+def test_keeps_serving_after_clients_leave(server):
+    for i in range(3):
+        run("qemu-io", "-f", "raw", "-c", f"write -P {i + 1} 0 512", server.qemu_uri)
+    assert server.proc.poll() is None
+    assert server.image.read_bytes()[:512] == b"\x03" * 512
+
+
+async def test_connection_limit_makes_extra_clients_wait(image, start_server):
+    server = start_server(image, "-e", "1")
+    first = await NbdClient.connect(**server.client_args())
+    assert not first.flags & c.NBD_FLAG_CAN_MULTI_CONN
+    second = asyncio.ensure_future(NbdClient.connect(**server.client_args()))
+    await asyncio.sleep(0.5)
+    assert not second.done()  # waiting, as in qemu-nbd's backlog
+    await first.disconnect()
+    client = await asyncio.wait_for(second, 5)
+    assert await client.read(0, 512) == bytes(512)
+    await client.disconnect()
+
+
+def test_stale_unix_socket_is_replaced_but_a_live_one_is_not(image, tmp_path):
+    path = tmp_path / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens: what a crash leaves
+    from conftest import NbdServe
+    server = NbdServe(image, unix=path)
+    try:
+        result = run(*NBDSERVE, "serve", str(image), "-k", str(path), check=False)
+        assert result.returncode == 1
+        assert "in use by a running server" in result.stderr
+    finally:
+        assert server.stop() == 0
+    assert not path.exists()  # removed on clean exit
+
+
+def test_a_regular_file_is_never_replaced_by_the_socket(image, tmp_path):
+    path = tmp_path / "precious"
+    path.write_text("keep me")
+    result = run(*NBDSERVE, "serve", str(image), "-k", str(path), check=False)
+    assert result.returncode == 1 and "not a socket" in result.stderr
+    assert path.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_finishes_inflight_requests_and_exits_zero(image, start_server, sig):
+    server = start_server(image)
+    nbd = await NbdClient.connect(**server.client_args())
+    payloads = [os.urandom(65536) for _ in range(64)]
+    writes = [asyncio.ensure_future(nbd.write(i * 65536, p, c.NBD_CMD_FLAG_FUA))
+              for i, p in enumerate(payloads)]
+    await asyncio.sleep(0.01)
+    server.proc.send_signal(sig)
+    results = await asyncio.gather(*writes, return_exceptions=True)
+    exit_code = await asyncio.get_running_loop().run_in_executor(None, server.proc.wait, 30)
+    assert exit_code == 0, server.log
+    data = image.read_bytes()
+    for i, outcome in enumerate(results):
+        if outcome is None:  # acknowledged: must be on disk
+            assert data[i * 65536 : (i + 1) * 65536] == payloads[i]
+        else:  # only a refusal because of the shutdown is acceptable
+            assert isinstance(outcome, NbdError) and outcome.error == c.NBD_ESHUTDOWN, outcome
+    assert any(outcome is None for outcome in results)
+    assert "stopped" in server.log
+
+
+class BlockingFlushExport(Export):
+    """An export whose FLUSH waits for the test, to hold a request in flight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def flush(self):
+        self.entered.set()
+        self.release.wait(10)
+        super().flush()
+
+
+async def test_during_shutdown_options_get_err_shutdown_and_requests_eshutdown(image, tmp_path):
+    """In-process: hold a FLUSH in flight so the shutdown window stays open."""
+    export = BlockingFlushExport(ExportConfig("", str(image)), RawImage(str(image)))
+    path = str(tmp_path / "s.sock")
+    server = Server(ExportCatalog([export]), [bind_unix(path)])
+    await server.start()
+    busy = await NbdClient.connect(unix=path)
+    haggling = await NbdClient.open_handshake(unix=path)
+    flush = asyncio.ensure_future(busy.flush())
+    await asyncio.get_running_loop().run_in_executor(None, export.entered.wait, 5)
+    stopping = asyncio.ensure_future(server.shutdown())
+    await asyncio.sleep(0.1)
+    with pytest.raises(OptionRefused) as refused:
+        await haggling.list_exports()
+    assert refused.value.reply_type == c.NBD_REP_ERR_SHUTDOWN
+    with pytest.raises(NbdError) as error:
+        await busy.read(0, 512)
+    assert error.value.error == c.NBD_ESHUTDOWN
+    export.release.set()
+    await flush  # the in-flight request completed normally
+    await asyncio.wait_for(stopping, 10)
+    assert export.image.fd == -1

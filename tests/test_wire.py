@@ -1,0 +1,290 @@
+"""The server on the wire: literal requests (valid and hostile) through real sockets,
+using the package's own client where it fits and raw bytes where it must not."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+
+from nbdserve.client import NbdClient, NbdError, OptionRefused
+from nbdserve.protocol import constants as c
+
+
+async def connect(server, **kwargs) -> NbdClient:
+    return await NbdClient.connect(**server.client_args(), **kwargs)
+
+
+def raw_socket(server) -> socket.socket:
+    if server.unix:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(server.unix))
+    else:
+        sock = socket.create_connection((server.host, server.port))
+    sock.settimeout(5)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def handshake_simple(sock: socket.socket) -> None:
+    """Fixed newstyle, NO_ZEROES, EXPORT_NAME "": simple replies only."""
+    assert recv_exactly(sock, 18) == b"NBDMAGICIHAVEOPT\x00\x03"
+    sock.sendall(struct.pack(">I", 3))
+    sock.sendall(struct.pack(">QII", c.IHAVEOPT, c.NBD_OPT_EXPORT_NAME, 0))
+    size, flags = struct.unpack(">QH", recv_exactly(sock, 10))
+    assert size == 64 << 20
+
+
+def request(cmd, offset=0, length=0, flags=0, cookie=1) -> bytes:
+    return struct.pack(">IHHQQI", c.NBD_REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+
+
+def assert_closed(sock: socket.socket) -> None:
+    try:
+        assert sock.recv(1) == b""
+    except ConnectionResetError:
+        pass
+
+
+async def test_own_client_read_write_flush_zero_trim(server, image):
+    async with await connect(server, meta_contexts=["base:allocation"]) as nbd:
+        assert nbd.size == 64 << 20
+        await nbd.write(1 << 20, b"\x42" * 100000, c.NBD_CMD_FLAG_FUA)
+        assert await nbd.read(1 << 20, 100000) == b"\x42" * 100000
+        await nbd.write_zeroes(1 << 20, 4096, c.NBD_CMD_FLAG_NO_HOLE)
+        await nbd.trim(8 << 20, 1 << 20)
+        await nbd.flush()
+        await nbd.cache(0, 1 << 20)
+        extents = (await nbd.block_status(0, 4 << 20))["base:allocation"]
+        # The zeroed 4 KiB may show as data or as an (unwritten) hole: both read as zero.
+        assert extents[0] in [(1 << 20, 3), ((1 << 20) + 4096, 3)]
+        assert sum(length for length, _ in extents) == 4 << 20
+    data = image.read_bytes()
+    assert data[(1 << 20) : (1 << 20) + 4096] == bytes(4096)
+    assert data[(1 << 20) + 4096 : (1 << 20) + 100000] == b"\x42" * (100000 - 4096)
+
+
+async def test_pipelined_requests_are_all_answered(server):
+    async with await connect(server) as nbd:
+        blocks = [bytes([i]) * 4096 for i in range(256)]
+        await asyncio.gather(*(nbd.write(i * 4096, b) for i, b in enumerate(blocks)))
+        reads = await asyncio.gather(*(nbd.read(i * 4096, 4096) for i in range(256)))
+        assert reads == blocks
+
+
+async def test_out_of_order_replies_fast_reads_overtake_a_slow_flush(server):
+    async with await connect(server) as nbd:
+        await nbd.write(0, b"x" * (8 << 20))
+        order = []
+
+        async def tag(name, coro):
+            await coro
+            order.append(name)
+        await asyncio.gather(tag("flush", nbd.flush()), tag("read", nbd.read(0, 512)))
+        assert sorted(order) == ["flush", "read"]
+
+
+@pytest.mark.parametrize("structured", [True, False])
+async def test_errors_leave_the_connection_usable(server, structured):
+    async with await connect(server, structured=structured) as nbd:
+        size = nbd.size
+        cases = [
+            (c.NBD_CMD_WRITE, size, 1, 0, b"x", c.NBD_ENOSPC),
+            (c.NBD_CMD_WRITE_ZEROES, size - 1, 2, 0, None, c.NBD_ENOSPC),
+            (c.NBD_CMD_READ, size, 1, 0, None, c.NBD_EINVAL),
+            (c.NBD_CMD_TRIM, size, 1, 0, None, c.NBD_EINVAL),
+            (c.NBD_CMD_CACHE, size, 1, 0, None, c.NBD_EINVAL),
+            (c.NBD_CMD_READ, 0, 1, 0x8000, None, c.NBD_EINVAL),
+            (42, 0, 0, 0, None, c.NBD_EINVAL),
+            (c.NBD_CMD_BLOCK_STATUS, 0, 512, 0, None, c.NBD_EINVAL),  # no contexts
+        ]
+        if not structured:
+            cases.append((c.NBD_CMD_READ, 0, 512, c.NBD_CMD_FLAG_DF, None, c.NBD_EINVAL))
+        for command, offset, length, flags, payload, expected in cases:
+            with pytest.raises(NbdError) as caught:
+                await nbd.raw_request(command, offset, length, flags, payload)
+            assert caught.value.error == expected, (command, caught.value)
+            if structured:
+                assert caught.value.message  # structured errors carry a reason
+        # The payload of the refused WRITE was consumed: the stream is still in sync.
+        await nbd.write(0, b"ok")
+        assert await nbd.read(0, 2) == b"ok"
+
+
+async def test_read_only_export_answers_eperm_on_the_wire(image, start_server):
+    server = start_server(image, "-r")
+    async with await connect(server) as nbd:
+        assert nbd.flags & c.NBD_FLAG_READ_ONLY
+        for command, payload in ((c.NBD_CMD_WRITE, b"x" * 512), (c.NBD_CMD_TRIM, None),
+                                 (c.NBD_CMD_WRITE_ZEROES, None)):
+            with pytest.raises(NbdError) as caught:
+                await nbd.raw_request(command, 0, 512, 0, payload)
+            assert caught.value.error == c.NBD_EPERM
+        assert await nbd.read(0, 512) == bytes(512)
+    assert image.read_bytes()[:512] == bytes(512)
+
+
+async def test_zero_length_requests(server):
+    async with await connect(server) as nbd:
+        assert await nbd.read(0, 0) == b""
+        await nbd.write(0, b"")
+        await nbd.trim(0, 0)
+    async with await connect(server, structured=False) as nbd:
+        assert await nbd.read(4096, 0) == b""
+
+
+async def test_fast_zero_is_honest(server):
+    async with await connect(server) as nbd:
+        await nbd.write(0, b"\xff" * 65536)
+        await nbd.write_zeroes(0, 65536, c.NBD_CMD_FLAG_FAST_ZERO)
+        assert await nbd.read(0, 65536) == bytes(65536)
+
+
+async def test_df_read_is_one_chunk_and_sparse_read_has_holes(server):
+    async with await connect(server) as nbd:
+        await nbd.write(1 << 20, b"\x01" * 4096)
+        data = await nbd.read(0, 2 << 20)
+        df = await nbd.read(0, 2 << 20, c.NBD_CMD_FLAG_DF)
+        assert data == df
+        assert data[1 << 20 : (1 << 20) + 4096] == b"\x01" * 4096
+        assert data.count(0) == (2 << 20) - 4096
+
+
+async def test_block_status_caps_and_never_passes_the_request(server):
+    async with await connect(server, meta_contexts=["base:allocation",
+                                                    "qemu:allocation-depth"]) as nbd:
+        for i in range(0, 64):  # alternate data and holes every 64 KiB
+            await nbd.write(i * 131072, b"d" * 65536)
+        status = await nbd.block_status(100, 1000000)
+        for name in ("base:allocation", "qemu:allocation-depth"):
+            assert sum(length for length, _ in status[name]) == 1000000
+        one = await nbd.block_status(100, 1000, c.NBD_CMD_FLAG_REQ_ONE)
+        assert one == {"base:allocation": [(1000, 0)], "qemu:allocation-depth": [(1000, 1)]}
+
+
+async def test_list_info_and_meta_listing_with_own_client(image, start_server):
+    server = start_server(image, "-x", "disk", "-D", "a disk")
+    nbd = await NbdClient.open_handshake(**server.client_args())
+    assert await nbd.list_exports() == [("disk", "a disk")]
+    info = await nbd.info("disk")
+    assert (info.name, info.size, info.description, info.block_sizes) == \
+        ("disk", 64 << 20, "a disk", (1, 4096, 32 << 20))
+    assert await nbd.list_meta_contexts("disk", ["qemu:"]) == ["qemu:allocation-depth"]
+    with pytest.raises(OptionRefused) as refused:
+        await nbd.info("nope")
+    assert refused.value.reply_type == c.NBD_REP_ERR_UNKNOWN
+    with pytest.raises(OptionRefused) as refused:
+        await nbd.option(c.NBD_OPT_STARTTLS)
+    assert refused.value.reply_type == c.NBD_REP_ERR_POLICY
+    await nbd.abort()
+
+
+def test_bad_request_magic_disconnects(server):
+    with raw_socket(server) as sock:
+        handshake_simple(sock)
+        sock.sendall(b"\x12\x34\x56\x78" + bytes(24))
+        assert_closed(sock)
+
+
+def test_write_over_32_mib_disconnects(server):
+    with raw_socket(server) as sock:
+        handshake_simple(sock)
+        sock.sendall(request(c.NBD_CMD_WRITE, 0, (32 << 20) + 1))
+        assert_closed(sock)
+
+
+def test_simple_reply_for_past_end_write_then_next_request(server):
+    with raw_socket(server) as sock:
+        handshake_simple(sock)
+        sock.sendall(request(c.NBD_CMD_WRITE, 64 << 20, 4, cookie=7) + b"abcd")
+        assert recv_exactly(sock, 16) == struct.pack(">IIQ", c.NBD_SIMPLE_REPLY_MAGIC,
+                                                      c.NBD_ENOSPC, 7)
+        sock.sendall(request(c.NBD_CMD_READ, 0, 4, cookie=8))
+        assert recv_exactly(sock, 20) == struct.pack(">IIQ", c.NBD_SIMPLE_REPLY_MAGIC, 0, 8) \
+            + bytes(4)
+        sock.sendall(request(c.NBD_CMD_DISC))
+        assert_closed(sock)
+
+
+def test_unknown_client_flags_disconnect(server):
+    with raw_socket(server) as sock:
+        recv_exactly(sock, 18)
+        sock.sendall(struct.pack(">I", 0x10))
+        assert_closed(sock)
+
+
+def test_oversized_option_disconnects(server):
+    with raw_socket(server) as sock:
+        recv_exactly(sock, 18)
+        sock.sendall(struct.pack(">I", 3) + struct.pack(">QII", c.IHAVEOPT, 99, (32 << 20) + 1))
+        assert_closed(sock)
+
+
+def test_unknown_option_payload_is_consumed(server):
+    with raw_socket(server) as sock:
+        recv_exactly(sock, 18)
+        sock.sendall(struct.pack(">I", 3) + struct.pack(">QII", c.IHAVEOPT, 99, 5) + b"12345")
+        magic, option, kind, length = struct.unpack(">QIII", recv_exactly(sock, 20))
+        assert (option, kind) == (99, c.NBD_REP_ERR_UNSUP)
+        recv_exactly(sock, length)
+        sock.sendall(struct.pack(">QII", c.IHAVEOPT, c.NBD_OPT_ABORT, 0))
+        assert struct.unpack(">QIII", recv_exactly(sock, 20))[2] == c.NBD_REP_ACK
+        assert_closed(sock)
+
+
+def test_non_fixed_client_gets_export_name_with_padding(server):
+    with raw_socket(server) as sock:
+        recv_exactly(sock, 18)
+        sock.sendall(struct.pack(">I", 0) + struct.pack(">QII", c.IHAVEOPT,
+                                                         c.NBD_OPT_EXPORT_NAME, 0))
+        reply = recv_exactly(sock, 134)
+        assert reply[10:] == bytes(124)
+        assert struct.unpack(">Q", reply[:8])[0] == 64 << 20
+
+
+def test_too_many_options_disconnect(server):
+    with raw_socket(server) as sock:
+        recv_exactly(sock, 18)
+        sock.sendall(struct.pack(">I", 3))
+        for _ in range(c.MAX_OPTIONS_BEFORE_GO):
+            sock.sendall(struct.pack(">QII", c.IHAVEOPT, 99, 0))
+            length = struct.unpack(">QIII", recv_exactly(sock, 20))[3]
+            recv_exactly(sock, length)
+        sock.sendall(struct.pack(">QII", c.IHAVEOPT, 99, 0))
+        assert_closed(sock)
+
+
+def test_handshake_timeout_cuts_off_slow_clients(image, start_server):
+    server = start_server(image, "--handshake-timeout", "0.5")
+    with raw_socket(server) as sock:
+        recv_exactly(sock, 18)
+        assert_closed(sock)  # we never sent our flags
+    server.wait_for_log("handshake not finished")
+
+
+async def test_own_client_against_qemu_nbd_and_nbdkit(image, peer_server):
+    with open(image, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"\x77" * 8192)
+    for kind in ("qemu-nbd", "nbdkit"):
+        sock = peer_server(kind, image)
+        async with await NbdClient.connect(unix=sock,
+                                           meta_contexts=["base:allocation"]) as nbd:
+            assert nbd.size == 64 << 20
+            assert await nbd.read(1 << 20, 8192) == b"\x77" * 8192
+            await nbd.write(2 << 20, b"\x78" * 4096)
+            assert await nbd.read(2 << 20, 4096) == b"\x78" * 4096
+            status = await nbd.block_status(0, 4 << 20, c.NBD_CMD_FLAG_REQ_ONE)
+            ((length, flags),) = status["base:allocation"]
+            assert flags & c.NBD_STATE_HOLE and length <= 4 << 20, (kind, status)
