@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-utils libnbd-bin nbdkit fio systemd python3-venv)
+packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio nbd-client systemd python3-venv)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
