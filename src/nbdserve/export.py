@@ -9,7 +9,7 @@ answers block-status queries for each metadata context the export offers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,6 +30,12 @@ class DirtyTracker(Protocol):
 
     def extents(self, name: str, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
         ...
+
+    def hold(self, contexts: Iterable[str]) -> list[str]: ...
+
+    def release(self, names: Iterable[str]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class FastZeroUnsupported(OSError):
@@ -124,8 +130,21 @@ class Export:
             return self.tracker.extents(context, offset, length, limit)
         raise KeyError(context)
 
+    def hold(self, contexts: Iterable[str]) -> list[str]:
+        """A connection starts exporting these contexts: its bitmaps become busy."""
+        return self.tracker.hold(contexts) if self.tracker is not None else []
+
+    def release(self, held: list[str]) -> None:
+        if self.tracker is not None and held:
+            self.tracker.release(held)
+
     def close(self) -> None:
-        self.image.close()
+        """After the final flush: persist the bitmaps (clean), then close the image."""
+        try:
+            if self.tracker is not None:
+                self.tracker.close()
+        finally:
+            self.image.close()
 
 
 class ExportCatalog:

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from nbdserve.control.server import ControlServer
 from nbdserve.export import ExportCatalog
 from nbdserve.protocol.options import OptionNegotiator
 from nbdserve.server.handshake import negotiate
@@ -39,7 +40,7 @@ class Connection:
 class Server:
     def __init__(self, catalog: ExportCatalog, sockets: Sequence[socket.socket], *,
                  max_connections: int = 0, handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 workers: int = 8) -> None:
+                 workers: int = 8, control_path: str | None = None) -> None:
         self.catalog = catalog
         self.sockets = list(sockets)
         self.max_connections = max_connections
@@ -52,6 +53,8 @@ class Server:
         self.accepted = 0
         self.stop_requested = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
+        self.control = ControlServer(catalog, control_path, self.executor) \
+            if control_path else None
 
     def is_shutting_down(self) -> bool:
         return self.stopping
@@ -59,6 +62,8 @@ class Server:
     # -- running ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.control is not None:
+            await self.control.start()
         for sock in self.sockets:
             if sock.family == socket.AF_UNIX:
                 server = await asyncio.start_unix_server(self.handle, sock=sock,
@@ -148,12 +153,14 @@ class Server:
                                     self.is_shutting_down)
         connection.transmission = transmission
         export.connections += 1
+        held = export.hold(session.meta_contexts.values())
         try:
             await transmission.run()
             if transmission.transport.get_write_buffer_size():
                 with contextlib.suppress(ConnectionError):
                     await writer.drain()
         finally:
+            export.release(held)
             export.connections -= 1
             log.info("%s: disconnected from export %r after %d requests", peer, export.name,
                      transmission.requests)
@@ -165,6 +172,8 @@ class Server:
         self.stopping = True
         for server in self._servers:
             server.close()
+        if self.control is not None:
+            await self.control.close()
         inflight = [task for conn in self.connections if conn.transmission
                     for task in conn.transmission.tasks]
         if inflight:
@@ -192,7 +201,10 @@ class Server:
                     await loop.run_in_executor(self.executor, export.flush)
             except OSError as exc:
                 log.error("flushing export %r failed: %s", export.name, exc)
-            export.close()
+            try:
+                await loop.run_in_executor(self.executor, export.close)
+            except Exception:
+                log.exception("closing export %r failed", export.name)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()

@@ -1,0 +1,164 @@
+"""One dirty bitmap: bits over granules of an image, and a small vocabulary of verbs.
+
+Bit n covers bytes [n * granularity, (n + 1) * granularity); a set bit means "may have
+changed". Bits are stored LSB-first within each byte, the order of the QDB file (and of
+qcow2 and QEMU). Everything above this class speaks only its verbs (mark, clear,
+merge, extents, count); none of it touches the bit layout.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from bitarray import bitarray
+
+from nbdserve.protocol import constants as c
+
+MIN_GRANULARITY_BITS = 9  # 512 bytes
+MAX_GRANULARITY_BITS = 31  # 2 GiB, QEMU's limit
+DEFAULT_GRANULARITY = 64 << 10  # QEMU's default for images with no cluster size
+MAX_NAME_BYTES = 1023
+
+
+class BitmapError(Exception):
+    """A bitmap operation was refused; the message is for the user."""
+
+    def __init__(self, message: str, error_class: str = "GenericError") -> None:
+        super().__init__(message)
+        self.error_class = error_class
+
+
+def check_name(name: str) -> None:
+    raw = name.encode("utf-8", errors="strict") if isinstance(name, str) else b""
+    if not isinstance(name, str) or not raw:
+        raise BitmapError("Bitmap name cannot be empty")
+    if len(raw) > MAX_NAME_BYTES:
+        raise BitmapError(f"Bitmap name is {len(raw)} bytes; the limit is {MAX_NAME_BYTES}")
+    if "\0" in name:
+        raise BitmapError("Bitmap name cannot contain NUL")
+
+
+def granularity_bits(granularity: int) -> int:
+    """Validate a granularity in bytes and return its log2."""
+    if (not isinstance(granularity, int) or granularity <= 0
+            or granularity & (granularity - 1)):
+        raise BitmapError(f"Granularity {granularity} must be a power of 2")
+    bits = granularity.bit_length() - 1
+    if not MIN_GRANULARITY_BITS <= bits <= MAX_GRANULARITY_BITS:
+        raise BitmapError("Granularity must be between 512 bytes and 2 GiB")
+    return bits
+
+
+def new_generation() -> int:
+    """A random, non-zero id that names one life of a bitmap (until clear or removal)."""
+    return secrets.randbits(64) or 1
+
+
+def granule_count(image_size: int, granularity_bits_: int) -> int:
+    granularity = 1 << granularity_bits_
+    return (image_size + granularity - 1) // granularity
+
+
+@dataclass(eq=False)
+class DirtyBitmap:
+    name: str
+    granularity_bits: int
+    image_size: int
+    bits: bitarray
+    recording: bool = True
+    inconsistent: bool = False
+    generation: int = field(default_factory=new_generation)
+    busy: int = 0  # how many holders (exporting connections) have it
+    inconsistent_reason: str = ""
+
+    @classmethod
+    def create(cls, name: str, image_size: int, granularity: int = DEFAULT_GRANULARITY,
+               recording: bool = True) -> DirtyBitmap:
+        check_name(name)
+        gbits = granularity_bits(granularity)
+        bits = bitarray(granule_count(image_size, gbits), endian="little")
+        bits.setall(0)
+        return cls(name, gbits, image_size, bits, recording=recording)
+
+    @property
+    def granularity(self) -> int:
+        return 1 << self.granularity_bits
+
+    @property
+    def context(self) -> str:
+        return c.QEMU_DIRTY_BITMAP_PREFIX + self.name
+
+    # -- verbs ----------------------------------------------------------------------------
+
+    def granules(self, offset: int, length: int) -> tuple[int, int]:
+        """The granule range [first, stop) that [offset, offset+length) overlaps."""
+        shift = self.granularity_bits
+        return offset >> shift, ((offset + length - 1) >> shift) + 1
+
+    def has_clean(self, first: int, stop: int) -> bool:
+        return self.bits.count(0, first, stop) > 0
+
+    def set_granules(self, first: int, stop: int) -> None:
+        self.bits[first:stop] = 1
+
+    def mark(self, offset: int, length: int) -> None:
+        """Mark every granule that [offset, offset+length) overlaps."""
+        if length > 0:
+            first, stop = self.granules(offset, length)
+            self.bits[first:stop] = 1
+
+    def clear(self) -> None:
+        self.bits.setall(0)
+        self.generation = new_generation()
+        self.inconsistent = False
+        self.inconsistent_reason = ""
+
+    def merge_from(self, other: DirtyBitmap) -> None:
+        if other.granularity_bits != self.granularity_bits or len(other.bits) != len(self.bits):
+            raise BitmapError(
+                f"Bitmap '{other.name}' has granularity {other.granularity} and "
+                f"'{self.name}' has {self.granularity}; they cannot be merged")
+        self.bits |= other.bits
+
+    def dirty_bytes(self) -> int:
+        dirty = self.bits.count(1)
+        if dirty and self.bits[-1]:
+            # The last granule may be partial: count only the bytes inside the image.
+            tail = self.image_size - (len(self.bits) - 1) * self.granularity
+            return (dirty - 1) * self.granularity + tail
+        return dirty * self.granularity
+
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+        """(length, NBD_STATE_DIRTY or 0) runs from offset, cut to the request.
+
+        Runs follow granule boundaries, except where the request starts or ends inside
+        a granule. At most ``limit`` extents; the caller asks again for the rest.
+        """
+        bits = self.bits
+        shift = self.granularity_bits
+        end = offset + length
+        stop_granule = ((end - 1) >> shift) + 1
+        position = offset
+        out: list[tuple[int, int]] = []
+        while position < end and len(out) < limit:
+            granule = position >> shift
+            value = bits[granule]
+            change = bits.find(1 - value, granule + 1, stop_granule)
+            run_end = end if change < 0 else min(change << shift, end)
+            out.append((run_end - position, c.NBD_STATE_DIRTY if value else 0))
+            position = run_end
+        return out
+
+    def info(self) -> dict:
+        """What list/query reports (QEMU's field names where they exist)."""
+        return {
+            "name": self.name,
+            "granularity": self.granularity,
+            "count": self.dirty_bytes(),
+            "recording": self.recording,
+            "busy": self.busy > 0,
+            "persistent": True,
+            "inconsistent": self.inconsistent,
+            "generation": f"{self.generation:016x}",
+        }

@@ -1,0 +1,381 @@
+"""The QDB file: an image's dirty bitmaps in one clustered, big-endian side file.
+
+The layout is specified in docs/qdb-format.md; this module is its one implementation.
+``read_qdb`` validates everything it reads and says precisely what is wrong;
+``write_qdb`` replaces the file atomically (temporary file, fsync, rename, directory
+fsync), so a crash or a full disk during a save leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass, field
+
+from bitarray import bitarray
+from construct import Bytes, Int8ub, Int16ub, Int32ub, Int64ub, StreamError, Struct, this
+
+from nbdserve.bitmaps.bitmap import (
+    MAX_GRANULARITY_BITS,
+    MAX_NAME_BYTES,
+    MIN_GRANULARITY_BITS,
+    granule_count,
+)
+
+MAGIC = b"QDB\0"
+VERSION = 1
+DEFAULT_CLUSTER_BITS = 12  # 4 KiB: small files for small bitmaps, few entries for big ones
+MIN_CLUSTER_BITS = 9
+MAX_CLUSTER_BITS = 21
+
+# Header flags.
+QDB_FLAG_IN_USE = 1 << 0  # a server is recording; changes since the save are in the journal
+KNOWN_HEADER_FLAGS = QDB_FLAG_IN_USE
+KNOWN_INCOMPATIBLE_FEATURES = 0  # a reader refuses a file with any bit it does not know
+
+# Directory entry flags.
+BME_FLAG_RECORDING = 1 << 0
+BME_FLAG_INCONSISTENT = 1 << 1
+KNOWN_ENTRY_FLAGS = BME_FLAG_RECORDING | BME_FLAG_INCONSISTENT
+BME_TYPE_DIRTY_TRACKING = 1
+
+# Bitmap table entries (as qcow2): offset in bits 9-55; with offset 0, bit 0 = all ones.
+TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+TABLE_RESERVED_MASK = 0xFF000000000001FE
+TABLE_ALL_ONES = 1
+
+QdbHeader = Struct(
+    "magic" / Bytes(4),
+    "version" / Int32ub,
+    "cluster_bits" / Int32ub,
+    "header_length" / Int32ub,
+    "incompatible_features" / Int64ub,
+    "compatible_features" / Int64ub,
+    "flags" / Int64ub,
+    "image_size" / Int64ub,
+    "image_mtime_ns" / Int64ub,
+    "image_inode" / Int64ub,
+    "image_device" / Int64ub,
+    "save_counter" / Int64ub,
+    "nb_bitmaps" / Int32ub,
+    "directory_checksum" / Int32ub,
+    "directory_offset" / Int64ub,
+    "directory_size" / Int64ub,
+    "header_checksum" / Int32ub,
+    "reserved" / Int32ub,
+)
+HEADER_SIZE = QdbHeader.sizeof()  # 112
+HEADER_CHECKSUM_OFFSET = 104
+
+DirectoryEntry = Struct(
+    "table_offset" / Int64ub,
+    "table_entries" / Int32ub,
+    "flags" / Int32ub,
+    "type" / Int8ub,
+    "granularity_bits" / Int8ub,
+    "name_size" / Int16ub,
+    "extra_data_size" / Int32ub,
+    "generation" / Int64ub,
+    "data_checksum" / Int32ub,
+    "reserved" / Int32ub,
+    "name" / Bytes(this.name_size),
+    "padding" / Bytes(lambda ctx: (-(40 + ctx.name_size)) % 8),
+)
+ENTRY_FIXED_SIZE = 40
+
+
+class QdbError(Exception):
+    """The file as a whole cannot be used; the message says exactly why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageIdentity:
+    size: int
+    mtime_ns: int = 0
+    inode: int = 0
+    device: int = 0
+
+
+@dataclass(slots=True)
+class StoredBitmap:
+    """One bitmap as found in (or to be written to) the file."""
+
+    name: str
+    granularity_bits: int
+    generation: int
+    recording: bool
+    inconsistent: bool
+    bits: bitarray | None  # None when the data could not be loaded
+    problem: str = ""  # why the bitmap is unusable, when it is
+
+
+@dataclass(slots=True)
+class QdbContents:
+    identity: ImageIdentity
+    in_use: bool = False
+    save_counter: int = 0
+    cluster_bits: int = DEFAULT_CLUSTER_BITS
+    bitmaps: list[StoredBitmap] = field(default_factory=list)
+
+
+def _crc(data: bytes) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def bitmap_bytes(bits: bitarray) -> bytes:
+    """The bitmap's serialised bytes: LSB-first, zero tail bits."""
+    if bits.endian != "little":
+        raise ValueError("bitmaps are stored LSB-first")
+    return bits.tobytes()  # bitarray pads the last byte with zero bits
+
+
+# -- writing ------------------------------------------------------------------------------
+
+def encode_qdb(contents: QdbContents) -> bytes:
+    cluster_bits = contents.cluster_bits
+    cluster = 1 << cluster_bits
+
+    def clusters_for(size: int) -> int:
+        return max(1, (size + cluster - 1) // cluster)
+
+    payloads = [(b, bitmap_bytes(b.bits) if b.bits is not None else b"")
+                for b in contents.bitmaps]
+    names = [b.name.encode() for b in contents.bitmaps]
+    directory_size = sum(ENTRY_FIXED_SIZE + len(n) + (-(ENTRY_FIXED_SIZE + len(n))) % 8
+                         for n in names)
+    next_cluster = 1 + (clusters_for(directory_size) if contents.bitmaps else 0)
+    directory_offset = cluster if contents.bitmaps else 0
+    # Lay out each bitmap: its table, then its data clusters (all-zero and all-one
+    # clusters are encoded in the table and take no space).
+    tables: list[bytes] = []
+    data_clusters: list[tuple[int, bytes]] = []
+    table_offsets: list[int] = []
+    for _bitmap, data in payloads:
+        entries_count = (len(data) + cluster - 1) // cluster
+        table_offsets.append(next_cluster * cluster)
+        next_cluster += clusters_for(entries_count * 8)
+        entries = bytearray()
+        for index in range(entries_count):
+            piece = data[index * cluster : (index + 1) * cluster]
+            if piece.count(0) == len(piece):
+                entries += (0).to_bytes(8, "big")
+            elif piece.count(0xFF) == len(piece) and len(piece) == cluster:
+                entries += TABLE_ALL_ONES.to_bytes(8, "big")
+            else:
+                entries += (next_cluster * cluster).to_bytes(8, "big")
+                data_clusters.append((next_cluster * cluster, piece))
+                next_cluster += 1
+        tables.append(bytes(entries))
+    directory = bytearray()
+    for (bitmap, data), name, table_offset in zip(payloads, names, table_offsets, strict=True):
+        flags = (BME_FLAG_RECORDING if bitmap.recording else 0) | (
+            BME_FLAG_INCONSISTENT if bitmap.inconsistent or bitmap.bits is None else 0)
+        directory += DirectoryEntry.build(dict(
+            table_offset=table_offset, table_entries=(len(data) + cluster - 1) // cluster,
+            flags=flags, type=BME_TYPE_DIRTY_TRACKING,
+            granularity_bits=bitmap.granularity_bits, name_size=len(name),
+            extra_data_size=0, generation=bitmap.generation, data_checksum=_crc(data),
+            reserved=0, name=name, padding=bytes((-(ENTRY_FIXED_SIZE + len(name))) % 8),
+        ))
+    identity = contents.identity
+    header = bytearray(QdbHeader.build(dict(
+        magic=MAGIC, version=VERSION, cluster_bits=cluster_bits, header_length=HEADER_SIZE,
+        incompatible_features=0, compatible_features=0,
+        flags=QDB_FLAG_IN_USE if contents.in_use else 0,
+        image_size=identity.size, image_mtime_ns=identity.mtime_ns,
+        image_inode=identity.inode, image_device=identity.device,
+        save_counter=contents.save_counter, nb_bitmaps=len(contents.bitmaps),
+        directory_checksum=_crc(bytes(directory)), directory_offset=directory_offset,
+        directory_size=len(directory), header_checksum=0, reserved=0,
+    )))
+    header[HEADER_CHECKSUM_OFFSET : HEADER_CHECKSUM_OFFSET + 4] = _crc(bytes(header)).to_bytes(
+        4, "big")
+    out = bytearray(next_cluster * cluster)
+    out[: len(header)] = header
+    out[directory_offset : directory_offset + len(directory)] = directory
+    for offset, table in zip(table_offsets, tables, strict=True):
+        out[offset : offset + len(table)] = table
+    for offset, piece in data_clusters:
+        out[offset : offset + len(piece)] = piece
+    return bytes(out)
+
+
+def write_qdb(path: str, contents: QdbContents) -> None:
+    """Replace the file at path atomically and durably."""
+    data = encode_qdb(contents)
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(temporary)
+        raise
+    os.close(fd)
+    os.rename(temporary, path)
+    fsync_directory(directory)
+
+
+def fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- reading ------------------------------------------------------------------------------
+
+def read_qdb(path: str) -> QdbContents:
+    with open(path, "rb") as f:
+        data = f.read()
+    return decode_qdb(data)
+
+
+def decode_qdb(data: bytes) -> QdbContents:
+    """Parse and validate; file-level damage raises QdbError, damage confined to one
+    bitmap marks that bitmap unusable (``bits`` None, ``problem`` set)."""
+    if len(data) < HEADER_SIZE:
+        raise QdbError(f"file is {len(data)} bytes, shorter than the {HEADER_SIZE}-byte header")
+    header = QdbHeader.parse(data)
+    if header.magic != MAGIC:
+        raise QdbError(f"bad magic {header.magic!r} (expected {MAGIC!r}): not a QDB file")
+    if header.version != VERSION:
+        raise QdbError(f"unsupported version {header.version} (this reader knows {VERSION})")
+    if header.header_length < HEADER_SIZE:
+        raise QdbError(f"header length {header.header_length} is below {HEADER_SIZE}")
+    raw_header = bytearray(data[:HEADER_SIZE])
+    raw_header[HEADER_CHECKSUM_OFFSET : HEADER_CHECKSUM_OFFSET + 4] = bytes(4)
+    if _crc(bytes(raw_header)) != header.header_checksum:
+        raise QdbError("header checksum mismatch: the header is corrupted")
+    if not MIN_CLUSTER_BITS <= header.cluster_bits <= MAX_CLUSTER_BITS:
+        raise QdbError(f"cluster_bits {header.cluster_bits} outside "
+                       f"{MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}")
+    unknown = header.incompatible_features & ~KNOWN_INCOMPATIBLE_FEATURES
+    if unknown:
+        raise QdbError(f"unknown incompatible feature bits 0x{unknown:x}")
+    if header.flags & ~KNOWN_HEADER_FLAGS:
+        raise QdbError(f"reserved header flag bits set: 0x{header.flags & ~KNOWN_HEADER_FLAGS:x}")
+    if header.reserved:
+        raise QdbError("reserved header field is not zero")
+    cluster = 1 << header.cluster_bits
+    if len(data) % cluster:
+        raise QdbError(f"file size {len(data)} is not a multiple of the cluster size {cluster} "
+                       "(truncated?)")
+    used: dict[int, str] = {0: "the header"}
+
+    def claim(offset: int, size: int, what: str) -> None:
+        """Record the clusters [offset, offset+size) as used by `what`; overlap is damage."""
+        if offset % cluster:
+            raise QdbError(f"{what} at offset {offset} is not cluster-aligned")
+        if offset + size > len(data):
+            raise QdbError(f"{what} at offset {offset} (+{size}) lies past the end of the "
+                           f"file ({len(data)} bytes)")
+        for index in range(offset // cluster, (offset + max(size, 1) + cluster - 1) // cluster):
+            if index in used:
+                raise QdbError(f"{what} overlaps {used[index]} in cluster {index}")
+            used[index] = what
+
+    contents = QdbContents(
+        identity=ImageIdentity(header.image_size, header.image_mtime_ns, header.image_inode,
+                               header.image_device),
+        in_use=bool(header.flags & QDB_FLAG_IN_USE),
+        save_counter=header.save_counter,
+        cluster_bits=header.cluster_bits,
+    )
+    if header.nb_bitmaps == 0:
+        if header.directory_offset or header.directory_size:
+            raise QdbError("no bitmaps, but a directory is recorded")
+        return contents
+    claim(header.directory_offset, header.directory_size, "the bitmap directory")
+    directory = data[header.directory_offset : header.directory_offset + header.directory_size]
+    if _crc(directory) != header.directory_checksum:
+        raise QdbError("directory checksum mismatch: the bitmap directory is corrupted")
+    position = 0
+    names: set[str] = set()
+    for index in range(header.nb_bitmaps):
+        try:
+            entry = DirectoryEntry.parse(directory[position:])
+        except StreamError:
+            raise QdbError(f"directory entry {index} runs past the directory") from None
+        position += ENTRY_FIXED_SIZE + entry.name_size + len(entry.padding)
+        contents.bitmaps.append(_decode_entry(data, entry, index, names, claim, cluster,
+                                              header.image_size))
+    if position != len(directory):
+        raise QdbError(f"directory has {len(directory) - position} bytes after its "
+                       f"{header.nb_bitmaps} entries")
+    return contents
+
+
+def _decode_entry(data, entry, index, names, claim, cluster, image_size) -> StoredBitmap:
+    where = f"bitmap entry {index}"
+    if not 1 <= entry.name_size <= MAX_NAME_BYTES:
+        raise QdbError(f"{where}: name size {entry.name_size} outside 1..{MAX_NAME_BYTES}")
+    try:
+        name = entry.name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise QdbError(f"{where}: name is not valid UTF-8") from None
+    where = f"bitmap '{name}'"
+    if name in names:
+        raise QdbError(f"{where}: the name appears twice")
+    names.add(name)
+    if any(entry.padding):
+        raise QdbError(f"{where}: non-zero padding after the name")
+    bitmap = StoredBitmap(name, entry.granularity_bits, entry.generation,
+                          bool(entry.flags & BME_FLAG_RECORDING),
+                          bool(entry.flags & BME_FLAG_INCONSISTENT), None)
+    try:
+        bitmap.bits = _decode_bits(data, entry, where, claim, cluster, image_size)
+    except QdbError as error:
+        # Damage confined to this bitmap: the others stay usable.
+        bitmap.problem = str(error)
+    return bitmap
+
+
+def _decode_bits(data, entry, where, claim, cluster, image_size) -> bitarray:
+    if entry.flags & ~KNOWN_ENTRY_FLAGS:
+        raise QdbError(f"{where}: reserved flag bits 0x{entry.flags & ~KNOWN_ENTRY_FLAGS:x}")
+    if entry.type != BME_TYPE_DIRTY_TRACKING:
+        raise QdbError(f"{where}: unknown bitmap type {entry.type}")
+    if not MIN_GRANULARITY_BITS <= entry.granularity_bits <= MAX_GRANULARITY_BITS:
+        raise QdbError(f"{where}: granularity_bits {entry.granularity_bits} outside "
+                       f"{MIN_GRANULARITY_BITS}..{MAX_GRANULARITY_BITS}")
+    if entry.extra_data_size or entry.reserved:
+        raise QdbError(f"{where}: extra data or reserved fields are not zero")
+    granules = granule_count(image_size, entry.granularity_bits)
+    size = (granules + 7) // 8
+    if entry.table_entries != (size + cluster - 1) // cluster:
+        raise QdbError(f"{where}: table has {entry.table_entries} entries; "
+                       f"{(size + cluster - 1) // cluster} expected for the image size")
+    claim(entry.table_offset, entry.table_entries * 8, f"the table of {where}")
+    table = data[entry.table_offset : entry.table_offset + entry.table_entries * 8]
+    raw = bytearray(size)
+    for i in range(entry.table_entries):
+        value = int.from_bytes(table[i * 8 : i * 8 + 8], "big")
+        if value & TABLE_RESERVED_MASK:
+            raise QdbError(f"{where}: table entry {i} has reserved bits set")
+        offset = value & TABLE_OFFSET_MASK
+        piece_size = min(cluster, size - i * cluster)
+        if offset:
+            if value & TABLE_ALL_ONES:
+                raise QdbError(f"{where}: table entry {i} has both an offset and all-ones")
+            claim(offset, cluster, f"data cluster {i} of {where}")
+            piece = data[offset : offset + cluster]
+            if any(piece[piece_size:]):
+                raise QdbError(f"{where}: non-zero bytes after the end of the bitmap")
+            raw[i * cluster : i * cluster + piece_size] = piece[:piece_size]
+        elif value & TABLE_ALL_ONES:
+            raw[i * cluster : i * cluster + piece_size] = b"\xff" * piece_size
+    tail = granules % 8
+    if tail and raw[-1] >> tail:
+        raise QdbError(f"{where}: bits set past the end of the image")
+    if _crc(bytes(raw)) != entry.data_checksum:
+        raise QdbError(f"{where}: data checksum mismatch")
+    bits = bitarray(endian="little")
+    bits.frombytes(bytes(raw))
+    del bits[granules:]
+    return bits

@@ -1,0 +1,1 @@
+"""The control plane: a QMP-style JSON socket and its client."""
