@@ -381,4 +381,6 @@ class NbdClient:
         for pending in self._pending.values():
             if not pending.future.done():
                 pending.future.set_exception(ConnectionError(f"connection lost: {exc}"))
+                # Callers that gave up on the request need not hear of it again.
+                pending.future.exception()
         self._pending.clear()

@@ -1,0 +1,195 @@
+"""BitmapStore: operations, transactions, persistence and recovery, in-process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nbdserve.bitmaps.bitmap import BitmapError
+from nbdserve.bitmaps.qdb import read_qdb
+from nbdserve.bitmaps.store import BitmapRequest, BitmapStore, StoreLocked
+from nbdserve.image import RawImage
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def raw(image):
+    img = RawImage(str(image))
+    yield img
+    img.close()
+
+
+def open_store(raw, *requests, **kwargs) -> BitmapStore:
+    return BitmapStore.open(raw.path + ".qdb", raw.size, raw.identity,
+                            requests=[BitmapRequest(*r) for r in requests], **kwargs)
+
+
+def crash(store: BitmapStore) -> None:
+    """What kill -9 leaves: no save, the journal as written, the lock released."""
+    store.journal.close()
+    store._unlock()
+
+
+def info(store, name):
+    return next(b for b in store.query() if b["name"] == name)
+
+
+def test_requests_create_and_enable(raw):
+    store = open_store(raw, ("b0",), ("b1", 4096))
+    assert [(b["name"], b["granularity"], b["recording"]) for b in store.query()] == \
+        [("b0", 65536, True), ("b1", 4096, True)]
+    store.execute("bitmap-disable", {"name": "b1"})
+    store.close()
+    store = open_store(raw, ("b1",))
+    assert info(store, "b1")["recording"]  # --bitmap enables an existing bitmap
+    store.close()
+
+
+def test_marks_survive_a_clean_restart(raw):
+    store = open_store(raw, ("b0",))
+    store.mark_dirty(5 * MiB, 100)
+    store.close()
+    contents = read_qdb(raw.path + ".qdb")
+    assert not contents.in_use
+    assert not os.path.exists(raw.path + ".qdb.journal")
+    store = open_store(raw)
+    assert store.extents("qemu:dirty-bitmap:b0", 5 * MiB, 65536, 10) == [(65536, 1)]
+    assert not info(store, "b0")["inconsistent"]
+    store.close()
+
+
+def test_crash_recovers_from_the_journal(raw):
+    store = open_store(raw, ("b0",), ("fine", 512))
+    store.mark_dirty(0, 1)
+    store.mark_dirty(63 * MiB, MiB)
+    crash(store)
+    assert read_qdb(raw.path + ".qdb").in_use
+    store = open_store(raw)
+    assert not info(store, "b0")["inconsistent"]
+    assert info(store, "b0")["count"] == 65536 + MiB
+    assert info(store, "fine")["count"] == 512 + MiB
+    store.close()
+
+
+def test_crash_without_journal_is_inconsistent(raw, caplog):
+    store = open_store(raw, ("b0",))
+    store.mark_dirty(0, 1)
+    crash(store)
+    os.unlink(raw.path + ".qdb.journal")
+    store = open_store(raw)
+    assert info(store, "b0")["inconsistent"]
+    assert "left in use without a usable journal" in caplog.text
+    assert store.contexts() == []  # never exported
+    with pytest.raises(BitmapError, match="inconsistent"):
+        store.execute("bitmap-enable", {"name": "b0"})
+    store.execute("bitmap-clear", {"name": "b0"})  # allowed: starts afresh
+    assert not info(store, "b0")["inconsistent"]
+    store.close()
+
+
+def test_image_changed_while_down_makes_bitmaps_inconsistent(raw, image, caplog):
+    store = open_store(raw, ("b0",))
+    store.close()
+    with open(image, "r+b") as f:
+        f.write(b"changed behind our back")
+    store = open_store(raw)
+    assert info(store, "b0")["inconsistent"]
+    assert "changed while no server was running (mtime)" in caplog.text
+    store.close()
+    # The verdict is persisted until an operator clears or removes the bitmap.
+    store = open_store(raw)
+    assert info(store, "b0")["inconsistent"]
+    store.execute("bitmap-remove", {"name": "b0"})
+    store.close()
+
+
+def test_lock_refuses_a_second_holder(raw):
+    store = open_store(raw, ("b0",))
+    with pytest.raises(StoreLocked, match="in use by another process"):
+        open_store(raw)
+    store.close()
+    open_store(raw).close()
+
+
+def test_operation_errors_are_qemu_like(raw):
+    store = open_store(raw, ("b0",))
+    cases = [
+        ("bitmap-add", {"name": "b0"}, "Bitmap already exists: b0"),
+        ("bitmap-add", {"name": "x", "granularity": 1000}, "power of 2"),
+        ("bitmap-add", {"name": ""}, "cannot be empty"),
+        ("bitmap-remove", {"name": "zz"}, "Dirty bitmap 'zz' not found"),
+        ("bitmap-merge", {"target": "b0", "bitmaps": ["zz"]}, "'zz' not found"),
+        ("bitmap-frobnicate", {"name": "b0"}, "unknown action"),
+    ]
+    for action, arguments, message in cases:
+        with pytest.raises(BitmapError, match=message):
+            store.execute(action, arguments)
+    store.close()
+
+
+def test_merge_and_checkpoint(raw):
+    store = open_store(raw, ("a",), ("c", 4096))
+    store.execute("bitmap-add", {"name": "b", "disabled": True})
+    store.mark_dirty(0, 1)
+    assert info(store, "b")["count"] == 0  # disabled bitmaps do not record
+    with pytest.raises(BitmapError, match="granularit"):
+        store.execute("bitmap-merge", {"target": "b", "bitmaps": ["c"]})
+    store.execute("bitmap-merge", {"target": "b", "bitmaps": ["a"]})
+    assert info(store, "b")["count"] == 65536
+    store.execute("bitmap-checkpoint", {"old": "a", "new": "a2"})
+    store.mark_dirty(MiB, 1)
+    assert info(store, "a")["count"] == 65536  # frozen
+    assert info(store, "a2")["count"] == 65536 and not info(store, "a")["recording"]
+    store.close()
+
+
+def test_transaction_is_all_or_nothing(raw):
+    store = open_store(raw, ("a",))
+    store.mark_dirty(0, 1)
+    with pytest.raises(BitmapError, match="'missing' not found"):
+        store.transaction([("bitmap-add", {"name": "new"}), ("bitmap-clear", {"name": "a"}),
+                           ("bitmap-disable", {"name": "missing"})])
+    assert [b["name"] for b in store.query()] == ["a"]
+    assert info(store, "a")["count"] == 65536
+    # Later actions see the state earlier ones leave.
+    store.transaction([("bitmap-add", {"name": "n"}), ("bitmap-disable", {"name": "n"}),
+                       ("bitmap-merge", {"target": "n", "bitmaps": ["a"]})])
+    assert info(store, "n")["count"] == 65536 and not info(store, "n")["recording"]
+    store.close()
+
+
+def test_busy_bitmaps_refuse_changes_but_can_be_read(raw):
+    store = open_store(raw, ("a",), ("b",))
+    held = store.hold(["qemu:dirty-bitmap:a", "base:allocation"])
+    assert held == ["a"] and info(store, "a")["busy"]
+    for action in ("bitmap-remove", "bitmap-clear", "bitmap-disable"):
+        with pytest.raises(BitmapError, match="in use by another operation"):
+            store.execute(action, {"name": "a"})
+    store.execute("bitmap-merge", {"target": "b", "bitmaps": ["a"]})  # reading is fine
+    store.release(held)
+    store.execute("bitmap-remove", {"name": "a"})
+    store.close()
+
+
+def test_read_only_store_changes_nothing(raw):
+    open_store(raw, ("a",)).close()
+    before = Path(raw.path + ".qdb").read_bytes()
+    store = open_store(raw, read_only=True)
+    with pytest.raises(BitmapError, match="read-only"):
+        store.execute("bitmap-clear", {"name": "a"})
+    store.close()
+    assert Path(raw.path + ".qdb").read_bytes() == before
+
+
+def test_unreadable_qdb_is_kept_aside_and_requested_bitmaps_start_inconsistent(raw, caplog):
+    with open(raw.path + ".qdb", "wb") as f:
+        f.write(b"QDB\0" + b"\xff" * 4092)
+    store = open_store(raw, ("b0",))
+    assert info(store, "b0")["inconsistent"]
+    assert any(name.startswith("disk.img.qdb.corrupt-")
+               for name in os.listdir(os.path.dirname(raw.path)))
+    assert "is unusable" in caplog.text
+    store.close()
