@@ -4,6 +4,7 @@ using the package's own client where it fits and raw bytes where it must not."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 
@@ -159,6 +160,20 @@ async def test_df_read_is_one_chunk_and_sparse_read_has_holes(server):
         assert data == df
         assert data[1 << 20 : (1 << 20) + 4096] == b"\x01" * 4096
         assert data.count(0) == (2 << 20) - 4096
+
+
+@pytest.mark.parametrize("structured", [True, False])
+async def test_large_reads_survive_a_full_socket(server, image, structured):
+    """32 MiB reads overflow the socket buffer: sendfile hands over to the transport."""
+    payload = os.urandom(31 << 20) + bytes(1 << 20)  # data, then a hole at the end
+    with open(image, "r+b") as f:
+        f.write(payload[: 31 << 20])
+    async with await connect(server, structured=structured) as nbd:
+        reads = [nbd.read(0, 32 << 20), nbd.read(1 << 20, 65536), nbd.read(5 << 20, 8 << 20)]
+        whole, small, middle = await asyncio.gather(*reads)
+        assert whole == payload
+        assert small == payload[1 << 20 : (1 << 20) + 65536]
+        assert middle == payload[5 << 20 : 13 << 20]
 
 
 async def test_block_status_caps_and_never_passes_the_request(server):

@@ -125,7 +125,7 @@ class RawImage:
             data += bytes(length - len(data))
         return data
 
-    def pread_nowait(self, offset: int, length: int) -> bytes | None:
+    def pread_nowait(self, offset: int, length: int) -> bytearray | None:
         """Read only if every byte is in the page cache (RWF_NOWAIT), else None."""
         buffer = bytearray(length)
         try:
@@ -138,7 +138,19 @@ class RawImage:
             raise
         if done < length:
             return None
-        return bytes(buffer)
+        return buffer
+
+    def is_cached(self, offset: int, length: int) -> bool:
+        """A cheap guess that [offset, offset+length) is in the page cache: its first
+        and last bytes are (checked with RWF_NOWAIT, which never blocks)."""
+        probe = bytearray(1)
+        try:
+            for position in (offset, offset + length - 1):
+                if os.preadv(self.fd, [probe], position, os.RWF_NOWAIT) != 1:
+                    return False
+        except OSError:
+            return False
+        return True
 
     def readahead(self, offset: int, length: int) -> None:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import Executor
 
@@ -34,9 +35,38 @@ from nbdserve.protocol.transmission import (
 log = logging.getLogger("nbdserve.transmission")
 
 INLINE_READ_MAX = 1 << 20  # larger reads go to a worker thread
+SENDFILE_MIN = 64 << 10  # data runs at least this long go out with sendfile(2)
 SPARSE_READ_MIN = 64 << 10  # reads at least this long look for holes (OFFSET_HOLE)
 MAX_INFLIGHT_BYTES = 64 << 20  # payload held by unanswered requests, per connection
 WRITE_BUFFER_HIGH = 4 << 20  # wait for the socket to drain above this
+
+
+def read_pieces(image, offset: int, length: int, sparse: bool,
+                nowait: bool) -> list[tuple[int, int, bytes | bytearray | None]] | None:
+    """(offset, length, data or None for a hole) covering a READ.
+
+    With ``nowait``, return None as soon as any data is not in the page cache.
+    """
+    read = image.pread_nowait if nowait else image.pread
+    if not sparse:
+        data = read(offset, length)
+        return None if data is None else [(offset, length, data)]
+    pieces: list[tuple[int, int, bytes | bytearray | None]] = []
+    position = offset
+    for run, is_data in image.allocation(offset, length, 1 << 16):
+        data = None
+        if is_data:
+            data = read(position, run)
+            if data is None:
+                return None
+        pieces.append((position, run, data))
+        position += run
+    if position < offset + length:  # the extent limit was reached: the rest as data
+        data = read(position, offset + length - position)
+        if data is None:
+            return None
+        pieces.append((position, offset + length - position, data))
+    return pieces
 
 
 class Transmission:
@@ -62,6 +92,12 @@ class Transmission:
         self.room = asyncio.Event()
         self.room.set()
         self.requests = 0
+        # sendfile(2) straight to the socket saves a copy; only on plain sockets (TLS
+        # must go through the transport) and only while the transport has nothing
+        # queued, so the bytes still leave in order.
+        sock = writer.get_extra_info("socket")
+        self.sockfd = sock.fileno() if sock is not None and \
+            writer.get_extra_info("sslcontext") is None else -1
 
     # -- the request loop -----------------------------------------------------------------
 
@@ -113,18 +149,23 @@ class Transmission:
         """handle_request: one branch per command (validation already passed)."""
         export = self.export
         if command == c.NBD_CMD_READ:
-            if length <= INLINE_READ_MAX and not flags & c.NBD_CMD_FLAG_FUA and (
-                not self.structured or length < SPARSE_READ_MIN or flags & c.NBD_CMD_FLAG_DF
-            ):
+            sparse = (self.structured and length >= SPARSE_READ_MIN
+                      and not flags & c.NBD_CMD_FLAG_DF)
+            if (length >= SENDFILE_MIN and self.sockfd >= 0 and not flags & c.NBD_CMD_FLAG_FUA
+                    and self.sendfile_read(cookie, offset, length, sparse)):
+                return
+            if length <= INLINE_READ_MAX and not flags & c.NBD_CMD_FLAG_FUA:
+                # Page-cache hits are served at once; anything that would block goes
+                # to a worker thread.
                 try:
-                    data = export.image.pread_nowait(offset, length)
+                    pieces = read_pieces(export.image, offset, length, sparse, nowait=True)
                 except OSError as exc:
                     self.send_error(command, cookie, nbd_error(exc), exc.strerror or "read")
                     return
-                if data is not None:
-                    self.send_read(cookie, offset, data)
+                if pieces is not None:
+                    self.send_pieces(cookie, offset, pieces)
                     return
-            self.spawn(self.slow_read(cookie, offset, length, flags), length)
+            self.spawn(self.slow_read(cookie, offset, length, flags, sparse), length)
         elif command == c.NBD_CMD_WRITE:
             try:
                 export.change(command, offset, length, flags, payload)
@@ -151,6 +192,64 @@ class Transmission:
             self.transport.write(simple_reply(cookie))
         elif command == c.NBD_CMD_BLOCK_STATUS:
             self.send_block_status(cookie, offset, length, flags)
+
+    def sendfile_read(self, cookie: int, offset: int, length: int, sparse: bool) -> bool:
+        """Send a cached READ with sendfile(2); False (nothing sent) if it cannot."""
+        transport = self.transport
+        image = self.export.image
+        if transport.get_write_buffer_size() or not image.is_cached(offset, length):
+            return False
+        if sparse:
+            runs = list(image.allocation(offset, length, 1 << 16))
+            if sum(run for run, _ in runs) != length:
+                return False
+        else:
+            runs = [(length, True)]
+        heads = [] if self.structured else [simple_reply(cookie)]
+        position = offset
+        last = len(runs) - 1
+        for index, (run, is_data) in enumerate(runs):
+            if self.structured:
+                chunk = offset_data_header if is_data else offset_hole_chunk
+                heads.append(chunk(cookie, position, run, index == last))
+            if is_data:
+                self.send_file_range(b"".join(heads), image.fd, position, run)
+                heads = []
+            position += run
+        if heads:  # trailing holes
+            self.write_direct(b"".join(heads))
+        return True
+
+    def write_direct(self, data: bytes) -> bool:
+        """Write to the socket; queue what does not fit. True if all of it was sent."""
+        if self.transport.get_write_buffer_size() == 0:
+            try:
+                sent = os.write(self.sockfd, data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return True
+            data = data[sent:]
+        self.transport.write(data)
+        return False
+
+    def send_file_range(self, header: bytes, fd: int, offset: int, length: int) -> None:
+        """Header, then [offset, offset+length) of the image: straight to the socket
+        while it takes them, queued on the transport (in order) from then on."""
+        if not self.write_direct(header):
+            self.transport.write(self.export.image.pread(offset, length))
+            return
+        end = offset + length
+        while offset < end:
+            try:
+                sent = os.sendfile(self.sockfd, fd, offset, end - offset)
+            except BlockingIOError:
+                sent = 0
+            if sent == 0:
+                # The socket is full: the transport takes the rest and its backpressure.
+                self.transport.write(self.export.image.pread(offset, end - offset))
+                return
+            offset += sent
 
     # -- slow paths -------------------------------------------------------------------------
 
@@ -180,35 +279,34 @@ class Transmission:
             return
         self.transport.write(simple_reply(cookie))
 
-    async def slow_read(self, cookie: int, offset: int, length: int, flags: int) -> None:
+    async def slow_read(self, cookie: int, offset: int, length: int, flags: int,
+                        sparse: bool) -> None:
         export = self.export
-        sparse = self.structured and not flags & c.NBD_CMD_FLAG_DF and length >= SPARSE_READ_MIN
 
-        def read() -> list[tuple[int, int, bytes | None]]:
+        def read() -> list[tuple[int, int, bytes | bytearray | None]]:
             if flags & c.NBD_CMD_FLAG_FUA:
                 export.flush()  # as QEMU: READ with FUA first makes earlier writes durable
-            if not sparse:
-                return [(offset, length, export.image.pread(offset, length))]
-            pieces = []
-            position = offset
-            for run, is_data in export.image.allocation(offset, length, 1 << 16):
-                pieces.append((position, run,
-                               export.image.pread(position, run) if is_data else None))
-                position += run
-            if position < offset + length:  # the extent limit was reached
-                rest = offset + length - position
-                pieces.append((position, rest, export.image.pread(position, rest)))
-            return pieces
+            return read_pieces(export.image, offset, length, sparse, nowait=False)
 
         try:
             pieces = await self.loop.run_in_executor(self.executor, read)
         except OSError as exc:
             self.send_error(c.NBD_CMD_READ, cookie, nbd_error(exc), exc.strerror or "read")
             return
-        if len(pieces) == 1 and pieces[0][2] is not None:
-            self.send_read(cookie, offset, pieces[0][2])
+        self.send_pieces(cookie, offset, pieces)
+
+    # -- replies (framing only) -------------------------------------------------------------
+
+    def send_pieces(self, cookie: int, offset: int,
+                    pieces: list[tuple[int, int, bytes | bytearray | None]]) -> None:
+        """A READ reply: data and (structured, non-DF) hole pieces covering the request."""
+        if not self.structured:
+            self.transport.writelines((simple_reply(cookie), pieces[0][2]))
             return
-        chunks: list[bytes] = []
+        if pieces[0][1] == 0:
+            self.transport.write(none_chunk(cookie))
+            return
+        chunks: list[bytes | bytearray] = []
         last = len(pieces) - 1
         for index, (position, run, data) in enumerate(pieces):
             done = index == last
@@ -218,16 +316,6 @@ class Transmission:
                 chunks.append(offset_data_header(cookie, position, run, done))
                 chunks.append(data)
         self.transport.writelines(chunks)
-
-    # -- replies (framing only) -------------------------------------------------------------
-
-    def send_read(self, cookie: int, offset: int, data: bytes) -> None:
-        if not self.structured:
-            self.transport.writelines((simple_reply(cookie), data))
-        elif not data:
-            self.transport.write(none_chunk(cookie))
-        else:
-            self.transport.writelines((offset_data_header(cookie, offset, len(data), True), data))
 
     def send_error(self, command: int, cookie: int, error: int, message: str) -> None:
         if error != c.NBD_ESHUTDOWN:
