@@ -26,6 +26,7 @@ class FakeExport:
     description: str = ""
     read_only: bool = False
     multi_conn: bool = True
+    tls_required: bool = False
     contexts: list[str] = field(default_factory=lambda: [
         "base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"])
 
@@ -338,3 +339,77 @@ def test_options_during_shutdown_get_err_shutdown_but_abort_is_acked():
         c.NBD_REP_ERR_SHUTDOWN
     assert n.handle_option(c.NBD_OPT_ABORT, b"").replies == reply(2, c.NBD_REP_ACK)
     assert n.handle_option(c.NBD_OPT_EXPORT_NAME, b"").outcome is Outcome.DISCONNECT
+
+
+# -- TLS (spec: "TLS support"; checklist §12) ------------------------------------------------
+
+def kinds(result) -> list[int]:
+    return [kind for _, kind, _ in replies(result.replies)]
+
+
+def test_starttls_in_require_mode_is_acked_and_resets_negotiation():
+    n = negotiator(tls_mode="require")
+    result = n.handle_option(c.NBD_OPT_STARTTLS, b"")
+    assert result.outcome is Outcome.STARTTLS and result.replies == reply(5, c.NBD_REP_ACK)
+    n.tls_started()
+    assert kinds(n.handle_option(c.NBD_OPT_STARTTLS, b"")) == [c.NBD_REP_ERR_INVALID]
+    go = n.handle_option(c.NBD_OPT_GO, info_payload(b""))
+    assert go.outcome is Outcome.TRANSMISSION and go.session.tls
+
+
+@pytest.mark.parametrize("option, payload", [
+    (c.NBD_OPT_LIST, b""), (c.NBD_OPT_INFO, info_payload(b"")), (c.NBD_OPT_GO, info_payload(b"")),
+    (c.NBD_OPT_STRUCTURED_REPLY, b""), (99, b"xyz"),
+    (c.NBD_OPT_LIST_META_CONTEXT, meta_payload(b"")),
+])
+def test_require_mode_refuses_everything_before_tls(option, payload):
+    n = negotiator(FakeExport("secret-name"), tls_mode="require")
+    result = n.handle_option(option, payload)
+    assert kinds(result) == [c.NBD_REP_ERR_TLS_REQD]
+    assert b"secret-name" not in result.replies  # LIST leaks no export name
+
+
+def test_require_mode_abort_acks_and_export_name_hangs_up():
+    n = negotiator(tls_mode="require")
+    assert n.handle_option(c.NBD_OPT_ABORT, b"").outcome is Outcome.ABORT
+    n = negotiator(tls_mode="require")
+    assert n.handle_option(c.NBD_OPT_EXPORT_NAME, b"").outcome is Outcome.DISCONNECT
+
+
+def test_everything_negotiated_before_starttls_is_forgotten():
+    n = negotiator(tls_mode="optional")
+    n.handle_option(c.NBD_OPT_STRUCTURED_REPLY, b"")
+    n.handle_option(c.NBD_OPT_SET_META_CONTEXT, meta_payload(b"", b"base:allocation"))
+    n.handle_option(c.NBD_OPT_STARTTLS, b"")
+    n.tls_started()
+    session = n.handle_option(c.NBD_OPT_GO, info_payload(b"")).session
+    assert not session.structured_replies and session.meta_contexts == {}
+    assert not session.transmission_flags & c.NBD_FLAG_SEND_DF
+
+
+def test_optional_mode_guards_tls_only_exports():
+    n = negotiator(FakeExport("open"), FakeExport("secure", tls_required=True),
+                   tls_mode="optional")
+    listing = n.handle_option(c.NBD_OPT_LIST, b"")
+    assert b"secure" not in listing.replies and b"open" in listing.replies
+    assert kinds(n.handle_option(c.NBD_OPT_GO, info_payload(b"secure"))) == \
+        [c.NBD_REP_ERR_TLS_REQD]
+    assert kinds(n.handle_option(c.NBD_OPT_LIST_META_CONTEXT, meta_payload(b"secure"))) == \
+        [c.NBD_REP_ERR_POLICY]
+    assert n.handle_option(c.NBD_OPT_GO, info_payload(b"open")).outcome is \
+        Outcome.TRANSMISSION
+    n = negotiator(FakeExport("secure", tls_required=True), tls_mode="optional")
+    assert n.handle_option(c.NBD_OPT_EXPORT_NAME, b"secure").outcome is Outcome.DISCONNECT
+    n = negotiator(FakeExport("secure", tls_required=True), tls_mode="optional")
+    n.handle_option(c.NBD_OPT_STARTTLS, b"")
+    n.tls_started()
+    assert b"secure" in n.handle_option(c.NBD_OPT_LIST, b"").replies
+    assert n.handle_option(c.NBD_OPT_GO, info_payload(b"secure")).outcome is \
+        Outcome.TRANSMISSION
+
+
+def test_off_mode_never_sends_tls_reqd():
+    n = negotiator(FakeExport("", tls_required=True), tls_mode="off")
+    for option, payload in [(c.NBD_OPT_GO, info_payload(b"")), (c.NBD_OPT_LIST, b""),
+                            (c.NBD_OPT_STARTTLS, b"")]:
+        assert c.NBD_REP_ERR_TLS_REQD not in kinds(n.handle_option(option, payload))

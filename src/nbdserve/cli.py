@@ -22,6 +22,7 @@ from nbdserve.export import Export, ExportCatalog, ExportConfig
 from nbdserve.image import ImageError, RawImage, create_sparse, parse_size
 from nbdserve.server.lifecycle import Server
 from nbdserve.server.listener import ListenAddress, ListenError, bind
+from nbdserve.tls import TLS_MODES, TLS_OFF, TlsConfig, TlsConfigError
 
 log = logging.getLogger("nbdserve")
 
@@ -112,12 +113,29 @@ def main() -> None:
               help="QDB file holding the image's bitmaps [default: IMAGE.qdb].")
 @click.option("--control", "control_path", type=click.Path(dir_okay=False),
               help="Unix socket (mode 0600) for bitmap commands (see `nbdserve bitmap`).")
+@click.option("--tls", "tls_mode", type=click.Choice(TLS_MODES), default=TLS_OFF,
+              show_default=True,
+              help="off: STARTTLS refused. optional: TLS offered, required only by exports "
+                   "marked so. require: nothing but STARTTLS and ABORT before TLS.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
+              help="Server certificate (PEM).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False),
+              help="Server private key (PEM).")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False),
+              help="CA certificate(s) that sign client certificates (PEM).")
+@click.option("--tls-verify-client", is_flag=True,
+              help="Require a client certificate signed by --tls-ca.")
+@click.option("--tls-allow-subject", "tls_allow_subjects", multiple=True, metavar="PATTERN",
+              help="Admit only client certificates whose subject (RFC 4514, e.g. "
+                   "'CN=backup,O=Example') matches this glob. Repeatable; implies "
+                   "--tls-verify-client.")
 @click.option("--handshake-timeout", default=10.0, show_default=True,
               type=click.FloatRange(min=0.1), help="Seconds a client may take to negotiate.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(image, export_name, bind_address, port, socket_path, read_only, description,
-          shared, create_size, bitmaps, qdb_path, control_path, handshake_timeout,
+          shared, create_size, bitmaps, qdb_path, control_path, tls_mode, tls_cert, tls_key,
+          tls_ca, tls_verify_client, tls_allow_subjects, handshake_timeout,
           log_level) -> None:
     """Serve the raw image IMAGE over NBD until stopped (SIGTERM or SIGINT).
 
@@ -130,6 +148,14 @@ def serve(image, export_name, bind_address, port, socket_path, read_only, descri
     exact across kill -9 and power loss.
     """
     setup_logging(log_level)
+    tls = TlsConfig(tls_mode, tls_cert, tls_key, tls_ca, tls_verify_client,
+                    tuple(tls_allow_subjects))
+    try:
+        tls.validate()
+        if tls.mode != TLS_OFF:
+            tls.server_context()  # fail now, not at the first client
+    except TlsConfigError as exc:
+        raise click.UsageError(str(exc)) from None
     if len(export_name.encode()) > 4096 or "\0" in export_name:
         raise click.BadParameter("at most 4096 bytes, no NUL", param_hint="--export-name")
     if len(description.encode()) > 4096:
@@ -170,7 +196,7 @@ def serve(image, export_name, bind_address, port, socket_path, read_only, descri
         raise click.ClickException(str(exc)) from None
     install_event_loop()
     server = Server(catalog, [sock], max_connections=shared,
-                    handshake_timeout=handshake_timeout, control_path=control_path)
+                    handshake_timeout=handshake_timeout, control_path=control_path, tls=tls)
     try:
         asyncio.run(server.run())
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -90,8 +91,10 @@ class NbdClient:
     async def connect(cls, host: str = "127.0.0.1", port: int = 10809, *,
                       unix: str | None = None, export: str = "", structured: bool = True,
                       meta_contexts: Sequence[str] = (),
-                      use_export_name: bool = False) -> NbdClient:
-        """Connect, negotiate and enter transmission."""
+                      use_export_name: bool = False, tls: ssl.SSLContext | None = None,
+                      tls_hostname: str | None = None) -> NbdClient:
+        """Connect, negotiate (STARTTLS first when `tls` is given) and enter
+        transmission."""
         if unix is not None:
             reader, writer = await asyncio.open_unix_connection(unix, limit=4 << 20)
         else:
@@ -99,6 +102,8 @@ class NbdClient:
         client = cls(reader, writer)
         try:
             await client._greeting()
+            if tls is not None:
+                await client.starttls(tls, tls_hostname or (host if unix is None else None))
             if use_export_name:
                 await client._export_name(export)
             else:
@@ -124,6 +129,11 @@ class NbdClient:
         client = cls(reader, writer)
         await client._greeting()
         return client
+
+    async def go(self, export: str = "") -> None:
+        """Finish haggling started with open_handshake and enter transmission."""
+        await self._go(export)
+        self._receiver = asyncio.get_running_loop().create_task(self._receive())
 
     async def _greeting(self) -> None:
         magic, opt_magic, flags = struct.unpack(">QQH", await self.reader.readexactly(18))
@@ -153,6 +163,13 @@ class NbdClient:
             replies.append((reply_type, data))
             if reply_type == c.NBD_REP_ACK:
                 return replies
+
+    async def starttls(self, context: ssl.SSLContext, hostname: str | None = None) -> None:
+        """STARTTLS, then the TLS handshake over the same connection."""
+        await self.option(c.NBD_OPT_STARTTLS)
+        await self.writer.start_tls(context, server_hostname=hostname)
+        self.structured = False  # forgotten by the server on STARTTLS, as everything else
+        self.contexts = {}
 
     async def structured_reply(self) -> None:
         await self.option(c.NBD_OPT_STRUCTURED_REPLY)

@@ -49,6 +49,7 @@ class ExportConfig:
     description: str = ""
     read_only: bool = False
     max_connections: int = 0  # 0 = unlimited
+    tls_required: bool = False  # with --tls optional: only over TLS
 
 
 class Export:
@@ -61,6 +62,7 @@ class Export:
         self.read_only = config.read_only or image.read_only
         self.size = image.size
         self.max_connections = config.max_connections
+        self.tls_required = config.tls_required
         # Every connection shares this image and its bitmaps, so a FLUSH on one covers
         # writes acknowledged on all. Not offered with a limit of one connection,
         # where a multi-connection client would wait forever for its second socket.

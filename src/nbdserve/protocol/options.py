@@ -34,6 +34,7 @@ class ExportView(Protocol):
     size: int
     read_only: bool
     multi_conn: bool
+    tls_required: bool
 
     def meta_contexts(self) -> Sequence[str]: ...
 
@@ -53,6 +54,7 @@ class Outcome(enum.Enum):
     ABORT = "abort"  # send the replies (the ACK), then close
     DISCONNECT = "disconnect"  # close without sending anything more
     TRANSMISSION = "transmission"  # send the replies, then enter transmission
+    STARTTLS = "starttls"  # send the ACK, then run the TLS handshake
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,7 @@ class Session:
     structured_replies: bool
     transmission_flags: int
     meta_contexts: dict[int, str] = field(default_factory=dict)
+    tls: bool = False
 
 
 @dataclass(slots=True)
@@ -187,10 +190,13 @@ class OptionNegotiator:
         *,
         shutting_down: Callable[[], bool] = lambda: False,
         max_options: int = c.MAX_OPTIONS_BEFORE_GO,
+        tls_mode: str = "off",
     ) -> None:
         self.catalog = catalog
         self.shutting_down = shutting_down
         self.max_options = max_options
+        self.tls_mode = tls_mode  # "off", "optional" (SELECTIVETLS), "require" (FORCEDTLS)
+        self.tls_active = False
         self.fixed_newstyle = False
         self.no_zeroes = False
         self.structured_replies = False
@@ -219,6 +225,11 @@ class OptionNegotiator:
             return OptionResult(
                 encode_option_error(option, c.NBD_REP_ERR_SHUTDOWN, "server is shutting down")
             )
+        if self.tls_mode == "require" and not self.tls_active and option != c.NBD_OPT_STARTTLS:
+            # FORCEDTLS: everything but STARTTLS and ABORT waits for TLS (spec).
+            name = c.OPTION_NAMES.get(option, str(option))
+            return OptionResult(encode_option_error(option, c.NBD_REP_ERR_TLS_REQD,
+                                                    f"option {name} needs TLS first"))
         handler = self._handlers.get(option)
         if handler is None:
             name = c.OPTION_NAMES.get(option, str(option))
@@ -236,6 +247,8 @@ class OptionNegotiator:
         # No error reply exists for EXPORT_NAME: any refusal is a hard disconnect.
         if self.shutting_down():
             return OptionResult(b"", Outcome.DISCONNECT, note="shutting down")
+        if self.tls_mode == "require" and not self.tls_active:
+            return OptionResult(b"", Outcome.DISCONNECT, note="EXPORT_NAME before TLS")
         try:
             name = decode_string(payload, "export name")
         except OptionError as error:
@@ -243,6 +256,9 @@ class OptionNegotiator:
         export = self.catalog.find(name)
         if export is None:
             return OptionResult(b"", Outcome.DISCONNECT, note=f"unknown export {name!r}")
+        if self._needs_tls(export):
+            return OptionResult(b"", Outcome.DISCONNECT,
+                                note=f"export {name!r} requires TLS")
         session = self._session(export)
         reply = EXPORT_NAME_REPLY.pack(export.size, session.transmission_flags)
         if not self.no_zeroes:
@@ -254,6 +270,8 @@ class OptionNegotiator:
             raise OptionError(c.NBD_REP_ERR_INVALID, "LIST takes no data")
         replies = []
         for export in self.catalog.listed():
+            if self._needs_tls(export):
+                continue  # SELECTIVETLS: TLS-only exports stay hidden until TLS is on
             name = export.name.encode()
             data = struct.pack(">I", len(name)) + name + export.description.encode()
             replies.append(encode_option_reply(option, c.NBD_REP_SERVER, data))
@@ -263,7 +281,18 @@ class OptionNegotiator:
     def _starttls(self, option: int, payload: bytes) -> OptionResult:
         if payload:
             raise OptionError(c.NBD_REP_ERR_INVALID, "STARTTLS takes no data")
-        raise OptionError(c.NBD_REP_ERR_POLICY, "TLS is not configured on this server")
+        if self.tls_mode == "off":
+            raise OptionError(c.NBD_REP_ERR_POLICY, "TLS is not configured on this server")
+        if self.tls_active:
+            raise OptionError(c.NBD_REP_ERR_INVALID, "TLS is already active")
+        return OptionResult(encode_option_reply(option, c.NBD_REP_ACK), Outcome.STARTTLS)
+
+    def tls_started(self) -> None:
+        """The TLS handshake succeeded: forget everything negotiated before it (spec)."""
+        self.tls_active = True
+        self.structured_replies = False
+        self.meta_contexts = {}
+        self.meta_export = None
 
     def _structured_reply(self, option: int, payload: bytes) -> OptionResult:
         if payload:
@@ -278,6 +307,8 @@ class OptionNegotiator:
         export = self.catalog.find(name)
         if export is None:
             raise OptionError(c.NBD_REP_ERR_UNKNOWN, f"export {name!r} not available")
+        if self._needs_tls(export):
+            raise OptionError(c.NBD_REP_ERR_TLS_REQD, f"export {name!r} requires TLS")
         session = self._session(export)
         replies = [
             self._info(option, INFO_EXPORT.pack(c.NBD_INFO_EXPORT, export.size,
@@ -350,7 +381,13 @@ class OptionNegotiator:
         export = self.catalog.find(name)
         if export is None:
             raise OptionError(c.NBD_REP_ERR_UNKNOWN, f"export {name!r} not available")
+        if self._needs_tls(export):
+            # ERR_TLS_REQD is reserved for INFO, GO and EXPORT_NAME (spec).
+            raise OptionError(c.NBD_REP_ERR_POLICY, f"export {name!r} requires TLS")
         return export
+
+    def _needs_tls(self, export: ExportView) -> bool:
+        return self.tls_mode == "optional" and export.tls_required and not self.tls_active
 
     def _session(self, export: ExportView) -> Session:
         # Contexts chosen by SET for another export do not carry over (spec).
@@ -360,6 +397,7 @@ class OptionNegotiator:
             structured_replies=self.structured_replies,
             transmission_flags=transmission_flags(export, self.structured_replies),
             meta_contexts=contexts,
+            tls=self.tls_active,
         )
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 from nbdserve.protocol import constants as c
 from nbdserve.protocol.options import (
@@ -14,12 +15,14 @@ from nbdserve.protocol.options import (
     ProtocolViolation,
     Session,
 )
+from nbdserve.tls import TlsConfig, subject_allowed, subject_string
 
 log = logging.getLogger("nbdserve.handshake")
 
 
 async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    negotiator: OptionNegotiator, peer: str) -> Session | None:
+                    negotiator: OptionNegotiator, peer: str, tls: TlsConfig | None = None,
+                    ssl_context: ssl.SSLContext | None = None) -> Session | None:
     """Run the newstyle handshake; return the agreed session, or None to hang up."""
     writer.write(GREETING)
     await writer.drain()
@@ -43,6 +46,11 @@ async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             await writer.drain()
         if result.outcome is Outcome.CONTINUE:
             continue
+        if result.outcome is Outcome.STARTTLS:
+            if not await start_tls(writer, peer, tls, ssl_context):
+                return None
+            negotiator.tls_started()
+            continue
         if result.outcome is Outcome.TRANSMISSION:
             return result.session
         if result.outcome is Outcome.DISCONNECT:
@@ -50,3 +58,23 @@ async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         else:
             log.debug("%s: client aborted the handshake", peer)
         return None
+
+
+async def start_tls(writer: asyncio.StreamWriter, peer: str, tls: TlsConfig,
+                    ssl_context: ssl.SSLContext) -> bool:
+    """The TLS handshake after STARTTLS, then the client-authentication policy."""
+    try:
+        await writer.start_tls(ssl_context)
+    except (ssl.SSLError, ConnectionError, OSError) as exc:
+        log.warning("%s: TLS handshake failed: %s", peer, exc)
+        return False
+    subject = subject_string(writer.get_extra_info("peercert"))
+    if not subject_allowed(subject, tls.allow_subjects):
+        log.warning("%s: client certificate subject %r is not allowed; disconnecting",
+                    peer, subject)
+        return False
+    ssl_object = writer.get_extra_info("ssl_object")
+    version = ssl_object.version() if ssl_object is not None else "TLS"
+    log.info("%s: %s established%s", peer, version,
+             f" with client {subject}" if subject else "")
+    return True

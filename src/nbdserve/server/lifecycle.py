@@ -18,6 +18,7 @@ from nbdserve.protocol.options import OptionNegotiator
 from nbdserve.server.handshake import negotiate
 from nbdserve.server.listener import describe
 from nbdserve.server.transmission import Transmission
+from nbdserve.tls import TLS_OFF, TlsConfig
 
 log = logging.getLogger("nbdserve.server")
 
@@ -40,7 +41,8 @@ class Connection:
 class Server:
     def __init__(self, catalog: ExportCatalog, sockets: Sequence[socket.socket], *,
                  max_connections: int = 0, handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 workers: int = 8, control_path: str | None = None) -> None:
+                 workers: int = 8, control_path: str | None = None,
+                 tls: TlsConfig | None = None) -> None:
         self.catalog = catalog
         self.sockets = list(sockets)
         self.max_connections = max_connections
@@ -51,6 +53,8 @@ class Server:
         self.slots = asyncio.Semaphore(max_connections) if max_connections else None
         self.stopping = False
         self.accepted = 0
+        self.tls = tls or TlsConfig()
+        self.ssl_context = self.tls.server_context() if self.tls.mode != TLS_OFF else None
         self.stop_requested = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
         self.control = ControlServer(catalog, control_path, self.executor) \
@@ -130,10 +134,12 @@ class Server:
         peer = connection.peer
         if self.stopping:
             return
-        negotiator = OptionNegotiator(self.catalog, shutting_down=self.is_shutting_down)
+        negotiator = OptionNegotiator(self.catalog, shutting_down=self.is_shutting_down,
+                                      tls_mode=self.tls.mode)
         try:
             async with asyncio.timeout(self.handshake_timeout):
-                session = await negotiate(reader, writer, negotiator, peer)
+                session = await negotiate(reader, writer, negotiator, peer, self.tls,
+                                          self.ssl_context)
         except TimeoutError:
             log.warning("%s: handshake not finished in %.0f s; disconnecting", peer,
                         self.handshake_timeout)
@@ -144,7 +150,8 @@ class Server:
         if session is None:
             return
         export = session.export
-        features = ["structured-replies"] if session.structured_replies else []
+        features = ["tls"] if session.tls else []
+        features += ["structured-replies"] if session.structured_replies else []
         features += list(session.meta_contexts.values())
         log.info("%s: connected to export %r (flags 0x%04x%s)", peer, export.name,
                  session.transmission_flags,

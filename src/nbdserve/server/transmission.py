@@ -96,8 +96,7 @@ class Transmission:
         # must go through the transport) and only while the transport has nothing
         # queued, so the bytes still leave in order.
         sock = writer.get_extra_info("socket")
-        self.sockfd = sock.fileno() if sock is not None and \
-            writer.get_extra_info("sslcontext") is None else -1
+        self.sockfd = sock.fileno() if sock is not None and not session.tls else -1
 
     # -- the request loop -----------------------------------------------------------------
 

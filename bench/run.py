@@ -1,0 +1,435 @@
+"""Benchmark nbdserve against qemu-nbd and nbdkit, side by side, in one run.
+
+    .venv/bin/python bench/run.py            # quick mode (about 3 minutes)
+    .venv/bin/python bench/run.py --full     # longer runs, more rounds
+    .venv/bin/python bench/run.py --tcp      # loopback TCP instead of Unix sockets
+
+Every server gets a private copy of the same images. Rounds are interleaved (A B C,
+then C B A, ...), ratios are taken pair by pair within a round, and the median and
+range of each figure are reported with each server's CPU time per unit of work and peak
+RSS. Results go to stdout as a table and to bench/results/DATE.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+GiB = 1 << 30
+MiB = 1 << 20
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's python3-libnbd lives there
+
+
+# -- servers ------------------------------------------------------------------------------
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    uri: str
+    address: str  # socket path or host:port, for readiness
+    proc: subprocess.Popen | None = None
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not self.ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not start: {self.argv}")
+            time.sleep(0.05)
+
+    def ready(self) -> bool:
+        try:
+            if self.address.startswith("/"):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(self.address)
+            else:
+                host, port = self.address.rsplit(":", 1)
+                socket.create_connection((host, int(port)), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the server and its children (reaped ones included)."""
+        total = 0.0
+        pids = [self.proc.pid] + _children(self.proc.pid)
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += sum(int(v) for v in fields[11:15]) / CLK_TCK
+            except (OSError, IndexError):
+                pass
+        return total
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def make_servers(kind_images: dict[str, Path], workdir: Path, tcp: bool,
+                 nbdserve_args: list[str] = (), names=("nbdserve", "qemu-nbd", "nbdkit"),
+                 tag: str = "") -> list[Server]:
+    servers = []
+    for name in names:
+        image = kind_images[name]
+        if tcp:
+            port = _free_port()
+            address, listen = f"127.0.0.1:{port}", ["127.0.0.1", str(port)]
+            uri = f"nbd://127.0.0.1:{port}/"
+        else:
+            path = str(workdir / f"{name}{tag}.sock")
+            address, uri = path, f"nbd+unix:///?socket={path}"
+        if name == "nbdserve":
+            where = ["-b", listen[0], "-p", listen[1]] if tcp else ["-k", address]
+            argv = [str(ROOT / ".venv/bin/nbdserve"), "serve", str(image), *where,
+                    "--log-level", "warning", *nbdserve_args]
+        elif name == "qemu-nbd":
+            where = ["-b", listen[0], "-p", listen[1]] if tcp else ["-k", address]
+            argv = ["qemu-nbd", "-f", "raw", "-t", "-e", "16", *where, str(image)]
+        else:
+            where = ["-i", listen[0], "-p", listen[1]] if tcp else ["-U", address]
+            argv = ["nbdkit", "-f", *where, "file", str(image)]
+        servers.append(Server(name, argv, uri, address))
+    return servers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- workloads ----------------------------------------------------------------------------
+
+def run(argv: list[str], timeout: float = 600) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if result.returncode:
+        raise RuntimeError(f"{argv[0]} failed: {result.stderr.strip()[-500:]}")
+    return result.stdout
+
+
+def fio(uri: str, rw: str, bs: str, depth: int, seconds: float, size: str = "1G") -> float:
+    """IOPS (bs 4k) or MB/s (bs 1m) from fio's nbd engine."""
+    out = run(["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
+               f"--bs={bs}", f"--iodepth={depth}", f"--size={size}", "--time_based",
+               f"--runtime={seconds}", "--ramp_time=0.5", "--output-format=json"])
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    side = job["read"] if "read" in rw else job["write"]
+    return side["iops"] if bs == "4k" else side["bw_bytes"] / 1e6
+
+
+def timed(argv: list[str]) -> float:
+    start = time.perf_counter()
+    run(argv)
+    return time.perf_counter() - start
+
+
+def handshakes(uri: str, seconds: float) -> float:
+    script = (
+        "import nbd, sys, time\n"
+        "uri, seconds = sys.argv[1], float(sys.argv[2])\n"
+        "n, end = 0, time.perf_counter() + seconds\n"
+        "start = time.perf_counter()\n"
+        "while time.perf_counter() < end:\n"
+        "    h = nbd.NBD(); h.connect_uri(uri); h.shutdown(); del h; n += 1\n"
+        "print(n / (time.perf_counter() - start))\n"
+    )
+    return float(run([SYSTEM_PYTHON, "-c", script, uri, str(seconds)]))
+
+
+@dataclass
+class Workload:
+    name: str
+    unit: str
+    higher_is_better: bool
+    measure: object  # callable(server) -> value
+    work: float  # units of work per run, for CPU seconds per unit
+    work_unit: str
+
+
+def workloads(args, images: dict[str, Path]) -> list[Workload]:
+    secs = args.seconds
+    source = images["source"]
+    return [
+        Workload("nbdcopy 1 GiB to null:", "GB/s", True,
+                 lambda s: GiB / timed(["nbdcopy", s.uri, "null:"]) / 1e9, 1, "GiB"),
+        Workload("nbdcopy 1 GiB from a file", "GB/s", True,
+                 lambda s: GiB / timed(["nbdcopy", str(source), s.uri]) / 1e9, 1, "GiB"),
+        Workload("fio 4k randread qd16", "IOPS", True,
+                 lambda s: fio(s.uri, "randread", "4k", 16, secs), 1, "run"),
+        Workload("fio 4k randread qd1", "IOPS", True,
+                 lambda s: fio(s.uri, "randread", "4k", 1, secs), 1, "run"),
+        Workload("fio 4k randwrite qd16", "IOPS", True,
+                 lambda s: fio(s.uri, "randwrite", "4k", 16, secs), 1, "run"),
+        Workload("fio 1M seq read qd4", "MB/s", True,
+                 lambda s: fio(s.uri, "read", "1m", 4, secs), 1, "run"),
+        Workload("fio 1M seq write qd4", "MB/s", True,
+                 lambda s: fio(s.uri, "write", "1m", 4, secs), 1, "run"),
+        Workload("handshakes", "conn/s", True, lambda s: handshakes(s.uri, secs), 1, "run"),
+    ]
+
+
+# -- images -------------------------------------------------------------------------------
+
+def prepare_images(workdir: Path) -> dict[str, Path]:
+    random_image = workdir / "random-1g.raw"
+    if not random_image.exists() or random_image.stat().st_size != GiB:
+        with open(random_image, "wb") as f:
+            for _ in range(GiB // (64 * MiB)):
+                f.write(os.urandom(64 * MiB))
+    sparse = workdir / "sparse-64g.raw"
+    if not sparse.exists():
+        rng = random.Random(1)
+        with open(sparse, "wb") as f:
+            f.truncate(64 * GiB)
+            for i in range(10000):  # about 10,000 allocated extents
+                f.seek(i * (64 * GiB // 10000) + rng.randrange(0, 1 << 20) // 4096 * 4096)
+                f.write(os.urandom(4096 * rng.randint(1, 8)))
+    images = {"source": random_image}
+    for name in ("nbdserve", "qemu-nbd", "nbdkit"):
+        copy = workdir / f"{name}-1g.raw"
+        shutil.copyfile(random_image, copy)
+        images[name] = copy
+        sparse_copy = workdir / f"{name}-sparse.raw"
+        run(["cp", "--sparse=always", str(sparse), str(sparse_copy)])
+        images[f"{name}-sparse"] = sparse_copy
+    # Warm the page cache, as the figures assume.
+    for path in images.values():
+        if path.stat().st_size <= GiB:
+            with open(path, "rb") as f:
+                while f.read(16 * MiB):
+                    pass
+    return images
+
+
+def prepare_dirty_bitmap_image(workdir: Path) -> Path:
+    """16 TiB sparse image with a 64 KiB bitmap of 1,000,000 dirty granules."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from nbdserve.bitmaps.bitmap import DirtyBitmap
+    from nbdserve.bitmaps.qdb import ImageIdentity, QdbContents, StoredBitmap, write_qdb
+    image = workdir / "sparse-16t.raw"
+    for stale in workdir.glob("sparse-16t.raw.qdb*"):
+        stale.unlink()
+    image.unlink(missing_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(16 << 40)
+    st = image.stat()
+    bitmap = DirtyBitmap.create("backup", 16 << 40, 65536)
+    rng = random.Random(2)
+    for granule in rng.sample(range(len(bitmap.bits)), 1_000_000):
+        bitmap.bits[granule] = 1
+    write_qdb(str(image) + ".qdb", QdbContents(
+        identity=ImageIdentity(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev),
+        bitmaps=[StoredBitmap("backup", 16, bitmap.generation, False, False, bitmap.bits)]))
+    return image
+
+
+# -- running ------------------------------------------------------------------------------
+
+def interleaved(servers: list[Server], rounds: int):
+    for index in range(rounds):
+        yield index, servers if index % 2 == 0 else list(reversed(servers))
+
+
+def measure(workload: Workload, servers: list[Server], rounds: int) -> dict:
+    values: dict[str, list[float]] = {s.name: [] for s in servers}
+    cpu: dict[str, list[float]] = {s.name: [] for s in servers}
+    for _, order in interleaved(servers, rounds):
+        for server in order:
+            before = server.cpu_seconds()
+            values[server.name].append(workload.measure(server))
+            cpu[server.name].append(server.cpu_seconds() - before)
+    return summarise(workload.name, workload.unit, workload.higher_is_better, values, cpu)
+
+
+def summarise(name, unit, higher_is_better, values, cpu) -> dict:
+    result = {"workload": name, "unit": unit, "higher_is_better": higher_is_better,
+              "servers": {}, "ratios": {}}
+    for server, runs in values.items():
+        result["servers"][server] = {
+            "median": statistics.median(runs), "min": min(runs), "max": max(runs),
+            "runs": runs, "cpu_seconds": statistics.median(cpu[server]) if cpu else None,
+        }
+    ours = values.get("nbdserve")
+    for peer, runs in values.items():
+        if peer == "nbdserve" or not ours:
+            continue
+        pairs = [(a / b if higher_is_better else b / a) for a, b in zip(ours, runs,
+                                                                        strict=True) if b and a]
+        if pairs:
+            result["ratios"][peer] = {"median": statistics.median(pairs), "min": min(pairs),
+                                      "max": max(pairs)}
+    return result
+
+
+def machine() -> dict:
+    def version(argv):
+        try:
+            return subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?")
+    mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "kernel": platform.release(),
+            "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(int(mem) / 2**20, 1),
+            "python": platform.python_version(),
+            "qemu-nbd": version(["qemu-nbd", "--version"]),
+            "nbdkit": version(["nbdkit", "--version"]),
+            "libnbd": version(["nbdinfo", "--version"]), "fio": version(["fio", "--version"])}
+
+
+def print_table(results: list[dict]) -> None:
+    header = f"{'workload':34} {'unit':7} {'nbdserve':>12} {'qemu-nbd':>12} {'nbdkit':>12}" \
+             f" {'vs qemu-nbd':>12} {'vs nbdkit':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        cells = []
+        for name in ("nbdserve", "qemu-nbd", "nbdkit"):
+            s = r["servers"].get(name)
+            cells.append(f"{s['median']:12.4g}" if s else f"{'-':>12}")
+        ratios = [f"{r['ratios'][p]['median']:.2f}x" if p in r["ratios"] else "-"
+                  for p in ("qemu-nbd", "nbdkit")]
+        print(f"{r['workload'][:34]:34} {r['unit']:7} {' '.join(cells)} {ratios[0]:>12}"
+              f" {ratios[1]:>10}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--full", action="store_true", help="longer runs, 4 rounds")
+    parser.add_argument("--tcp", action="store_true", help="loopback TCP, not Unix sockets")
+    parser.add_argument("--only", help="run only workloads whose name contains this")
+    parser.add_argument("--workdir", default=str(HERE / "work"),
+                        help="where images go (not tmpfs: SEEK_DATA there is slow)")
+    args = parser.parse_args()
+    args.seconds = 5 if args.full else 2
+    rounds = 4 if args.full else 2
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    sockets = Path(tempfile.mkdtemp(prefix="nbdbench-"))
+    print(f"preparing images in {workdir} ...", file=sys.stderr)
+    images = prepare_images(workdir)
+    results = []
+    servers = make_servers({n: images[n] for n in ("nbdserve", "qemu-nbd", "nbdkit")},
+                           sockets, args.tcp)
+    sparse = make_servers({n: images[f"{n}-sparse"] for n in ("nbdserve", "qemu-nbd",
+                                                                 "nbdkit")},
+                          sockets, args.tcp, tag="-sparse")
+    try:
+        for server in servers + sparse:
+            server.start()
+        for workload in workloads(args, images):
+            if args.only and args.only not in workload.name:
+                continue
+            print(f"running {workload.name} ...", file=sys.stderr)
+            results.append(measure(workload, servers, rounds))
+        if not args.only or "map" in args.only:
+            print("running nbdinfo --map ...", file=sys.stderr)
+            results.append(measure(Workload(
+                "nbdinfo --map, 64 GiB sparse", "ms", False,
+                lambda s: timed(["nbdinfo", "--map", s.uri]) * 1000, 1, "run"),
+                sparse, rounds))
+        peak = {s.name: s.peak_rss_mib() for s in servers}
+    finally:
+        for server in servers + sparse:
+            server.stop()
+    if not args.only or "bitmap" in args.only:
+        results += bitmap_workloads(args, images, workdir, sockets, rounds)
+    report = {"machine": machine(), "mode": "full" if args.full else "quick",
+              "transport": "tcp" if args.tcp else "unix", "rounds": rounds,
+              "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "results": results, "peak_rss_mib": peak}
+    print_table(results)
+    print("peak RSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
+    out = HERE / "results" / time.strftime("%Y%m%d-%H%M%S.json")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"results: {out}")
+    shutil.rmtree(sockets, ignore_errors=True)
+    return 0
+
+
+def bitmap_workloads(args, images, workdir: Path, sockets: Path, rounds: int) -> list[dict]:
+    """nbdserve only: the cost of dirty tracking, and mapping a huge dirty bitmap."""
+    results = []
+    print("running dirty-tracking cost ...", file=sys.stderr)
+    values: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    variants = {"0 bitmaps": [], "1 bitmap": ["--bitmap", "b0"],
+                "4 bitmaps": [a for i in range(4) for a in ("--bitmap", f"b{i}")]}
+    for label, extra in variants.items():
+        for stale in Path(images["nbdserve"]).parent.glob("nbdserve-1g.raw.qdb*"):
+            stale.unlink()
+        (server,) = make_servers({"nbdserve": images["nbdserve"]}, sockets, args.tcp,
+                                 nbdserve_args=extra, names=("nbdserve",), tag=label[0])
+        server.start()
+        try:
+            for _ in range(rounds):
+                before = server.cpu_seconds()
+                values.setdefault(label, []).append(
+                    fio(server.uri, "randwrite", "4k", 16, args.seconds))
+                cpu.setdefault(label, []).append(server.cpu_seconds() - before)
+        finally:
+            server.stop()
+    result = summarise("4k randwrite qd16, by bitmaps", "IOPS", True, values, cpu)
+    base = statistics.median(values["0 bitmaps"])
+    result["cost"] = {label: 1 - statistics.median(v) / base for label, v in values.items()}
+    results.append(result)
+    print("running 16 TiB dirty-bitmap map ...", file=sys.stderr)
+    image = prepare_dirty_bitmap_image(workdir)
+    (server,) = make_servers({"nbdserve": image}, sockets, args.tcp, names=("nbdserve",),
+                             nbdserve_args=["-r"], tag="16t")
+    server.start()
+    try:
+        times = [timed(["nbdinfo", "--map=qemu:dirty-bitmap:backup", "--totals", server.uri])
+                 * 1000 for _ in range(rounds)]
+        rss = server.peak_rss_mib()
+    finally:
+        server.stop()
+    result = summarise("map 16 TiB, 1M dirty granules", "ms", False, {"nbdserve": times}, {})
+    result["peak_rss_mib"] = rss
+    result["bitmap_bytes_mib"] = (16 << 40) / 65536 / 8 / MiB
+    results.append(result)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())
