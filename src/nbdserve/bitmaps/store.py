@@ -86,7 +86,9 @@ class BitmapStore:
         self.lock = threading.RLock()
         self.journal = Journal(qdb_path + ".journal")
         self.save_counter = 0
-        self._recording: list[DirtyBitmap] = []
+        # Recording bitmaps grouped by granularity, each group with a summary whose
+        # bit is set where every member is already dirty (see _refresh).
+        self._groups: list[tuple[int, list[DirtyBitmap], bitarray]] = []
         self._lock_fd = -1
         self._unreadable = ""  # why the QDB file could not be read, when it could not
         self.closed = False
@@ -220,23 +222,46 @@ class BitmapStore:
         bitmap.inconsistent_reason = reason
 
     def _refresh(self) -> None:
-        self._recording = [b for b in self.bitmaps.values()
-                           if b.recording and not b.inconsistent]
+        """Rebuild the recording groups; called after anything that changes bitmaps.
+
+        A summary bit says "every recording bitmap of this granularity is dirty here",
+        so the common write, to granules already dirty, costs one bit test per
+        granularity however many bitmaps there are. Setting bits in a member never
+        falsifies the summary; clearing one (clear, add, enable) goes through here.
+        """
+        groups: dict[int, list[DirtyBitmap]] = {}
+        for bitmap in self.bitmaps.values():
+            if bitmap.recording and not bitmap.inconsistent:
+                groups.setdefault(bitmap.granularity_bits, []).append(bitmap)
+        self._groups = []
+        for shift, members in groups.items():
+            summary = members[0].bits.copy()
+            for other in members[1:]:
+                summary &= other.bits
+            self._groups.append((shift, members, summary))
 
     # -- the export's DirtyTracker -------------------------------------------------------
 
     def mark_dirty(self, offset: int, length: int) -> None:
-        """Mark every recording bitmap; journal granules that go from clean to dirty."""
+        """Mark every recording bitmap; journal granules that go from clean to dirty.
+
+        The journal record is written before the bits are set and before the caller
+        writes data, so a process killed at any point never loses an acknowledged write.
+        """
+        last = offset + length - 1
         with self.lock:
-            records = None
-            for bitmap in self._recording:
-                first, stop = bitmap.granules(offset, length)
-                if bitmap.has_clean(first, stop):
-                    record = encode_record(bitmap.generation, first, stop - first)
-                    records = record if records is None else records + record
+            for shift, members, summary in self._groups:
+                first, stop = offset >> shift, (last >> shift) + 1
+                if summary[first] if stop - first == 1 else not summary.count(0, first, stop):
+                    continue  # already dirty in every member: nothing to do
+                records = b"".join(
+                    encode_record(b.generation, first, stop - first)
+                    for b in members if b.has_clean(first, stop))
+                if records and self.journal.fd >= 0:
+                    self.journal.append(records)
+                for bitmap in members:
                     bitmap.set_granules(first, stop)
-            if records is not None and self.journal.fd >= 0:
-                self.journal.append(records)
+                summary[first:stop] = 1
 
     def make_durable(self) -> None:
         with self.lock:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 
@@ -15,12 +14,13 @@ from nbdserve.protocol.options import (
     ProtocolViolation,
     Session,
 )
+from nbdserve.server.stream import NbdStream
 from nbdserve.tls import TlsConfig, subject_allowed, subject_string
 
 log = logging.getLogger("nbdserve.handshake")
 
 
-async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+async def negotiate(reader: NbdStream, writer: NbdStream,
                     negotiator: OptionNegotiator, peer: str, tls: TlsConfig | None = None,
                     ssl_context: ssl.SSLContext | None = None) -> Session | None:
     """Run the newstyle handshake; return the agreed session, or None to hang up."""
@@ -60,7 +60,7 @@ async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         return None
 
 
-async def start_tls(writer: asyncio.StreamWriter, peer: str, tls: TlsConfig,
+async def start_tls(writer: NbdStream, peer: str, tls: TlsConfig,
                     ssl_context: ssl.SSLContext) -> bool:
     """The TLS handshake after STARTTLS, then the client-authentication policy."""
     try:

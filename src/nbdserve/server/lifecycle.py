@@ -17,6 +17,7 @@ from nbdserve.export import ExportCatalog
 from nbdserve.protocol.options import OptionNegotiator
 from nbdserve.server.handshake import negotiate
 from nbdserve.server.listener import describe
+from nbdserve.server.stream import NbdStream
 from nbdserve.server.transmission import Transmission
 from nbdserve.tls import TLS_OFF, TlsConfig
 
@@ -25,13 +26,12 @@ log = logging.getLogger("nbdserve.server")
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client may spend haggling before GO
 SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish on SIGTERM
 SHUTDOWN_LINGER = 2.0  # seconds clients get to read ESHUTDOWN and disconnect themselves
-STREAM_LIMIT = 4 << 20  # StreamReader buffer; large enough for whole WRITE payloads
 
 
 class Connection:
     """Book-keeping for one client, so shutdown can find it."""
 
-    def __init__(self, writer: asyncio.StreamWriter, peer: str) -> None:
+    def __init__(self, writer: NbdStream, peer: str) -> None:
         self.writer = writer
         self.peer = peer
         self.transmission: Transmission | None = None
@@ -68,12 +68,13 @@ class Server:
     async def start(self) -> None:
         if self.control is not None:
             await self.control.start()
+        loop = asyncio.get_running_loop()
         for sock in self.sockets:
             if sock.family == socket.AF_UNIX:
-                server = await asyncio.start_unix_server(self.handle, sock=sock,
-                                                         limit=STREAM_LIMIT)
+                server = await loop.create_unix_server(lambda: NbdStream(self.handle),
+                                                       sock=sock)
             else:
-                server = await asyncio.start_server(self.handle, sock=sock, limit=STREAM_LIMIT)
+                server = await loop.create_server(lambda: NbdStream(self.handle), sock=sock)
             self._servers.append(server)
             for export in self.catalog:
                 log.info("serving export %r (%s, %d bytes%s) on %s", export.name,
@@ -97,7 +98,8 @@ class Server:
 
     # -- one connection ---------------------------------------------------------------------
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, stream: NbdStream) -> None:
+        reader = writer = stream
         sock = writer.get_extra_info("socket")
         peername = writer.get_extra_info("peername")
         self.accepted += 1
@@ -129,8 +131,8 @@ class Server:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def serve_connection(self, connection: Connection, reader: asyncio.StreamReader,
-                               writer: asyncio.StreamWriter) -> None:
+    async def serve_connection(self, connection: Connection, reader: NbdStream,
+                               writer: NbdStream) -> None:
         peer = connection.peer
         if self.stopping:
             return

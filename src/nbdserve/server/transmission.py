@@ -31,6 +31,7 @@ from nbdserve.protocol.transmission import (
     offset_hole_chunk,
     simple_reply,
 )
+from nbdserve.server.stream import NbdStream
 
 log = logging.getLogger("nbdserve.transmission")
 
@@ -70,7 +71,7 @@ def read_pieces(image, offset: int, length: int, sparse: bool,
 
 
 class Transmission:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    def __init__(self, reader: NbdStream, writer: NbdStream,
                  session: Session, executor: Executor, peer: str,
                  shutting_down: Callable[[], bool]) -> None:
         self.reader = reader
@@ -102,15 +103,15 @@ class Transmission:
 
     async def run(self) -> None:
         """Serve requests until DISC, EOF or a protocol violation."""
-        readexactly = self.reader.readexactly
-        unpack = REQUEST_HEADER.unpack
+        read_struct = self.reader.read_struct
+        read_payload = self.reader.read_payload
         validator = self.validator
         try:
             while True:
                 if not self.room.is_set():
                     await self.room.wait()
-                header = await readexactly(28)
-                magic, flags, command, cookie, offset, length = unpack(header)
+                magic, flags, command, cookie, offset, length = await read_struct(
+                    REQUEST_HEADER)
                 if magic != c.NBD_REQUEST_MAGIC:
                     log.warning("%s: bad request magic 0x%x; disconnecting", self.peer, magic)
                     return
@@ -121,7 +122,7 @@ class Transmission:
                         log.warning("%s: write payload of %d bytes; disconnecting",
                                     self.peer, length)
                         return
-                    payload = await readexactly(length)
+                    payload = await read_payload(length)
                 elif command == c.NBD_CMD_DISC:
                     log.debug("%s: client disconnected (DISC)", self.peer)
                     return
