@@ -11,6 +11,7 @@ from nbdserve.bitmaps.bitmap import BitmapError
 from nbdserve.bitmaps.qdb import read_qdb
 from nbdserve.bitmaps.store import BitmapRequest, BitmapStore, StoreLocked
 from nbdserve.image import RawImage
+from nbdserve.protocol.transmission import encode_extents
 
 MiB = 1 << 20
 
@@ -56,7 +57,8 @@ def test_marks_survive_a_clean_restart(raw):
     assert not contents.in_use
     assert not os.path.exists(raw.path + ".qdb.journal")
     store = open_store(raw)
-    assert store.extents("qemu:dirty-bitmap:b0", 5 * MiB, 65536, 10) == [(65536, 1)]
+    assert store.encoded_extents("qemu:dirty-bitmap:b0", 5 * MiB, 65536, 10) == \
+        encode_extents([(65536, 1)])
     assert not info(store, "b0")["inconsistent"]
     store.close()
 

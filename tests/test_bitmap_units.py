@@ -63,6 +63,32 @@ def test_extents_follow_granules_and_are_cut_to_the_request():
     assert b.extents(70000, 100000, 100) == [(61072, 1), (38928, 0)]
     assert b.extents(0, MiB, 2) == [(65536, 0), (65536, 1)]  # the limit
     assert b.extents(65537, 10, 1) == [(10, 1)]
+    assert b.extents(0, 100, 5) == [(100, 0)]
+    assert b.encoded_extents(0, 3 * 65536, 10) == bytes.fromhex(
+        "00010000" "00000000" "00010000" "00000001" "00010000" "00000000")
+
+
+def test_extents_agree_with_a_naive_reference():
+    import random
+    rng = random.Random(5)
+    b = DirtyBitmap.create("b", 8 * MiB + 4096, 4096)
+    for _ in range(300):
+        b.mark(rng.randrange(0, 8 * MiB), rng.randrange(1, 20000))
+    for _ in range(200):
+        offset = rng.randrange(0, b.image_size - 1)
+        length = rng.randrange(1, b.image_size - offset + 1)
+        limit = rng.choice([1, 2, 7, 1 << 17])
+        expected = []  # granule by granule, cut to the request, equal neighbours merged
+        for granule in range(offset // 4096, (offset + length - 1) // 4096 + 1):
+            piece = min(offset + length, (granule + 1) * 4096) - max(offset, granule * 4096)
+            state = b.bits[granule]
+            if expected and expected[-1][1] == state:
+                expected[-1][0] += piece
+            elif len(expected) == limit:
+                break
+            else:
+                expected.append([piece, state])
+        assert b.extents(offset, length, limit) == [tuple(e) for e in expected]
 
 
 @pytest.mark.parametrize("bad", [0, 256, 511, 3000, 1 << 32, -4096])

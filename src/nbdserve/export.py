@@ -15,6 +15,7 @@ from typing import Protocol
 
 from nbdserve.image import RawImage
 from nbdserve.protocol import constants as c
+from nbdserve.protocol.transmission import encode_extents
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,7 @@ class DirtyTracker(Protocol):
 
     def contexts(self) -> Sequence[str]: ...
 
-    def extents(self, name: str, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
-        ...
+    def encoded_extents(self, name: str, offset: int, length: int, limit: int) -> bytes: ...
 
     def hold(self, contexts: Iterable[str]) -> list[str]: ...
 
@@ -118,18 +118,17 @@ class Export:
 
     # -- reads and block status ---------------------------------------------------------
 
-    def block_status(self, context: str, offset: int, length: int,
-                     limit: int) -> list[tuple[int, int]]:
-        """(length, flags) extents for one context, never past the request."""
+    def block_status(self, context: str, offset: int, length: int, limit: int) -> bytes:
+        """One context's extents as BLOCK_STATUS descriptors, never past the request."""
         if context == c.BASE_ALLOCATION:
             hole = c.NBD_STATE_HOLE | c.NBD_STATE_ZERO
-            return [(run, 0 if data else hole)
-                    for run, data in self.image.allocation(offset, length, limit)]
+            return encode_extents((run, 0 if data else hole)
+                                  for run, data in self.image.allocation(offset, length, limit))
         if context == c.QEMU_ALLOCATION_DEPTH:
-            return [(run, 1 if data else 0)
-                    for run, data in self.image.allocation(offset, length, limit)]
+            return encode_extents((run, 1 if data else 0)
+                                  for run, data in self.image.allocation(offset, length, limit))
         if self.tracker is not None:
-            return self.tracker.extents(context, offset, length, limit)
+            return self.tracker.encoded_extents(context, offset, length, limit)
         raise KeyError(context)
 
     def hold(self, contexts: Iterable[str]) -> list[str]:

@@ -271,11 +271,9 @@ class BitmapStore:
         with self.lock:
             return [b.context for b in self.bitmaps.values() if not b.inconsistent]
 
-    def extents(self, context: str, offset: int, length: int,
-                limit: int) -> list[tuple[int, int]]:
+    def encoded_extents(self, context: str, offset: int, length: int, limit: int) -> bytes:
         with self.lock:
-            bitmap = self._by_context(context)
-            return bitmap.extents(offset, length, limit)
+            return self._by_context(context).encoded_extents(offset, length, limit)
 
     def _by_context(self, context: str) -> DirtyBitmap:
         name = context.removeprefix(c.QEMU_DIRTY_BITMAP_PREFIX)

@@ -24,7 +24,6 @@ from nbdserve.protocol.transmission import (
     REQUEST_HEADER,
     RequestValidator,
     block_status_chunk,
-    encode_extents,
     error_chunk,
     none_chunk,
     offset_data_header,
@@ -331,8 +330,8 @@ class Transmission:
         chunks = []
         try:
             for context_id, name in self.contexts.items():
-                extents = self.export.block_status(name, offset, length, limit)
-                chunks.append((context_id, encode_extents(extents)))
+                chunks.append((context_id,
+                               self.export.block_status(name, offset, length, limit)))
         except OSError as exc:
             self.send_error(c.NBD_CMD_BLOCK_STATUS, cookie, nbd_error(exc),
                             exc.strerror or "block status")
