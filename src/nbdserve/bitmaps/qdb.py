@@ -118,7 +118,7 @@ class QdbContents:
     bitmaps: list[StoredBitmap] = field(default_factory=list)
 
 
-def _crc(data: bytes) -> int:
+def _crc(data: bytes | bytearray | memoryview) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
@@ -292,7 +292,8 @@ def decode_qdb(data: bytes) -> QdbContents:
             raise QdbError("no bitmaps, but a directory is recorded")
         return contents
     claim(header.directory_offset, header.directory_size, "the bitmap directory")
-    directory = data[header.directory_offset : header.directory_offset + header.directory_size]
+    directory = bytes(memoryview(data)[header.directory_offset :
+                                       header.directory_offset + header.directory_size])
     if _crc(directory) != header.directory_checksum:
         raise QdbError("directory checksum mismatch: the bitmap directory is corrupted")
     position = 0
@@ -364,7 +365,7 @@ def _decode_bits(data, entry, where, claim, cluster, image_size) -> bitarray:
             if value & TABLE_ALL_ONES:
                 raise QdbError(f"{where}: table entry {i} has both an offset and all-ones")
             claim(offset, cluster, f"data cluster {i} of {where}")
-            piece = data[offset : offset + cluster]
+            piece = memoryview(data)[offset : offset + cluster]
             if any(piece[piece_size:]):
                 raise QdbError(f"{where}: non-zero bytes after the end of the bitmap")
             raw[i * cluster : i * cluster + piece_size] = piece[:piece_size]
@@ -373,9 +374,10 @@ def _decode_bits(data, entry, where, claim, cluster, image_size) -> bitarray:
     tail = granules % 8
     if tail and raw[-1] >> tail:
         raise QdbError(f"{where}: bits set past the end of the image")
-    if _crc(bytes(raw)) != entry.data_checksum:
+    if _crc(raw) != entry.data_checksum:
         raise QdbError(f"{where}: data checksum mismatch")
     bits = bitarray(endian="little")
-    bits.frombytes(bytes(raw))
+    bits.frombytes(raw)
+    del raw
     del bits[granules:]
     return bits
