@@ -7,10 +7,8 @@ at the edge; the server receives valid configuration only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import sys
 
 import click
@@ -18,21 +16,41 @@ import click
 from nbdserve import __version__
 from nbdserve.bitmaps.bitmap import BitmapError, check_name, granularity_bits
 from nbdserve.bitmaps.store import BitmapRequest, BitmapStore, StoreLocked, default_qdb_path
-from nbdserve.export import Export, ExportCatalog, ExportConfig
-from nbdserve.image import ImageError, RawImage, create_sparse, parse_size
-from nbdserve.server.lifecycle import Server
-from nbdserve.server.listener import ListenAddress, ListenError, bind
+from nbdserve.config import (
+    ConfigError,
+    ExportSettings,
+    ServeConfig,
+    load_config,
+    parse_listen,
+    with_overrides,
+)
+from nbdserve.image import ImageError, RawImage, parse_size
+from nbdserve.server.listener import ListenAddress
+from nbdserve.server.service import Service, ServiceError
 from nbdserve.tls import TLS_MODES, TLS_OFF, TlsConfig, TlsConfigError
 
 log = logging.getLogger("nbdserve")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="nbdserve[%(process)d]: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+                 "level": record.levelname.lower(), "logger": record.name,
+                 "pid": record.process, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(
+        "nbdserve[%(process)d]: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
 
 
 def install_event_loop() -> None:
@@ -89,20 +107,23 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("image", type=click.Path(dir_okay=False))
-@click.option("-x", "--export-name", default="", show_default=True,
-              help="Name of the export (clients that name no export get \"\").")
-@click.option("-b", "--bind", "bind_address", default="127.0.0.1", show_default=True,
-              help="Address to listen on (IPv4 or IPv6, e.g. ::1 or 0.0.0.0).")
-@click.option("-p", "--port", default=10809, show_default=True, type=click.IntRange(0, 65535),
-              help="TCP port (0 picks a free one; the log says which).")
+@click.argument("image", type=click.Path(dir_okay=False), required=False)
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="TOML configuration file (docs/configuration.md). Options given on "
+                   "the command line override it; IMAGE adds an export to it.")
+@click.option("-x", "--export-name", default=None,
+              help="Name of IMAGE's export [default: \"\"].")
+@click.option("-b", "--bind", "bind_address", default=None,
+              help="Address to listen on, IPv4 or IPv6 [default: 127.0.0.1].")
+@click.option("-p", "--port", default=None, type=click.IntRange(0, 65535),
+              help="TCP port; 0 picks a free one and the log says which [default: 10809].")
 @click.option("-k", "--socket", "socket_path", type=click.Path(dir_okay=False),
               help="Listen on this Unix socket instead of TCP.")
-@click.option("-r", "--read-only", is_flag=True, help="Refuse writes (EPERM).")
+@click.option("-r", "--read-only", is_flag=True, help="Refuse writes to IMAGE (EPERM).")
 @click.option("-D", "--description", default="", help="Description shown to clients.")
-@click.option("-e", "--shared", default=0, show_default=True, type=click.IntRange(0),
-              help="Concurrent connection limit (0 = unlimited). Extra clients wait. "
-                   "Multi-conn is advertised unless the limit is 1.")
+@click.option("-e", "--shared", default=None, type=click.IntRange(0),
+              help="Concurrent connection limit; 0 = unlimited [default: 0]. Extra clients "
+                   "wait. Multi-conn is advertised unless the limit is 1.")
 @click.option("--create", "create_size", type=SizeParam(),
               help="Create a sparse image of this size (e.g. 10G) if IMAGE does not exist.")
 @click.option("--bitmap", "bitmaps", multiple=True, type=BitmapParam(),
@@ -110,13 +131,15 @@ def main() -> None:
               help="Record writes in this dirty bitmap: created if absent (granularity "
                    "default 64K), enabled if disabled. Repeatable.")
 @click.option("--qdb", "qdb_path", type=click.Path(dir_okay=False),
-              help="QDB file holding the image's bitmaps [default: IMAGE.qdb].")
+              help="QDB file holding IMAGE's bitmaps [default: IMAGE.qdb].")
 @click.option("--control", "control_path", type=click.Path(dir_okay=False),
-              help="Unix socket (mode 0600) for bitmap commands (see `nbdserve bitmap`).")
-@click.option("--tls", "tls_mode", type=click.Choice(TLS_MODES), default=TLS_OFF,
-              show_default=True,
+              help="Unix socket (mode 0600) for bitmap and status commands.")
+@click.option("--metrics", "metrics_address", metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
+@click.option("--tls", "tls_mode", type=click.Choice(TLS_MODES), default=None,
               help="off: STARTTLS refused. optional: TLS offered, required only by exports "
-                   "marked so. require: nothing but STARTTLS and ABORT before TLS.")
+                   "marked so. require: nothing but STARTTLS and ABORT before TLS. "
+                   "[default: off]")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
               help="Server certificate (PEM).")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False),
@@ -129,80 +152,155 @@ def main() -> None:
               help="Admit only client certificates whose subject (RFC 4514, e.g. "
                    "'CN=backup,O=Example') matches this glob. Repeatable; implies "
                    "--tls-verify-client.")
-@click.option("--handshake-timeout", default=10.0, show_default=True,
-              type=click.FloatRange(min=0.1), help="Seconds a client may take to negotiate.")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(image, export_name, bind_address, port, socket_path, read_only, description,
-          shared, create_size, bitmaps, qdb_path, control_path, tls_mode, tls_cert, tls_key,
-          tls_ca, tls_verify_client, tls_allow_subjects, handshake_timeout,
-          log_level) -> None:
-    """Serve the raw image IMAGE over NBD until stopped (SIGTERM or SIGINT).
+@click.option("--handshake-timeout", default=None, type=click.FloatRange(min=0.1),
+              help="Seconds a client may take to negotiate [default: 10].")
+@click.option("--log-level", default=None,
+              type=click.Choice(["debug", "info", "warning", "error"]),
+              help="[default: info]")
+@click.option("--log-format", default=None, type=click.Choice(["text", "json"]),
+              help="One line per event, as text or JSON objects [default: text].")
+def serve(image, config_path, export_name, bind_address, port, socket_path, read_only,
+          description, shared, create_size, bitmaps, qdb_path, control_path, metrics_address,
+          tls_mode, tls_cert, tls_key, tls_ca, tls_verify_client, tls_allow_subjects,
+          handshake_timeout, log_level, log_format) -> None:
+    """Serve raw images over NBD until stopped (SIGTERM or SIGINT).
 
-    The server keeps running after clients disconnect. Connections share one view of
-    the image, so FLUSH on one connection covers writes acknowledged on all.
+    Serve IMAGE, or the exports of --config, or both. The server keeps running after
+    clients disconnect. Connections share one view of each image, so FLUSH on one
+    connection covers writes acknowledged on all. SIGHUP reloads --config: exports
+    that did not change keep their clients.
 
-    Dirty bitmaps live in the QDB file beside the image. They are loaded whenever that
-    file exists, or --bitmap or --control is given, and are offered to clients as the
-    meta contexts qemu:dirty-bitmap:NAME. A crash journal (QDB.journal) keeps them
+    Dirty bitmaps live in the QDB file beside each image. They are loaded whenever that
+    file exists, or bitmaps or --control are configured, and are offered to clients as
+    the meta contexts qemu:dirty-bitmap:NAME. A crash journal (QDB.journal) keeps them
     exact across kill -9 and power loss.
+
+    Under systemd, READY=1 is sent once connections are accepted, and sockets passed by
+    socket activation (LISTEN_FDS) are used instead of binding.
     """
-    setup_logging(log_level)
-    tls = TlsConfig(tls_mode, tls_cert, tls_key, tls_ca, tls_verify_client,
-                    tuple(tls_allow_subjects))
+    options = dict(image=image, export_name=export_name, bind_address=bind_address, port=port,
+                   socket_path=socket_path, read_only=read_only, description=description,
+                   shared=shared, create_size=create_size, bitmaps=bitmaps, qdb_path=qdb_path,
+                   control_path=control_path, metrics_address=metrics_address,
+                   tls_mode=tls_mode, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
+                   tls_verify_client=tls_verify_client,
+                   tls_allow_subjects=tls_allow_subjects,
+                   handshake_timeout=handshake_timeout, log_level=log_level,
+                   log_format=log_format)
+
+    def build() -> ServeConfig:
+        base = load_config(config_path) if config_path else ServeConfig()
+        return config_from_options(base, **options)
+
     try:
-        tls.validate()
-        if tls.mode != TLS_OFF:
-            tls.server_context()  # fail now, not at the first client
-    except TlsConfigError as exc:
+        config = build()
+        if config.tls.mode != TLS_OFF:
+            config.tls.server_context()  # fail now, not at the first client
+    except (ConfigError, TlsConfigError) as exc:
         raise click.UsageError(str(exc)) from None
-    if len(export_name.encode()) > 4096 or "\0" in export_name:
-        raise click.BadParameter("at most 4096 bytes, no NUL", param_hint="--export-name")
-    if len(description.encode()) > 4096:
-        raise click.BadParameter("at most 4096 bytes", param_hint="--description")
-    if create_size is not None and not os.path.exists(image):
-        try:
-            create_sparse(image, create_size)
-        except (ImageError, OSError) as exc:
-            raise click.ClickException(f"cannot create {image}: {exc}") from None
-        log.info("created sparse image %s of %d bytes", image, create_size)
+    setup_logging(config.log_level, config.log_format)
+    service = Service(config, reload_config=build if config_path else None)
     try:
-        raw = RawImage(image, read_only=read_only)
-    except ImageError as exc:
-        raise click.ClickException(str(exc)) from None
-    config = ExportConfig(name=export_name, image_path=image, description=description,
-                          read_only=read_only, max_connections=shared)
-    qdb_path = qdb_path or default_qdb_path(image)
-    store = None
-    if bitmaps or control_path or os.path.exists(qdb_path):
-        if read_only and bitmaps:
-            raw.close()
-            raise click.UsageError("--bitmap records writes; a read-only export has none")
-        try:
-            store = BitmapStore.open(qdb_path, raw.size, raw.identity, read_only=read_only,
-                                     requests=bitmaps)
-        except (StoreLocked, BitmapError, OSError) as exc:
-            raw.close()
-            raise click.ClickException(f"bitmaps: {exc}") from None
-    catalog = ExportCatalog([Export(config, raw, tracker=store)])
-    address = (ListenAddress(path=socket_path) if socket_path
-               else ListenAddress(host=bind_address, port=port))
-    try:
-        sock = bind(address)
-    except ListenError as exc:
-        if store is not None:
-            store.close()
-        raw.close()
+        server = service.open()
+    except ServiceError as exc:
         raise click.ClickException(str(exc)) from None
     install_event_loop()
-    server = Server(catalog, [sock], max_connections=shared,
-                    handshake_timeout=handshake_timeout, control_path=control_path, tls=tls)
     try:
         asyncio.run(server.run())
     finally:
-        if socket_path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(socket_path)
+        service.cleanup()
+
+
+def config_from_options(base: ServeConfig, *, image, export_name, bind_address, port,
+                        socket_path, read_only, description, shared, create_size, bitmaps,
+                        qdb_path, control_path, metrics_address, tls_mode, tls_cert, tls_key,
+                        tls_ca, tls_verify_client, tls_allow_subjects, handshake_timeout,
+                        log_level, log_format) -> ServeConfig:
+    """The command line over the file: what is given replaces what the file says."""
+    listen = None
+    if socket_path:
+        listen = (ListenAddress(path=socket_path),)
+    elif bind_address is not None or port is not None:
+        listen = (ListenAddress(bind_address or "127.0.0.1",
+                                port if port is not None else 10809),)
+    metrics = None
+    if metrics_address:
+        address = parse_listen(metrics_address, "--metrics")
+        if address.path is not None:
+            raise ConfigError("--metrics: must be HOST:PORT")
+        metrics = (address.host, address.port)
+    tls = base.tls
+    if tls_mode or tls_cert or tls_key or tls_ca or tls_verify_client or tls_allow_subjects:
+        tls = TlsConfig(tls_mode or tls.mode, tls_cert or tls.cert, tls_key or tls.key,
+                        tls_ca or tls.ca, tls_verify_client or tls.verify_client,
+                        tuple(tls_allow_subjects) or tls.allow_subjects)
+    exports = base.exports
+    if image is not None:
+        name = export_name if export_name is not None else ""
+        if len(name.encode()) > 4096 or "\0" in name:
+            raise ConfigError("--export-name: at most 4096 bytes, no NUL")
+        if len(description.encode()) > 4096:
+            raise ConfigError("--description: at most 4096 bytes")
+        if read_only and bitmaps:
+            raise ConfigError("--bitmap records writes; a read-only export has none")
+        mine = ExportSettings(name=name, image=image, description=description,
+                              read_only=read_only, max_connections=shared or 0,
+                              qdb=qdb_path, bitmaps=tuple(bitmaps), create=create_size)
+        exports = tuple(e for e in exports if e.name != name) + (mine,)
+    elif export_name is not None or read_only or bitmaps or create_size or qdb_path:
+        raise ConfigError("-x, -r, --bitmap, --create and --qdb describe IMAGE: give one")
+    config = with_overrides(base, listen=listen, exports=exports, control=control_path,
+                            metrics=metrics, max_connections=shared,
+                            handshake_timeout=handshake_timeout, log_level=log_level,
+                            log_format=log_format, tls=tls)
+    config.validate()
+    return config
+
+
+@main.command()
+@click.option("--control", required=True, type=click.Path(),
+              help="Control socket of the running server.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(control, as_json) -> None:
+    """Exports, connections and bitmaps of a running server."""
+    from nbdserve.control.client import ControlClient, ControlError
+    try:
+        with ControlClient(control) as client:
+            state = client.execute("query-status")
+    except ControlError as exc:
+        raise click.ClickException(exc.desc) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach {control}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+        return
+    click.echo(f"TLS: {state['tls']}; connections accepted since start: {state['accepted']}")
+    click.echo("")
+    _table(["EXPORT", "IMAGE", "SIZE", "MODE", "CONNECTIONS"],
+           [[e["name"] or '""', e["image"], str(e["size"]), "ro" if e["read-only"] else "rw",
+             str(e["connections"])] for e in state["exports"]])
+    click.echo("")
+    _table(["PEER", "EXPORT", "STATE", "FEATURES", "IN-FLIGHT", "REQUESTS"],
+           [[c["peer"], c["export"] if c["export"] is not None else "-", c["state"],
+             ",".join(c.get("features", [])) or "-", str(c.get("in_flight", "-")),
+             str(c.get("requests", "-"))] for c in state["connections"]] or [["(none)"]])
+    bitmaps = [[e["name"] or '""', b["name"], str(b["granularity"]), str(b["count"]),
+                "yes" if b["recording"] else "no", "yes" if b["busy"] else "no",
+                "yes" if b["inconsistent"] else "no"]
+               for e in state["exports"] for b in e["bitmaps"]]
+    if bitmaps:
+        click.echo("")
+        _table(["EXPORT", "BITMAP", "GRANULARITY", "DIRTY", "RECORDING", "BUSY",
+                "INCONSISTENT"], bitmaps)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    rows = [header, *rows]
+    widths = [max(len(row[i]) if i < len(row) else 0 for row in rows)
+              for i in range(len(header))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths,
+                                                                      strict=False)).rstrip())
 
 
 # -- nbdserve bitmap ... ----------------------------------------------------------------------

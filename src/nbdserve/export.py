@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from nbdserve.image import RawImage
+from nbdserve.metrics import ExportStats
 from nbdserve.protocol import constants as c
 from nbdserve.protocol.transmission import encode_extents
 
@@ -69,6 +70,7 @@ class Export:
         self.multi_conn = config.max_connections != 1
         self.tracker = tracker
         self.connections = 0
+        self.stats = ExportStats()
 
     # -- negotiation ------------------------------------------------------------------
 
@@ -156,6 +158,9 @@ class ExportCatalog:
 
     def add(self, export: Export) -> None:
         self._exports[export.name] = export
+
+    def remove(self, name: str) -> Export | None:
+        return self._exports.pop(name, None)
 
     def find(self, name: str) -> Export | None:
         return self._exports.get(name)

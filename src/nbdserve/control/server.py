@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 from nbdserve import __version__
@@ -38,8 +39,10 @@ class CommandError(Exception):
 
 
 class ControlServer:
-    def __init__(self, catalog: ExportCatalog, path: str, executor: Executor) -> None:
+    def __init__(self, catalog: ExportCatalog, path: str, executor: Executor,
+                 status: Callable[[], dict] | None = None) -> None:
         self.catalog = catalog
+        self.status = status
         self.path = path
         self.executor = executor
         self.server: asyncio.AbstractServer | None = None
@@ -102,6 +105,8 @@ class ControlServer:
         command = ALIASES.get(command, command)
         if command == "qmp_capabilities":
             return {}
+        if command == "query-status" and self.status is not None:
+            return self.status()
         if command == "query-exports":
             return [self.describe(export) for export in self.catalog]
         if command in ("query-bitmaps", "bitmap-list"):

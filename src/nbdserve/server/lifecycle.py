@@ -9,11 +9,13 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from nbdserve import systemd
 from nbdserve.control.server import ControlServer
 from nbdserve.export import ExportCatalog
+from nbdserve.metrics import start_metrics_server
 from nbdserve.protocol.options import OptionNegotiator
 from nbdserve.server.handshake import negotiate
 from nbdserve.server.listener import describe
@@ -34,6 +36,8 @@ class Connection:
     def __init__(self, writer: NbdStream, peer: str) -> None:
         self.writer = writer
         self.peer = peer
+        self.session = None
+        self.features: list[str] = []
         self.transmission: Transmission | None = None
         self.task: asyncio.Task | None = None
 
@@ -42,7 +46,8 @@ class Server:
     def __init__(self, catalog: ExportCatalog, sockets: Sequence[socket.socket], *,
                  max_connections: int = 0, handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  workers: int = 8, control_path: str | None = None,
-                 tls: TlsConfig | None = None) -> None:
+                 tls: TlsConfig | None = None, metrics: tuple[str, int] | None = None,
+                 on_reload: Callable[[], Awaitable[None]] | None = None) -> None:
         self.catalog = catalog
         self.sockets = list(sockets)
         self.max_connections = max_connections
@@ -57,8 +62,11 @@ class Server:
         self.ssl_context = self.tls.server_context() if self.tls.mode != TLS_OFF else None
         self.stop_requested = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
-        self.control = ControlServer(catalog, control_path, self.executor) \
-            if control_path else None
+        self.control = ControlServer(catalog, control_path, self.executor,
+                                     status=self.status) if control_path else None
+        self.metrics = metrics
+        self.metrics_server = None
+        self.on_reload = on_reload
 
     def is_shutting_down(self) -> bool:
         return self.stopping
@@ -68,6 +76,12 @@ class Server:
     async def start(self) -> None:
         if self.control is not None:
             await self.control.start()
+        if self.metrics is not None:
+            for export in self.catalog:
+                export.stats.timing = True
+            self.metrics_server = start_metrics_server(
+                *self.metrics, exports=lambda: list(self.catalog),
+                accepted=lambda: self.accepted)
         loop = asyncio.get_running_loop()
         for sock in self.sockets:
             if sock.family == socket.AF_UNIX:
@@ -86,10 +100,87 @@ class Server:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signum)
+        if self.on_reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         await self.start()
         log.info("ready (pid %d)", os.getpid())
+        systemd.notify("READY=1", self.status_line())
         await self.stop_requested.wait()
+        systemd.notify("STOPPING=1")
         await self.shutdown()
+
+    def request_reload(self) -> None:
+        log.info("received SIGHUP, reloading the configuration")
+
+        async def reload() -> None:
+            systemd.notify("RELOADING=1")
+            try:
+                await self.on_reload()
+            except Exception:
+                log.exception("reload failed")
+            systemd.notify("READY=1", self.status_line())
+        asyncio.get_running_loop().create_task(reload())
+
+    def set_tls(self, tls: TlsConfig) -> None:
+        """New TLS settings, for connections from now on."""
+        try:
+            context = tls.server_context() if tls.mode != TLS_OFF else None
+        except Exception as exc:
+            log.error("reload: TLS settings refused: %s", exc)
+            return
+        self.tls, self.ssl_context = tls, context
+        log.info("reload: TLS mode is now %s", tls.mode)
+
+    async def remove_export(self, name: str) -> None:
+        """Take an export away: new clients no longer find it, its connections are
+        closed after their in-flight requests, and it is flushed and closed."""
+        export = self.catalog.remove(name)
+        if export is None:
+            return
+        users = [conn for conn in self.connections
+                 if conn.transmission is not None and conn.transmission.export is export]
+        for conn in users:
+            await conn.transmission.finish_inflight()
+            if conn.task is not None:
+                conn.task.cancel()
+        if users:
+            await asyncio.wait([c.task for c in users if c.task is not None], timeout=5)
+        loop = asyncio.get_running_loop()
+        try:
+            if not export.read_only:
+                await loop.run_in_executor(self.executor, export.flush)
+        finally:
+            await loop.run_in_executor(self.executor, export.close)
+        log.info("export %r removed (%d clients disconnected)", name, len(users))
+
+    def status_line(self) -> str:
+        exports = list(self.catalog)
+        connections = sum(e.connections for e in exports)
+        return f"STATUS=serving {len(exports)} exports, {connections} connections"
+
+    def status(self) -> dict:
+        """What `nbdserve status` shows."""
+        connections = []
+        for conn in self.connections:
+            session = conn.session
+            entry = {"peer": conn.peer, "export": None, "state": "handshake"}
+            if session is not None and conn.transmission is not None:
+                entry.update({
+                    "export": session.export.name, "state": "transmission",
+                    "features": conn.features,
+                    "in_flight": len(conn.transmission.tasks),
+                    "requests": conn.transmission.requests,
+                })
+            connections.append(entry)
+        return {
+            "exports": [{"name": e.name, "image": e.image.path, "size": e.size,
+                         "read-only": e.read_only, "connections": e.connections,
+                         "bitmaps": e.tracker.query() if e.tracker is not None else []}
+                        for e in self.catalog],
+            "connections": connections,
+            "accepted": self.accepted,
+            "tls": self.tls.mode,
+        }
 
     def request_stop(self, signum: int | None = None) -> None:
         if signum is not None:
@@ -155,6 +246,8 @@ class Server:
         features = ["tls"] if session.tls else []
         features += ["structured-replies"] if session.structured_replies else []
         features += list(session.meta_contexts.values())
+        connection.session = session
+        connection.features = features
         log.info("%s: connected to export %r (flags 0x%04x%s)", peer, export.name,
                  session.transmission_flags,
                  "; " + ", ".join(features) if features else "")
@@ -162,6 +255,7 @@ class Server:
                                     self.is_shutting_down)
         connection.transmission = transmission
         export.connections += 1
+        systemd.notify(self.status_line())
         held = export.hold(session.meta_contexts.values())
         try:
             await transmission.run()
@@ -171,6 +265,7 @@ class Server:
         finally:
             export.release(held)
             export.connections -= 1
+            systemd.notify(self.status_line())
             log.info("%s: disconnected from export %r after %d requests", peer, export.name,
                      transmission.requests)
 
@@ -183,6 +278,8 @@ class Server:
             server.close()
         if self.control is not None:
             await self.control.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         inflight = [task for conn in self.connections if conn.transmission
                     for task in conn.transmission.tasks]
         if inflight:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
 from nbdserve.errors import nbd_error
 from nbdserve.export import Export
+from nbdserve.metrics import OTHER
 from nbdserve.protocol import constants as c
 from nbdserve.protocol.options import Session
 from nbdserve.protocol.transmission import (
@@ -92,6 +94,8 @@ class Transmission:
         self.room = asyncio.Event()
         self.room.set()
         self.requests = 0
+        self.started = 0.0  # when the request being dispatched arrived (metrics on)
+        self.spawned = False  # whether it went to a task, which then times itself
         # sendfile(2) straight to the socket saves a copy; only on plain sockets (TLS
         # must go through the transport) and only while the transport has nothing
         # queued, so the bytes still leave in order.
@@ -105,6 +109,9 @@ class Transmission:
         read_struct = self.reader.read_struct
         read_payload = self.reader.read_payload
         validator = self.validator
+        stats = self.export.stats
+        requests = stats.requests
+        clock = time.perf_counter
         try:
             while True:
                 if not self.room.is_set():
@@ -126,6 +133,8 @@ class Transmission:
                     log.debug("%s: client disconnected (DISC)", self.peer)
                     return
                 self.requests += 1
+                requests[command if command < OTHER else OTHER] += 1
+                self.started = clock() if stats.timing else 0.0
                 if self.shutting_down():
                     self.send_error(command, cookie, c.NBD_ESHUTDOWN, "server is shutting down")
                     continue
@@ -134,6 +143,9 @@ class Transmission:
                     self.send_error(command, cookie, error, reason)
                     continue
                 self.dispatch(command, flags, cookie, offset, length, payload)
+                if self.started and not self.spawned:
+                    stats.observe(clock() - self.started)
+                self.spawned = False
                 if self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
                     await self.writer.drain()
         except asyncio.IncompleteReadError:
@@ -148,6 +160,7 @@ class Transmission:
         """handle_request: one branch per command (validation already passed)."""
         export = self.export
         if command == c.NBD_CMD_READ:
+            export.stats.bytes_read += length
             sparse = (self.structured and length >= SPARSE_READ_MIN
                       and not flags & c.NBD_CMD_FLAG_DF)
             if (length >= SENDFILE_MIN and self.sockfd >= 0 and not flags & c.NBD_CMD_FLAG_FUA
@@ -166,6 +179,7 @@ class Transmission:
                     return
             self.spawn(self.slow_read(cookie, offset, length, flags, sparse), length)
         elif command == c.NBD_CMD_WRITE:
+            export.stats.bytes_written += length
             try:
                 export.change(command, offset, length, flags, payload)
             except OSError as exc:
@@ -253,6 +267,8 @@ class Transmission:
     # -- slow paths -------------------------------------------------------------------------
 
     def spawn(self, coroutine, held_bytes: int) -> None:
+        self.spawned = True
+        started = self.started
         self.inflight_bytes += held_bytes
         if self.inflight_bytes > MAX_INFLIGHT_BYTES:
             self.room.clear()  # backpressure: stop reading requests until some finish
@@ -260,6 +276,8 @@ class Transmission:
         self.tasks.add(task)
 
         def done(finished: asyncio.Task) -> None:
+            if started:
+                self.export.stats.observe(time.perf_counter() - started)
             self.tasks.discard(finished)
             self.inflight_bytes -= held_bytes
             if self.inflight_bytes <= MAX_INFLIGHT_BYTES:
@@ -317,6 +335,7 @@ class Transmission:
         self.transport.writelines(chunks)
 
     def send_error(self, command: int, cookie: int, error: int, message: str) -> None:
+        self.export.stats.errors[command if command < OTHER else OTHER] += 1
         if error != c.NBD_ESHUTDOWN:
             log.info("%s: %s failed: %s (error %d)", self.peer,
                      c.COMMAND_NAMES.get(command, command), message, error)

@@ -1,0 +1,246 @@
+"""Configuration as data: the TOML file and the command line both become a ServeConfig,
+validated here, once; the server receives only valid values.
+
+The keys are documented in docs/configuration.md, with examples/nbdserve.toml.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+
+from nbdserve.bitmaps.bitmap import BitmapError, check_name, granularity_bits
+from nbdserve.bitmaps.store import BitmapRequest
+from nbdserve.image import parse_size
+from nbdserve.server.listener import ListenAddress
+from nbdserve.tls import TLS_MODES, TLS_OFF, TlsConfig, TlsConfigError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+class ConfigError(Exception):
+    """A bad setting: the message names the key and the reason."""
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    name: str
+    image: str
+    description: str = ""
+    read_only: bool = False
+    max_connections: int = 0
+    tls_required: bool = False
+    qdb: str | None = None
+    bitmaps: tuple[BitmapRequest, ...] = ()
+    create: int | None = None
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 10809),)
+    exports: tuple[ExportSettings, ...] = ()
+    control: str | None = None
+    metrics: tuple[str, int] | None = None
+    max_connections: int = 0
+    handshake_timeout: float = 10.0
+    log_level: str = "info"
+    log_format: str = "text"
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+    def validate(self) -> None:
+        if not self.exports:
+            raise ConfigError("no export: give an IMAGE or [[export]] tables")
+        names = [e.name for e in self.exports]
+        duplicates = {n for n in names if names.count(n) > 1}
+        if duplicates:
+            raise ConfigError(f"export names must be unique: {sorted(duplicates)!r}")
+        try:
+            self.tls.validate()
+        except TlsConfigError as exc:
+            raise ConfigError(f"tls: {exc}") from None
+        if self.tls.mode == TLS_OFF and any(e.tls_required for e in self.exports):
+            raise ConfigError("export tls-required needs tls.mode = \"optional\" or "
+                              "\"require\"")
+
+
+# -- parsing helpers ------------------------------------------------------------------------
+
+def parse_listen(text: str, key: str = "listen") -> ListenAddress:
+    """"HOST:PORT", "[IPV6]:PORT", or "unix:PATH"."""
+    if not isinstance(text, str) or not text:
+        raise ConfigError(f"{key}: expected \"HOST:PORT\", \"[IPV6]:PORT\" or \"unix:PATH\"")
+    if text.startswith("unix:"):
+        if len(text) == 5:
+            raise ConfigError(f"{key}: empty Unix socket path")
+        return ListenAddress(path=text[5:])
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{key}: {text!r} has no port (use HOST:PORT)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"{key}: port {port!r} is not a number") from None
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"{key}: port {number} is out of range")
+    return ListenAddress(host=host, port=number)
+
+
+def parse_bitmap(value, key: str) -> BitmapRequest:
+    if isinstance(value, str):
+        name, granularity = value, None
+    elif isinstance(value, dict):
+        _check_keys(value, {"name", "granularity"}, key)
+        name = value.get("name")
+        granularity = value.get("granularity")
+        if isinstance(granularity, str):
+            try:
+                granularity = parse_size(granularity)
+            except ValueError as exc:
+                raise ConfigError(f"{key}.granularity: {exc}") from None
+    else:
+        raise ConfigError(f"{key}: expected a name or {{ name = ..., granularity = ... }}")
+    try:
+        check_name(name)
+        if granularity is not None:
+            granularity_bits(granularity)
+    except BitmapError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return BitmapRequest(name, granularity)
+
+
+def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            hint = f"{where}.{key}" if where else key
+            raise ConfigError(f"{hint}: unknown key (known: {', '.join(sorted(allowed))})")
+
+
+def _get(table: dict, key: str, kind, where: str, default=None):
+    value = table.get(key, default)
+    if value is default:
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ConfigError(f"{where}{key}: expected {name}, got {type(value).__name__}")
+    return value
+
+
+# -- the file -------------------------------------------------------------------------------
+
+SERVER_KEYS = {"listen", "control", "metrics", "max-connections", "handshake-timeout",
+               "log-level", "log-format", "tls", "export"}
+EXPORT_KEYS = {"name", "image", "description", "read-only", "max-connections",
+               "tls-required", "qdb", "bitmaps", "create"}
+TLS_KEYS = {"mode", "cert", "key", "ca", "verify-client", "allow-subjects"}
+
+
+def load_config(path: str) -> ServeConfig:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_config(data: dict) -> ServeConfig:
+    _check_keys(data, SERVER_KEYS, "")
+    listen = _get(data, "listen", list, "", None)
+    if listen is None:
+        listen_addresses = ServeConfig().listen
+    else:
+        if not listen:
+            raise ConfigError("listen: needs at least one address")
+        listen_addresses = tuple(parse_listen(item, f"listen[{i}]")
+                                 for i, item in enumerate(listen))
+    metrics = _get(data, "metrics", str, "")
+    metrics_address = None
+    if metrics is not None:
+        address = parse_listen(metrics, "metrics")
+        if address.path is not None:
+            raise ConfigError("metrics: must be HOST:PORT")
+        metrics_address = (address.host, address.port)
+    max_connections = _get(data, "max-connections", int, "", 0)
+    if max_connections < 0:
+        raise ConfigError("max-connections: must be 0 (unlimited) or more")
+    timeout = _get(data, "handshake-timeout", float, "", 10.0)
+    if timeout <= 0:
+        raise ConfigError("handshake-timeout: must be positive")
+    log_level = _get(data, "log-level", str, "", "info")
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"log-level: one of {', '.join(LOG_LEVELS)}")
+    log_format = _get(data, "log-format", str, "", "text")
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"log-format: one of {', '.join(LOG_FORMATS)}")
+    exports = tuple(parse_export(table, i) for i, table in
+                    enumerate(_get(data, "export", list, "", [])))
+    config = ServeConfig(
+        listen=listen_addresses, exports=exports, control=_get(data, "control", str, ""),
+        metrics=metrics_address, max_connections=max_connections, handshake_timeout=timeout,
+        log_level=log_level, log_format=log_format,
+        tls=parse_tls(_get(data, "tls", dict, "", {})),
+    )
+    config.validate()
+    return config
+
+
+def parse_export(table, index: int) -> ExportSettings:
+    where = f"export[{index}]."
+    if not isinstance(table, dict):
+        raise ConfigError(f"export[{index}]: expected a table ([[export]])")
+    _check_keys(table, EXPORT_KEYS, f"export[{index}]")
+    image = _get(table, "image", str, where)
+    if not image:
+        raise ConfigError(f"{where}image: required")
+    name = _get(table, "name", str, where, "")
+    if len(name.encode()) > 4096 or "\0" in name:
+        raise ConfigError(f"{where}name: at most 4096 bytes, no NUL")
+    create = _get(table, "create", (str, int), where)
+    if create is not None:
+        try:
+            create = parse_size(str(create))
+        except ValueError as exc:
+            raise ConfigError(f"{where}create: {exc}") from None
+    max_connections = _get(table, "max-connections", int, where, 0)
+    if max_connections < 0:
+        raise ConfigError(f"{where}max-connections: must be 0 (unlimited) or more")
+    bitmaps = tuple(parse_bitmap(value, f"{where}bitmaps[{i}]") for i, value in
+                    enumerate(_get(table, "bitmaps", list, where, [])))
+    read_only = _get(table, "read-only", bool, where, False)
+    if read_only and bitmaps:
+        raise ConfigError(f"{where}bitmaps: a read-only export records no writes")
+    return ExportSettings(
+        name=name, image=image, description=_get(table, "description", str, where, ""),
+        read_only=read_only, max_connections=max_connections,
+        tls_required=_get(table, "tls-required", bool, where, False),
+        qdb=_get(table, "qdb", str, where), bitmaps=bitmaps, create=create,
+    )
+
+
+def parse_tls(table: dict) -> TlsConfig:
+    _check_keys(table, TLS_KEYS, "tls")
+    mode = _get(table, "mode", str, "tls.", TLS_OFF)
+    if mode not in TLS_MODES:
+        raise ConfigError(f"tls.mode: one of {', '.join(TLS_MODES)}")
+    subjects = _get(table, "allow-subjects", list, "tls.", [])
+    if not all(isinstance(s, str) for s in subjects):
+        raise ConfigError("tls.allow-subjects: expected a list of strings")
+    return TlsConfig(mode=mode, cert=_get(table, "cert", str, "tls."),
+                     key=_get(table, "key", str, "tls."), ca=_get(table, "ca", str, "tls."),
+                     verify_client=_get(table, "verify-client", bool, "tls.", False),
+                     allow_subjects=tuple(subjects))
+
+
+def with_overrides(config: ServeConfig, **changes) -> ServeConfig:
+    """Command-line options override the file: only the ones given are applied."""
+    return replace(config, **{k: v for k, v in changes.items() if v is not None})
