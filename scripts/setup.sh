@@ -1,11 +1,25 @@
 #!/usr/bin/env bash
-# Set up everything nbdserve needs on a fresh Debian 12 machine (idempotent):
-# the Debian packages the tests and benchmarks drive, and a virtual environment at
-# .venv with nbdserve and its test tools installed.
+# Set up nbdserve on a fresh Debian 12 machine (idempotent).
+#   scripts/setup.sh            the Debian packages the tests and benchmarks drive, and
+#                               .venv with nbdserve and its test tools (editable install)
+#   scripts/setup.sh --runtime  only what serving needs: python3-venv and .venv with
+#                               nbdserve (what docker/Dockerfile runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio nbd-client systemd python3-venv)
+mode=full
+case "${1:-}" in
+    --runtime) mode=runtime ;;
+    "") ;;
+    -h|--help) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "setup: unknown option $1 (try --help)" >&2; exit 2 ;;
+esac
+
+if [ "$mode" = runtime ]; then
+    packages=(python3-venv)
+else
+    packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio nbd-client systemd python3-venv)
+fi
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
@@ -16,7 +30,8 @@ if ((${#missing[@]})); then
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "setup: installing Debian packages: ${missing[*]}"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
 fi
 
 python=${PYTHON:-python3}
@@ -24,5 +39,9 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e '.[test]'
+if [ "$mode" = runtime ]; then
+    .venv/bin/python -m pip install -q --no-cache-dir .
+else
+    .venv/bin/python -m pip install -q -e '.[test]'
+fi
 echo "setup: ready (.venv/bin/nbdserve $(.venv/bin/nbdserve --version | awk '{print $3}'))"

