@@ -38,6 +38,7 @@ class Connection:
         self.peer = peer
         self.session = None
         self.features: list[str] = []
+        self.sock: socket.socket | None = None
         self.transmission: Transmission | None = None
         self.task: asyncio.Task | None = None
 
@@ -203,6 +204,7 @@ class Server:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connection = Connection(writer, peer)
+        connection.sock = sock  # uvloop builds a new socket object per lookup: keep it
         connection.task = asyncio.current_task()
         self.connections.add(connection)
         try:
@@ -252,7 +254,7 @@ class Server:
                  session.transmission_flags,
                  "; " + ", ".join(features) if features else "")
         transmission = Transmission(reader, writer, session, self.executor, peer,
-                                    self.is_shutting_down)
+                                    self.is_shutting_down, connection.sock)
         connection.transmission = transmission
         export.connections += 1
         systemd.notify(self.status_line())

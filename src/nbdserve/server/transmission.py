@@ -74,7 +74,7 @@ def read_pieces(image, offset: int, length: int, sparse: bool,
 class Transmission:
     def __init__(self, reader: NbdStream, writer: NbdStream,
                  session: Session, executor: Executor, peer: str,
-                 shutting_down: Callable[[], bool]) -> None:
+                 shutting_down: Callable[[], bool], sock=None) -> None:
         self.reader = reader
         self.writer = writer
         self.transport = writer.transport
@@ -99,7 +99,6 @@ class Transmission:
         # sendfile(2) straight to the socket saves a copy; only on plain sockets (TLS
         # must go through the transport) and only while the transport has nothing
         # queued, so the bytes still leave in order.
-        sock = writer.get_extra_info("socket")
         self.sockfd = sock.fileno() if sock is not None and not session.tls else -1
 
     # -- the request loop -----------------------------------------------------------------
