@@ -121,7 +121,7 @@ def make_servers(kind_images: dict[str, Path], workdir: Path, tcp: bool,
                     "--log-level", "warning", *nbdserve_args]
         elif name == "qemu-nbd":
             where = ["-b", listen[0], "-p", listen[1]] if tcp else ["-k", address]
-            argv = ["qemu-nbd", "-f", "raw", "-t", "-e", "16", *where, str(image)]
+            argv = ["qemu-nbd", "-f", "raw", "-t", "-e", "0", *where, str(image)]  # unlimited
         else:
             where = ["-i", listen[0], "-p", listen[1]] if tcp else ["-U", address]
             argv = ["nbdkit", "-f", *where, "file", str(image)]
@@ -437,12 +437,41 @@ def bitmap_workloads(args, images, workdir: Path, sockets: Path, rounds: int) ->
         rss = server.peak_rss_mib()
     finally:
         server.stop()
+    results.append(many_connections(args, images, sockets))
     result = summarise("map 16 TiB, 1M dirty granules", "ms", False, {"nbdserve": times},
                        {"nbdserve": [0.0] * len(times)})
     result["peak_rss_mib"] = rss
     result["bitmap_bytes_mib"] = BIG_IMAGE_SIZE / 65536 / 8 / MiB
     results.append(result)
     return results
+
+
+def many_connections(args, images, sockets: Path, count: int = 64) -> dict:
+    """Peak RSS of each server with 64 connections open, each having read 1 MiB."""
+    script = (
+        "import nbd, sys\n"
+        "handles = []\n"
+        "for i in range(int(sys.argv[2])):\n"
+        "    h = nbd.NBD(); h.connect_uri(sys.argv[1]); h.pread(1 << 20, i << 20)\n"
+        "    handles.append(h)\n"
+        "sys.stdout.write('open\\n'); sys.stdout.flush(); sys.stdin.readline()\n"
+    )
+    rss = {}
+    for server in make_servers({n: images[n] for n in ("nbdserve", "qemu-nbd", "nbdkit")},
+                               sockets, args.tcp, tag="-conn"):
+        server.start()
+        try:
+            client = subprocess.Popen([SYSTEM_PYTHON, "-c", script, server.uri, str(count)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            client.stdout.readline()
+            rss[server.name] = [server.peak_rss_mib()]
+            client.stdin.write("\n")
+            client.stdin.close()
+            client.wait(30)
+        finally:
+            server.stop()
+    return summarise(f"peak RSS, {count} connections", "MiB", False, rss,
+                     {name: [0.0] for name in rss})
 
 
 if __name__ == "__main__":
