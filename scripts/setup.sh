@@ -30,7 +30,9 @@ if ((${#missing[@]})); then
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "setup: installing Debian packages: ${missing[*]}"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    lean=()
+    [ "$mode" = runtime ] && lean=(--no-install-recommends)  # the container stays small
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${lean[@]}" \
         "${missing[@]}" >/dev/null
 fi
 
