@@ -195,3 +195,39 @@ def test_unreadable_qdb_is_kept_aside_and_requested_bitmaps_start_inconsistent(r
                for name in os.listdir(os.path.dirname(raw.path)))
     assert "is unusable" in caplog.text
     store.close()
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync"])
+def test_a_full_disk_during_a_save_keeps_the_previous_file(raw, monkeypatch, failing):
+    import errno
+
+    store = open_store(raw, ("b0",))
+    store.mark_dirty(0, 1)
+    store.close()
+    before = Path(raw.path + ".qdb").read_bytes()
+    store = open_store(raw)
+    real = getattr(os, failing)
+
+    def no_space(fd, *args):
+        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith(".disk.img.qdb"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, *args)
+
+    monkeypatch.setattr(os, failing, no_space)
+    with pytest.raises(OSError, match="No space"):
+        store.transaction([("bitmap-add", {"name": "new"}), ("bitmap-clear", {"name": "b0"}),
+                           ("bitmap-disable", {"name": "b0"})])
+    monkeypatch.undo()
+    # Not persisted, so not done: the bitmaps are exactly as before.
+    assert [(b["name"], b["count"], b["recording"]) for b in store.query()] == \
+        [("b0", 65536, True)]
+    store.mark_dirty(MiB, 1)  # and still recording, through the journal
+    assert info(store, "b0")["count"] == 2 * 65536
+    # The file on disk is the last good save (in use), and no temporary file is left.
+    assert read_qdb(raw.path + ".qdb").bitmaps[0].name == "b0"
+    assert not [n for n in os.listdir(os.path.dirname(raw.path)) if ".tmp" in n]
+    crash(store)
+    store = open_store(raw)
+    assert info(store, "b0")["count"] == 2 * 65536 and not info(store, "b0")["inconsistent"]
+    store.close()
+    assert before  # the pre-crash file existed

@@ -20,7 +20,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from nbdserve.bitmaps.qdb import fsync_directory
+from nbdserve.bitmaps.files import fsync_directory, replace_atomically
 
 JOURNAL_MAGIC = b"QDBJ"
 JOURNAL_VERSION = 1
@@ -90,18 +90,7 @@ class Journal:
 
     def reset(self, save_counter: int) -> None:
         """Start an empty journal that extends the QDB save `save_counter`."""
-        temporary = f"{self.path}.tmp{os.getpid()}"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, encode_header(save_counter))
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(temporary)
-            raise
-        os.close(fd)
-        os.rename(temporary, self.path)
-        fsync_directory(os.path.dirname(os.path.abspath(self.path)))
+        replace_atomically(self.path, encode_header(save_counter))
         self.close()
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self.unsynced = False

@@ -8,7 +8,6 @@ fsync), so a crash or a full disk during a save leaves the previous file intact.
 
 from __future__ import annotations
 
-import os
 import zlib
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from nbdserve.bitmaps.bitmap import (
     MIN_GRANULARITY_BITS,
     granule_count,
 )
+from nbdserve.bitmaps.files import replace_atomically
 
 MAGIC = b"QDB\0"
 VERSION = 1
@@ -202,30 +202,7 @@ def encode_qdb(contents: QdbContents) -> bytes:
 
 def write_qdb(path: str, contents: QdbContents) -> None:
     """Replace the file at path atomically and durably."""
-    data = encode_qdb(contents)
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(temporary)
-        raise
-    os.close(fd)
-    os.rename(temporary, path)
-    fsync_directory(directory)
-
-
-def fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_atomically(path, encode_qdb(contents))
 
 
 # -- reading ------------------------------------------------------------------------------

@@ -320,24 +320,53 @@ class BitmapStore:
                 raise BitmapError("the bitmaps of a read-only export cannot be changed")
             plan = _Plan(self)
             steps = [plan.check(action, arguments) for action, arguments in actions]
+            undo = self._snapshot(actions)
             for step in steps:
                 step()
             self._refresh()
-            self._save(in_use=True)
+            try:
+                self._save(in_use=True)
+            except OSError:
+                # Not persisted, so not done: the caller hears of the failure and the
+                # bitmaps are exactly as before.
+                self._restore(undo)
+                raise
             for action, arguments in actions:
                 log.info("bitmap %s %s", action.removeprefix("bitmap-"),
                          ", ".join(f"{k}={v}" for k, v in arguments.items()))
 
+    def _snapshot(self, actions: Sequence[tuple[str, dict]]) -> list[tuple]:
+        """What a failed transaction needs to be undone: every bitmap's state, and the
+        bits of those it clears or merges into."""
+        rewritten = {arguments.get("name") for action, arguments in actions
+                     if action == "bitmap-clear"}
+        rewritten |= {arguments.get("target") for action, arguments in actions
+                      if action == "bitmap-merge"}
+        return [(b, b.recording, b.generation, b.inconsistent, b.inconsistent_reason,
+                 b.bits.copy() if b.name in rewritten else None)
+                for b in self.bitmaps.values()]
+
+    def _restore(self, snapshot: list[tuple]) -> None:
+        self.bitmaps = {}
+        for bitmap, recording, generation, inconsistent, reason, bits in snapshot:
+            bitmap.recording, bitmap.generation = recording, generation
+            bitmap.inconsistent, bitmap.inconsistent_reason = inconsistent, reason
+            if bits is not None:
+                bitmap.bits = bits
+            self.bitmaps[bitmap.name] = bitmap
+        self._refresh()
+
     # -- persistence -----------------------------------------------------------------------
 
     def _save(self, in_use: bool) -> None:
-        self.save_counter += 1
+        counter = self.save_counter + 1
         contents = QdbContents(
-            identity=self.identity(), in_use=in_use, save_counter=self.save_counter,
+            identity=self.identity(), in_use=in_use, save_counter=counter,
             bitmaps=[StoredBitmap(b.name, b.granularity_bits, b.generation, b.recording,
                                   b.inconsistent, b.bits) for b in self.bitmaps.values()],
         )
         write_qdb(self.qdb_path, contents)
+        self.save_counter = counter
         if in_use:
             self.journal.reset(self.save_counter)
         else:
