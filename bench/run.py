@@ -208,6 +208,8 @@ def workloads(args, images: dict[str, Path]) -> list[Workload]:
 # -- images -------------------------------------------------------------------------------
 
 def prepare_images(workdir: Path) -> dict[str, Path]:
+    for stale in workdir.glob("*.qdb*"):
+        stale.unlink()  # bitmaps left by an interrupted run would add tracking costs
     random_image = workdir / "random-1g.raw"
     if not random_image.exists() or random_image.stat().st_size != GiB:
         with open(random_image, "wb") as f:
@@ -381,6 +383,11 @@ def main() -> int:
     finally:
         for server in servers + sparse:
             server.stop()
+    if not args.only or "TLS" in args.only:
+        try:
+            results += tls_workloads(args, images, workdir, rounds)
+        except Exception as exc:
+            print(f"TLS workloads failed: {exc!r}", file=sys.stderr)
     if not args.only or "bitmap" in args.only:
         try:
             results += bitmap_workloads(args, images, workdir, sockets, rounds)
@@ -422,6 +429,8 @@ def bitmap_workloads(args, images, workdir: Path, sockets: Path, rounds: int) ->
                 cpu.setdefault(label, []).append(server.cpu_seconds() - before)
         finally:
             server.stop()
+    for stale in Path(images["nbdserve"]).parent.glob("nbdserve-1g.raw.qdb*"):
+        stale.unlink()  # later workloads measure the image without bitmaps
     result = summarise("4k randwrite qd16, by bitmaps", "IOPS", True, values, cpu)
     base = statistics.median(values["0 bitmaps"])
     result["cost"] = {label: 1 - statistics.median(v) / base for label, v in values.items()}
@@ -444,6 +453,47 @@ def bitmap_workloads(args, images, workdir: Path, sockets: Path, rounds: int) ->
     result["bitmap_bytes_mib"] = BIG_IMAGE_SIZE / 65536 / 8 / MiB
     results.append(result)
     return results
+
+
+def tls_workloads(args, images, workdir: Path, rounds: int) -> list[dict]:
+    """nbdcopy over TLS (TCP, X.509), nbdserve against qemu-nbd with TLS."""
+    import trustme
+    pki = workdir / "pki"
+    shutil.rmtree(pki, ignore_errors=True)
+    server_dir, client_dir = pki / "server", pki / "client"
+    server_dir.mkdir(parents=True)
+    client_dir.mkdir()
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    for directory in (server_dir, client_dir):  # QEMU's and libnbd's layouts
+        ca.cert_pem.write_to_path(str(directory / "ca-cert.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(server_dir / "server-cert.pem"))
+    cert.private_key_pem.write_to_path(str(server_dir / "server-key.pem"))
+    servers = []
+    for name in ("nbdserve", "qemu-nbd"):
+        port = _free_port()
+        uri = f"nbds://127.0.0.1:{port}/?tls-certificates={client_dir}"
+        if name == "nbdserve":
+            argv = [str(ROOT / ".venv/bin/nbdserve"), "serve", str(images[name]), "-b",
+                    "127.0.0.1", "-p", str(port), "--log-level", "warning", "--tls",
+                    "require", "--tls-cert", str(server_dir / "server-cert.pem"),
+                    "--tls-key", str(server_dir / "server-key.pem")]
+        else:
+            argv = ["qemu-nbd", "-f", "raw", "-t", "-e", "0", "-b", "127.0.0.1", "-p",
+                    str(port), "--object",
+                    f"tls-creds-x509,id=tls0,endpoint=server,dir={server_dir},verify-peer=off",
+                    "--tls-creds", "tls0", str(images[name])]
+        servers.append(Server(name, argv, uri, f"127.0.0.1:{port}"))
+    try:
+        for server in servers:
+            server.start()
+        return [measure(Workload(
+            "TLS nbdcopy 1 GiB to null:", "GB/s", True,
+            lambda s: GiB / timed(["nbdcopy", s.uri, "null:"]) / 1e9, 1, "GiB"),
+            servers, rounds)]
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def many_connections(args, images, sockets: Path, count: int = 64) -> dict:
