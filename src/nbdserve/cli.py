@@ -173,7 +173,8 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, read
     Dirty bitmaps live in the QDB file beside each image. They are loaded whenever that
     file exists, or bitmaps or --control are configured, and are offered to clients as
     the meta contexts qemu:dirty-bitmap:NAME. A crash journal (QDB.journal) keeps them
-    exact across kill -9 and power loss.
+    exact across kill -9, and across power loss for every write the client flushed
+    (FLUSH or FUA).
 
     Under systemd, READY=1 is sent once connections are accepted, and sockets passed by
     socket activation (LISTEN_FDS) are used instead of binding.
