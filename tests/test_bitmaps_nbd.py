@@ -252,3 +252,25 @@ async def test_full_and_incremental_backups_restore_byte_identical(image, start_
             ctl.execute("bitmap-remove", {"name": f"gen{generation - 1}"})
     await copy_extents("qemu:dirty-bitmap:gen3")  # the final increment
     assert backup.read_bytes() == image.read_bytes()
+
+
+def test_qdb_info_and_dump(image, start_server):
+    server = start_server(image, "--bitmap", "b0", "--bitmap", "b1,granularity=4K")
+    run("qemu-io", "-f", "raw", "-c", "write 1M 100k", server.qemu_uri)
+    assert server.stop() == 0
+    qdb = f"{image}.qdb"
+    info = json.loads(run(*NBDSERVE, "qdb", "info", "--json", qdb).stdout)
+    assert info["in_use"] is False and info["image_size"] == 64 * MiB
+    assert {b["name"]: b["dirty_bytes"] for b in info["bitmaps"]} == {
+        "b0": 2 * 65536, "b1": 25 * 4096}
+    dump = json.loads(run(*NBDSERVE, "qdb", "dump", qdb, "--bitmap", "b1", "--json").stdout)
+    assert dump == [{"name": "b1", "granularity": 4096,
+                     "dirty": [{"offset": MiB, "length": 25 * 4096}]}]
+    text = run(*NBDSERVE, "qdb", "dump", qdb).stdout
+    assert "b0 (granularity 65536):" in text and f"{MiB:>14} {2 * 65536:>14}  dirty" in text
+    missing = run(*NBDSERVE, "qdb", "dump", qdb, "--bitmap", "nope", check=False)
+    assert missing.returncode == 1 and "no bitmap named nope" in missing.stderr
+    garbage = image.parent / "garbage.qdb"
+    garbage.write_bytes(b"nope" * 64)
+    bad = run(*NBDSERVE, "qdb", "check", str(garbage), check=False)
+    assert bad.returncode == 1 and "bad magic" in bad.stderr
