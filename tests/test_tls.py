@@ -230,3 +230,38 @@ def test_tls_options_are_checked_at_start(image, pki, tmp_path):
     result = run(*NBDSERVE, "serve", str(image), "-k", str(tmp_path / "s"), "--tls", "require",
                  "--tls-cert", str(pki.ca_cert), "--tls-key", str(pki.ca_cert), check=False)
     assert result.returncode == 2 and "cannot load TLS credentials" in result.stderr
+
+
+@pytest.mark.parametrize("ending", ["disc", "abort"])
+def test_tls_session_ends_with_close_notify(image, start_server, pki, ending):
+    """After DISC (transmission) or ABORT (haggling) the server ends TLS properly: the
+    client reads a clean close_notify, not a truncated stream."""
+    server = start_server(image, *pki.server_args("require"), unix=False)
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    raw.recv(18)
+    raw.sendall(struct.pack(">I", 3) + struct.pack(">QII", c.IHAVEOPT, c.NBD_OPT_STARTTLS, 0))
+    assert struct.unpack(">QIII", raw.recv(20))[2] == c.NBD_REP_ACK
+    tls = pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1",
+                                           suppress_ragged_eofs=False)
+
+    def recv_exactly(n):
+        data = b""
+        while len(data) < n:
+            data += tls.recv(n - len(data))
+        return data
+
+    if ending == "abort":
+        tls.sendall(struct.pack(">QII", c.IHAVEOPT, c.NBD_OPT_ABORT, 0))
+        assert struct.unpack(">QIII", recv_exactly(20))[2] == c.NBD_REP_ACK
+    else:
+        go = struct.pack(">IH", 0, 0)
+        tls.sendall(struct.pack(">QII", c.IHAVEOPT, c.NBD_OPT_GO, len(go)) + go)
+        while True:
+            _, _, kind, length = struct.unpack(">QIII", recv_exactly(20))
+            recv_exactly(length)
+            if kind == c.NBD_REP_ACK:
+                break
+        tls.sendall(struct.pack(">IHHQQI", c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_DISC, 0, 0, 0))
+    # A clean TLS shutdown reads as end of stream; a bare TCP close raises SSLEOFError.
+    assert tls.recv(1) == b""
+    tls.close()
