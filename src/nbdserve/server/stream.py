@@ -116,6 +116,10 @@ class NbdStream(asyncio.BufferedProtocol):
             await self._wait()
         self._wanted = 0
 
+    def available(self) -> int:
+        """Bytes received and not yet read: what can be read without waiting."""
+        return self._end - self._start
+
     async def readexactly(self, n: int) -> bytes:
         if self._end - self._start < n:
             await self._fill(n)

@@ -94,6 +94,7 @@ class Transmission:
         self.room = asyncio.Event()
         self.room.set()
         self.requests = 0
+        self.out: list[bytes | bytearray] = []  # replies not yet handed to the transport
         self.started = 0.0  # when the request being dispatched arrived (metrics on)
         self.spawned = False  # whether it went to a task, which then times itself
         # sendfile(2) straight to the socket saves a copy; only on plain sockets (TLS
@@ -111,9 +112,15 @@ class Transmission:
         stats = self.export.stats
         requests = stats.requests
         clock = time.perf_counter
+        available = self.reader.available
+        out = self.out
         try:
             while True:
+                if out and (available() < 28 or len(out) > 64):
+                    self.flush_replies()  # about to wait for the client: send what is ready
+                    out = self.out
                 if not self.room.is_set():
+                    self.flush_replies()
                     await self.room.wait()
                 magic, flags, command, cookie, offset, length = await read_struct(
                     REQUEST_HEADER)
@@ -127,6 +134,8 @@ class Transmission:
                         log.warning("%s: write payload of %d bytes; disconnecting",
                                     self.peer, length)
                         return
+                    if self.out and available() < length:
+                        self.flush_replies()
                     payload = await read_payload(length)
                 elif command == c.NBD_CMD_DISC:
                     log.debug("%s: client disconnected (DISC)", self.peer)
@@ -145,13 +154,16 @@ class Transmission:
                 if self.started and not self.spawned:
                     stats.observe(clock() - self.started)
                 self.spawned = False
+                out = self.out
                 if self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+                    self.flush_replies()
                     await self.writer.drain()
         except asyncio.IncompleteReadError:
             log.debug("%s: client closed the connection", self.peer)
         except ConnectionError as exc:
             log.debug("%s: connection lost: %s", self.peer, exc)
         finally:
+            self.flush_replies()
             await self.finish_inflight()
 
     def dispatch(self, command: int, flags: int, cookie: int, offset: int, length: int,
@@ -187,7 +199,7 @@ class Transmission:
             if flags & c.NBD_CMD_FLAG_FUA:
                 self.spawn(self.in_thread(command, cookie, export.flush), 0)
             else:
-                self.transport.write(simple_reply(cookie))
+                self.out.append(simple_reply(cookie))
         elif command in (c.NBD_CMD_WRITE_ZEROES, c.NBD_CMD_TRIM):
             def apply() -> None:
                 export.change(command, offset, length, flags)
@@ -201,7 +213,7 @@ class Transmission:
                 export.image.readahead(offset, length)
             except OSError:
                 pass  # a hint: failing to prefetch changes nothing
-            self.transport.write(simple_reply(cookie))
+            self.out.append(simple_reply(cookie))
         elif command == c.NBD_CMD_BLOCK_STATUS:
             self.send_block_status(cookie, offset, length, flags)
 
@@ -209,7 +221,10 @@ class Transmission:
         """Send a cached READ with sendfile(2); False (nothing sent) if it cannot."""
         transport = self.transport
         image = self.export.image
-        if transport.get_write_buffer_size() or not image.is_cached(offset, length):
+        if not image.is_cached(offset, length):
+            return False
+        self.flush_replies()
+        if transport.get_write_buffer_size():
             return False
         if sparse:
             runs = list(image.allocation(offset, length, 1 << 16))
@@ -288,12 +303,15 @@ class Transmission:
             await self.loop.run_in_executor(self.executor, work)
         except OSError as exc:
             self.send_error(command, cookie, nbd_error(exc), exc.strerror or "I/O error")
+            self.flush_replies()
             return
         except Exception as exc:  # never let one request take the connection down
             log.exception("%s: request failed", self.peer)
             self.send_error(command, cookie, nbd_error(exc), str(exc) or "internal error")
+            self.flush_replies()
             return
-        self.transport.write(simple_reply(cookie))
+        self.out.append(simple_reply(cookie))
+        self.flush_replies()
 
     async def slow_read(self, cookie: int, offset: int, length: int, flags: int,
                         sparse: bool) -> None:
@@ -308,21 +326,31 @@ class Transmission:
             pieces = await self.loop.run_in_executor(self.executor, read)
         except OSError as exc:
             self.send_error(c.NBD_CMD_READ, cookie, nbd_error(exc), exc.strerror or "read")
+            self.flush_replies()
             return
         self.send_pieces(cookie, offset, pieces)
+        self.flush_replies()
 
     # -- replies (framing only) -------------------------------------------------------------
+
+    def flush_replies(self) -> None:
+        """Hand the queued replies to the transport in one writev. The request loop
+        queues the replies of a burst of pipelined requests and flushes before it would
+        wait for the client; replies finished in tasks flush at once."""
+        if self.out:
+            out, self.out = self.out, []
+            self.transport.writelines(out)
 
     def send_pieces(self, cookie: int, offset: int,
                     pieces: list[tuple[int, int, bytes | bytearray | None]]) -> None:
         """A READ reply: data and (structured, non-DF) hole pieces covering the request."""
+        chunks = self.out
         if not self.structured:
-            self.transport.writelines((simple_reply(cookie), pieces[0][2]))
+            chunks += (simple_reply(cookie), pieces[0][2])
             return
         if pieces[0][1] == 0:
-            self.transport.write(none_chunk(cookie))
+            chunks.append(none_chunk(cookie))
             return
-        chunks: list[bytes | bytearray] = []
         last = len(pieces) - 1
         for index, (position, run, data) in enumerate(pieces):
             done = index == last
@@ -331,7 +359,6 @@ class Transmission:
             else:
                 chunks.append(offset_data_header(cookie, position, run, done))
                 chunks.append(data)
-        self.transport.writelines(chunks)
 
     def send_error(self, command: int, cookie: int, error: int, message: str) -> None:
         self.export.stats.errors[command if command < OTHER else OTHER] += 1
@@ -339,9 +366,9 @@ class Transmission:
             log.info("%s: %s failed: %s (error %d)", self.peer,
                      c.COMMAND_NAMES.get(command, command), message, error)
         if self.structured:
-            self.transport.write(error_chunk(cookie, error, message))
+            self.out.append(error_chunk(cookie, error, message))
         else:
-            self.transport.write(simple_reply(cookie, error))
+            self.out.append(simple_reply(cookie, error))
 
     def send_block_status(self, cookie: int, offset: int, length: int, flags: int) -> None:
         limit = 1 if flags & c.NBD_CMD_FLAG_REQ_ONE else c.MAX_EXTENTS_PER_CHUNK
@@ -359,10 +386,8 @@ class Transmission:
             self.send_error(c.NBD_CMD_BLOCK_STATUS, cookie, c.NBD_EINVAL, str(exc))
             return
         last = len(chunks) - 1
-        self.transport.writelines([
-            block_status_chunk(cookie, context_id, descriptors, index == last)
-            for index, (context_id, descriptors) in enumerate(chunks)
-        ])
+        self.out.extend(block_status_chunk(cookie, context_id, descriptors, index == last)
+                        for index, (context_id, descriptors) in enumerate(chunks))
 
     # -- end of the connection --------------------------------------------------------------
 
