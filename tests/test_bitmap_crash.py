@@ -69,7 +69,11 @@ async def test_sigkill_under_load_loses_no_acknowledged_write(image, start_serve
     for round_number in range(ROUNDS):
         acknowledged: list[tuple[int, int]] = []
         load = asyncio.ensure_future(write_load(server, acknowledged, rng))
-        await asyncio.sleep(rng.uniform(0.05, 0.6))
+        for _ in range(1000):  # the load is under way (even on a slow machine) ...
+            if acknowledged or load.done():
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(rng.uniform(0.0, 0.5))  # ... then kill at a random moment
         server.proc.send_signal(signal.SIGKILL)
         await load
         await asyncio.get_running_loop().run_in_executor(None, server.proc.wait)

@@ -117,7 +117,7 @@ async def test_signal_finishes_inflight_requests_and_exits_zero(image, start_ser
     payloads = [os.urandom(65536) for _ in range(64)]
     writes = [asyncio.ensure_future(nbd.write(i * 65536, p, c.NBD_CMD_FLAG_FUA))
               for i, p in enumerate(payloads)]
-    await asyncio.sleep(0.01)
+    await asyncio.wait(writes, return_when=asyncio.FIRST_COMPLETED)  # requests in flight
     server.proc.send_signal(sig)
     results = await asyncio.gather(*writes, return_exceptions=True)
     exit_code = await asyncio.get_running_loop().run_in_executor(None, server.proc.wait, 30)
