@@ -164,21 +164,25 @@ class RawImage:
         end = offset + length
         position = offset
         count = 0
+        at_data = False  # known to be at the start of data: skip the SEEK_DATA
         while position < end and count < limit:
-            try:
-                data_start = os.lseek(self.fd, position, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data after position: a hole to EOF
-                    yield end - position, False
+            if not at_data:
+                try:
+                    data_start = os.lseek(self.fd, position, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # no data after position: a hole to EOF
+                        yield end - position, False
+                        return
+                    yield end - position, True
                     return
-                yield end - position, True
-                return
-            if data_start > position:
-                hole_end = min(data_start, end)
-                yield hole_end - position, False
-                count += 1
-                position = hole_end
-                continue
+                if data_start > position:
+                    hole_end = min(data_start, end)
+                    yield hole_end - position, False
+                    count += 1
+                    position = hole_end
+                    at_data = True
+                    continue
+            at_data = False
             try:
                 hole_start = os.lseek(self.fd, position, os.SEEK_HOLE)
             except OSError:
