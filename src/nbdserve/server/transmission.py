@@ -113,12 +113,10 @@ class Transmission:
         requests = stats.requests
         clock = time.perf_counter
         available = self.reader.available
-        out = self.out
         try:
             while True:
-                if out and (available() < 28 or len(out) > 64):
+                if self.out and (available() < 28 or len(self.out) > 64):
                     self.flush_replies()  # about to wait for the client: send what is ready
-                    out = self.out
                 if not self.room.is_set():
                     self.flush_replies()
                     await self.room.wait()
@@ -154,7 +152,6 @@ class Transmission:
                 if self.started and not self.spawned:
                     stats.observe(clock() - self.started)
                 self.spawned = False
-                out = self.out
                 if self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
                     self.flush_replies()
                     await self.writer.drain()
