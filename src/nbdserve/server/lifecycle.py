@@ -27,6 +27,7 @@ log = logging.getLogger("nbdserve.server")
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client may spend haggling before GO
 SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish on SIGTERM
+UNIX_SEND_BUFFER = 4 << 20  # bytes asked for; see handle()
 SHUTDOWN_LINGER = 2.0  # seconds clients get to read ESHUTDOWN and disconnect themselves
 
 
@@ -203,6 +204,12 @@ class Server:
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        elif sock is not None and sock.family == socket.AF_UNIX:
+            # The default send buffer (about 208 KiB) is smaller than one nbdcopy read
+            # (256 KiB): sendfile(2) would stop part-way and the rest be copied. The
+            # kernel caps this at net.core.wmem_max.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
         connection = Connection(writer, peer)
         connection.sock = sock  # uvloop builds a new socket object per lookup: keep it
         connection.task = asyncio.current_task()
