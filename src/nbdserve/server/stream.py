@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine
 
 BUFFER_SIZE = 256 << 10
 MIN_FREE = 64 << 10
+SPARE_MAX = 4 << 20  # payloads up to this size reuse one buffer per connection
 
 
 class NbdStream(asyncio.BufferedProtocol):
@@ -25,6 +26,7 @@ class NbdStream(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self._buf = bytearray(BUFFER_SIZE)
+        self._spare = bytearray(0)  # payloads received in place (see read_payload)
         self._start = 0  # unread bytes are _buf[_start:_end]
         self._end = 0
         self._wanted = 0  # bytes the waiting reader needs in the buffer
@@ -53,7 +55,11 @@ class NbdStream(asyncio.BufferedProtocol):
                 self._buf[:unread] = self._buf[self._start:self._end]
                 self._start, self._end = 0, unread
             if len(self._buf) - self._end < MIN_FREE:
-                self._buf.extend(bytes(max(MIN_FREE, len(self._buf))))
+                bigger = bytearray(2 * len(self._buf))
+                bigger[:unread] = memoryview(self._buf)[self._start:self._end]
+                # A new buffer rather than extend(): a payload view may still refer
+                # to the old one, which then stays valid until it is dropped.
+                self._buf, self._start, self._end = bigger, 0, unread
         return memoryview(self._buf)[self._end:]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -135,21 +141,36 @@ class NbdStream(asyncio.BufferedProtocol):
         self._consume(layout.size)
         return values
 
-    async def read_payload(self, n: int) -> bytearray:
-        """n bytes in a buffer of their own; the part not yet received is received
-        straight into it by the transport."""
-        payload = bytearray(n)
-        have = min(n, self._end - self._start)
-        payload[:have] = memoryview(self._buf)[self._start:self._start + have]
+    async def read_payload(self, n: int) -> memoryview:
+        """The next n bytes, without copying them where possible.
+
+        The view is valid only until control returns to the event loop, which may
+        receive new bytes over it: the caller writes it to the image before awaiting
+        anything. A payload already
+        received whole is a view of the receive buffer; otherwise the rest is received
+        straight into a spare buffer that is reused from request to request, which
+        spares the allocation, zeroing and page faults of a fresh one.
+        """
+        start = self._start
+        have = self._end - start
+        if have >= n:
+            self._consume(n)
+            return memoryview(self._buf)[start:start + n]
+        if n <= SPARE_MAX:
+            if len(self._spare) < n:
+                self._spare = bytearray(max(n, MIN_FREE))
+            payload = memoryview(self._spare)[:n]
+        else:
+            payload = memoryview(bytearray(n))
+        payload[:have] = memoryview(self._buf)[start:self._end]
         self._consume(have)
-        if have < n:
-            self._direct = memoryview(payload)
-            self._direct_filled = have
-            while self._direct is not None:
-                if self._eof:
-                    self._direct = None
-                    raise asyncio.IncompleteReadError(b"", n)
-                await self._wait()
+        self._direct = payload
+        self._direct_filled = have
+        while self._direct is not None:
+            if self._eof:
+                self._direct = None
+                raise asyncio.IncompleteReadError(b"", n)
+            await self._wait()
         return payload
 
     def _consume(self, n: int) -> None:
