@@ -45,31 +45,52 @@ async def test_payload_received_whole_is_a_view_of_the_buffer():
     payload = os.urandom(4096)
     receive(stream, b"h" * 28 + payload + b"next")
     assert await stream.readexactly(28) == b"h" * 28
-    view = await stream.read_payload(4096)
-    assert isinstance(view, memoryview)
+    (view,) = await stream.read_payload(4096)
     assert view.obj is stream._buf  # no copy
     assert bytes(view) == payload
     assert await stream.readexactly(4) == b"next"
 
 
-async def test_payload_split_across_receives_uses_one_reused_spare_buffer():
+async def test_payload_split_across_receives_is_not_copied_or_overwritten():
     stream = await open_stream()
     first, second = os.urandom(300_000), os.urandom(200_000)
+    receive(stream, b"h" * 28 + first[:1000])
+    await stream.readexactly(28)
 
     async def feed() -> None:
-        for data in (first, second):
-            await asyncio.sleep(0)
-            receive(stream, data, step=50_000)
+        await asyncio.sleep(0)
+        # The rest, the next header and part of the next payload, in one burst: what
+        # arrives after the payload must not land on the part already received.
+        receive(stream, first[1000:] + b"H" * 28 + second[:5000], step=50_000)
+        await asyncio.sleep(0)
+        receive(stream, second[5000:], step=50_000)
 
     feeder = asyncio.create_task(feed())
-    got_first = await stream.read_payload(len(first))
-    assert bytes(got_first) == first
-    spare = got_first.obj
-    got_first = None
-    got_second = await stream.read_payload(len(second))
-    assert bytes(got_second) == second
-    assert got_second.obj is spare  # reused, not reallocated
+    head, rest = await stream.read_payload(len(first))
+    await asyncio.sleep(0)  # the event loop runs before the caller uses the payload
+    assert bytes(head) + bytes(rest) == first
+    assert await stream.readexactly(28) == b"H" * 28
+    parts = await stream.read_payload(len(second))
+    assert b"".join(bytes(part) for part in parts) == second
     await feeder
+
+
+async def test_the_spare_buffer_is_reused():
+    stream = await open_stream()
+    spares = []
+    for _ in range(3):
+        payload = os.urandom(100_000)
+
+        async def feed(data: bytes = payload) -> None:
+            await asyncio.sleep(0)
+            receive(stream, data, step=30_000)
+
+        feeder = asyncio.create_task(feed())
+        (rest,) = await stream.read_payload(len(payload))
+        assert bytes(rest) == payload
+        spares.append(rest.obj)
+        await feeder
+    assert spares[0] is spares[1] is spares[2]
 
 
 async def test_large_payload_gets_its_own_buffer():
@@ -81,7 +102,7 @@ async def test_large_payload_gets_its_own_buffer():
         receive(stream, big, step=1 << 20)
 
     feeder = asyncio.create_task(feed())
-    got = await stream.read_payload(len(big))
+    (got,) = await stream.read_payload(len(big))
     assert bytes(got) == big
     assert got.obj is not stream._spare
     await feeder
@@ -92,6 +113,7 @@ async def test_buffer_can_grow_while_a_payload_view_is_held():
     payload = os.urandom(1000)
     receive(stream, payload)
     held = await stream.read_payload(1000)
+    assert bytes(held[0]) == payload
     # The reader falls behind: far more arrives than the buffer holds. Growing must
     # not fail because a view of the old buffer is alive (bytearray.extend would).
     backlog = os.urandom(3 * stream_module.BUFFER_SIZE)

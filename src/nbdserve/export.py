@@ -83,17 +83,18 @@ class Export:
     # -- the single write entry point -------------------------------------------------
 
     def change(self, command: int, offset: int, length: int, flags: int = 0,
-               payload: bytes | bytearray | memoryview | None = None) -> None:
+               payload: Sequence[bytes | bytearray | memoryview] = ()) -> None:
         """Apply WRITE, WRITE_ZEROES or TRIM; the bitmaps learn of it first.
 
-        Marking comes before the data moves so that a crash between the two can only
-        over-report. A failed request still marks: over-reporting is always safe.
+        A WRITE's payload comes as buffers to be written back to back. Marking comes
+        before the data moves so that a crash between the two can only over-report. A
+        failed request still marks: over-reporting is always safe.
         """
         if self.tracker is not None and length:
             self.tracker.mark_dirty(offset, length)
         image = self.image
         if command == c.NBD_CMD_WRITE:
-            image.pwrite(offset, payload)
+            image.pwritev(offset, payload)
         elif command == c.NBD_CMD_WRITE_ZEROES:
             self._write_zeroes(offset, length, flags)
         elif command == c.NBD_CMD_TRIM:

@@ -26,6 +26,7 @@ class NbdStream(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self._buf = bytearray(BUFFER_SIZE)
+        self._other: bytearray | None = None  # the receive buffer's twin (read_payload)
         self._spare = bytearray(0)  # payloads received in place (see read_payload)
         self._start = 0  # unread bytes are _buf[_start:_end]
         self._end = 0
@@ -141,37 +142,42 @@ class NbdStream(asyncio.BufferedProtocol):
         self._consume(layout.size)
         return values
 
-    async def read_payload(self, n: int) -> memoryview:
-        """The next n bytes, without copying them where possible.
+    async def read_payload(self, n: int) -> tuple[memoryview, ...]:
+        """The next n bytes as buffers to be used back to back, without copying them.
 
-        The view is valid only until control returns to the event loop, which may
-        receive new bytes over it: the caller writes it to the image before awaiting
-        anything. A payload already
-        received whole is a view of the receive buffer; otherwise the rest is received
-        straight into a spare buffer that is reused from request to request, which
-        spares the allocation, zeroing and page faults of a fresh one.
+        The part already received is a view of the receive buffer; the rest, if any,
+        is received straight into a spare buffer reused from request to request (no
+        allocation, zeroing or page faults per request). The views are valid only
+        until control returns to the event loop, which may receive new bytes over
+        them: the caller writes them to the image before awaiting anything.
         """
         start = self._start
         have = self._end - start
+        head = memoryview(self._buf)[start:start + min(have, n)]
+        self._consume(len(head))
         if have >= n:
-            self._consume(n)
-            return memoryview(self._buf)[start:start + n]
-        if n <= SPARE_MAX:
-            if len(self._spare) < n:
-                self._spare = bytearray(max(n, MIN_FREE))
-            payload = memoryview(self._spare)[:n]
+            return (head,)
+        # Every unread byte is part of this payload. The transport may receive more
+        # before the caller runs again, so it gets the other (empty) buffer from now
+        # on, and the bytes under head stay as they are until the next such swap.
+        if self._other is None:
+            self._other = bytearray(len(self._buf))
+        self._buf, self._other = self._other, self._buf
+        missing = n - have
+        if missing <= SPARE_MAX:
+            if len(self._spare) < missing:
+                self._spare = bytearray(max(missing, MIN_FREE))
+            rest = memoryview(self._spare)[:missing]
         else:
-            payload = memoryview(bytearray(n))
-        payload[:have] = memoryview(self._buf)[start:self._end]
-        self._consume(have)
-        self._direct = payload
-        self._direct_filled = have
+            rest = memoryview(bytearray(missing))
+        self._direct = rest
+        self._direct_filled = 0
         while self._direct is not None:
             if self._eof:
                 self._direct = None
                 raise asyncio.IncompleteReadError(b"", n)
             await self._wait()
-        return payload
+        return (head, rest) if have else (rest,)
 
     def _consume(self, n: int) -> None:
         self._start += n

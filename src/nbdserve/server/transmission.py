@@ -149,7 +149,7 @@ class Transmission:
                     self.send_error(command, cookie, error, reason)
                     continue
                 self.dispatch(command, flags, cookie, offset, length, payload)
-                payload = None  # a view into the stream's buffers: valid until the next read
+                payload = None  # views of the stream's buffers, valid until the loop runs
                 if self.started and not self.spawned:
                     stats.observe(clock() - self.started)
                 self.spawned = False
@@ -165,7 +165,7 @@ class Transmission:
             await self.finish_inflight()
 
     def dispatch(self, command: int, flags: int, cookie: int, offset: int, length: int,
-                 payload: memoryview | None) -> None:
+                 payload: tuple[memoryview, ...] | None) -> None:
         """handle_request: one branch per command (validation already passed)."""
         export = self.export
         if command == c.NBD_CMD_READ:
