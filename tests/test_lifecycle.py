@@ -83,6 +83,15 @@ async def test_connection_limit_makes_extra_clients_wait(image, start_server):
     await first.disconnect()
     client = await asyncio.wait_for(second, 5)
     assert await client.read(0, 512) == bytes(512)
+    # A waiting client that gives up leaves no trace: the next one still gets in.
+    gives_up = socket.socket(socket.AF_UNIX if server.unix else socket.AF_INET)
+    gives_up.connect(str(server.unix) if server.unix else (server.host, server.port))
+    third = asyncio.ensure_future(NbdClient.connect(**server.client_args()))
+    await asyncio.sleep(0.3)
+    gives_up.close()
+    await client.disconnect()
+    client = await asyncio.wait_for(third, 5)
+    assert await client.read(0, 512) == bytes(512)
     await client.disconnect()
 
 

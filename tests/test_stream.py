@@ -18,6 +18,9 @@ class FakeTransport:
     def close(self) -> None:
         pass
 
+    def is_closing(self) -> bool:
+        return False
+
 
 def receive(stream: NbdStream, data: bytes, step: int = 1 << 30) -> None:
     """What the transport does: fill the buffer it is given, then report the count."""
@@ -31,12 +34,10 @@ def receive(stream: NbdStream, data: bytes, step: int = 1 << 30) -> None:
 
 
 async def open_stream() -> NbdStream:
-    async def idle(_stream: NbdStream) -> None:
-        await asyncio.sleep(3600)
-
-    stream = NbdStream(idle)
+    """A stream as the transmission phase uses it (after the handshake)."""
+    stream = NbdStream(lambda _stream: None)
     stream.connection_made(FakeTransport())
-    stream.task.cancel()
+    stream.use_transmission_buffer()
     return stream
 
 

@@ -258,6 +258,46 @@ def test_unknown_option_payload_is_consumed(server):
         assert_closed(sock)
 
 
+def test_options_sent_in_one_burst_are_all_answered_in_order(server):
+    """The handshake parses whatever has arrived: options pipelined behind one another,
+    and a request right behind GO, in a single write."""
+    go = struct.pack(">IH", 0, 0)
+    burst = (struct.pack(">I", 3)
+             + struct.pack(">QII", c.IHAVEOPT, c.NBD_OPT_STRUCTURED_REPLY, 0)
+             + struct.pack(">QII", c.IHAVEOPT, c.NBD_OPT_LIST, 0)
+             + struct.pack(">QII", c.IHAVEOPT, c.NBD_OPT_GO, len(go)) + go
+             + request(c.NBD_CMD_READ, 0, 512, cookie=9))
+    with raw_socket(server) as sock:
+        recv_exactly(sock, 18)
+        sock.sendall(burst)
+        answered = []
+        while not answered or answered[-1] != (c.NBD_OPT_GO, c.NBD_REP_ACK):
+            _, option, kind, length = struct.unpack(">QIII", recv_exactly(sock, 20))
+            recv_exactly(sock, length)
+            answered.append((option, kind))
+        assert [option for option, _ in answered if option != c.NBD_OPT_GO] == \
+            [c.NBD_OPT_STRUCTURED_REPLY, c.NBD_OPT_LIST, c.NBD_OPT_LIST]
+        assert answered[0][1] == c.NBD_REP_ACK
+        magic, flags, kind, cookie, length = struct.unpack(">IHHQI", recv_exactly(sock, 20))
+        assert (magic, kind, cookie) == (c.NBD_STRUCTURED_REPLY_MAGIC,
+                                         c.NBD_REPLY_TYPE_OFFSET_DATA, 9)
+        assert recv_exactly(sock, length)[8:] == bytes(512)
+
+
+def test_option_larger_than_the_handshake_buffer_is_read_whole(server):
+    payload = os.urandom(100_000)  # connections start with a small receive buffer
+    with raw_socket(server) as sock:
+        recv_exactly(sock, 18)
+        sock.sendall(struct.pack(">I", 3) + struct.pack(">QII", c.IHAVEOPT, 99, len(payload))
+                     + payload + struct.pack(">QII", c.IHAVEOPT, c.NBD_OPT_ABORT, 0))
+        _, option, kind, length = struct.unpack(">QIII", recv_exactly(sock, 20))
+        assert (option, kind) == (99, c.NBD_REP_ERR_UNSUP)
+        recv_exactly(sock, length)
+        _, option, kind, _ = struct.unpack(">QIII", recv_exactly(sock, 20))
+        assert (option, kind) == (c.NBD_OPT_ABORT, c.NBD_REP_ACK)
+        assert_closed(sock)
+
+
 def test_non_fixed_client_gets_export_name_with_padding(server):
     with raw_socket(server) as sock:
         recv_exactly(sock, 18)

@@ -10,6 +10,11 @@ import socket
 SD_LISTEN_FDS_START = 3
 
 
+def enabled() -> bool:
+    """Whether a service manager listens for notify() messages."""
+    return bool(os.environ.get("NOTIFY_SOCKET"))
+
+
 def notify(*states: str) -> bool:
     """Send "READY=1", "STATUS=...", "STOPPING=1", ... to the service manager, if any."""
     path = os.environ.get("NOTIFY_SOCKET")

@@ -4,7 +4,9 @@ transmission, and stop gracefully on SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -16,8 +18,8 @@ from nbdserve import systemd
 from nbdserve.control.server import ControlServer
 from nbdserve.export import ExportCatalog
 from nbdserve.metrics import start_metrics_server
-from nbdserve.protocol.options import OptionNegotiator
-from nbdserve.server.handshake import negotiate
+from nbdserve.protocol.options import OptionNegotiator, Session
+from nbdserve.server.handshake import Handshake
 from nbdserve.server.listener import describe
 from nbdserve.server.stream import NbdStream
 from nbdserve.server.transmission import Transmission
@@ -27,7 +29,7 @@ log = logging.getLogger("nbdserve.server")
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client may spend haggling before GO
 SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish on SIGTERM
-UNIX_SEND_BUFFER = 4 << 20  # bytes asked for; see handle()
+STATUS_INTERVAL = 1.0  # seconds between STATUS= updates to systemd
 SHUTDOWN_LINGER = 2.0  # seconds clients get to read ESHUTDOWN and disconnect themselves
 
 
@@ -41,7 +43,16 @@ class Connection:
         self.features: list[str] = []
         self.sock: socket.socket | None = None
         self.transmission: Transmission | None = None
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task | None = None  # the transmission phase, once it starts
+        self.handshake: Handshake | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the handshake's deadline
+        self.has_slot = False  # counted against max_connections
+        self.lost: asyncio.Future | None = None  # set when the client is gone
+
+    def wait_lost(self) -> asyncio.Future:
+        if self.lost is None:
+            self.lost = asyncio.get_running_loop().create_future()
+        return self.lost
 
 
 class Server:
@@ -57,7 +68,8 @@ class Server:
         self.executor = ThreadPoolExecutor(max_workers=workers,
                                            thread_name_prefix="nbdserve-io")
         self.connections: set[Connection] = set()
-        self.slots = asyncio.Semaphore(max_connections) if max_connections else None
+        self.active = 0  # connections holding a slot (handshake or transmission)
+        self.waiting: collections.deque[Connection] = collections.deque()
         self.stopping = False
         self.accepted = 0
         self.tls = tls or TlsConfig()
@@ -69,6 +81,8 @@ class Server:
         self.metrics = metrics
         self.metrics_server = None
         self.on_reload = on_reload
+        self.notify_enabled = systemd.enabled()
+        self.status_pending = False
 
     def is_shutting_down(self) -> bool:
         return self.stopping
@@ -86,11 +100,12 @@ class Server:
                 accepted=lambda: self.accepted)
         loop = asyncio.get_running_loop()
         for sock in self.sockets:
+            def factory() -> NbdStream:
+                return NbdStream(self.connection_made)
             if sock.family == socket.AF_UNIX:
-                server = await loop.create_unix_server(lambda: NbdStream(self.handle),
-                                                       sock=sock)
+                server = await loop.create_unix_server(factory, sock=sock)
             else:
-                server = await loop.create_server(lambda: NbdStream(self.handle), sock=sock)
+                server = await loop.create_server(factory, sock=sock)
             self._servers.append(server)
             for export in self.catalog:
                 log.info("serving export %r (%s, %d bytes%s) on %s", export.name,
@@ -155,6 +170,19 @@ class Server:
             await loop.run_in_executor(self.executor, export.close)
         log.info("export %r removed (%d clients disconnected)", name, len(users))
 
+    def status_changed(self) -> None:
+        """Tell the service manager the new connection count, at most once per
+        STATUS_INTERVAL: a datagram per connect and disconnect would cost every
+        handshake."""
+        if self.status_pending or not self.notify_enabled:
+            return
+        self.status_pending = True
+
+        def send() -> None:
+            self.status_pending = False
+            systemd.notify(self.status_line())
+        asyncio.get_running_loop().call_later(STATUS_INTERVAL, send)
+
     def status_line(self) -> str:
         exports = list(self.catalog)
         connections = sum(e.connections for e in exports)
@@ -191,66 +219,98 @@ class Server:
 
     # -- one connection ---------------------------------------------------------------------
 
-    async def handle(self, stream: NbdStream) -> None:
-        reader = writer = stream
-        sock = writer.get_extra_info("socket")
-        peername = writer.get_extra_info("peername")
+    def connection_made(self, stream: NbdStream) -> None:
+        """A client connected: register it, then greet it (or queue it for a slot)."""
+        sock = stream.get_extra_info("socket")
         self.accepted += 1
-        if isinstance(peername, tuple):
-            peer = f"[{peername[0]}]:{peername[1]}" if ":" in peername[0] else \
-                f"{peername[0]}:{peername[1]}"
-        else:
-            peer = f"unix#{self.accepted}"
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        family = sock.family if sock is not None else socket.AF_UNIX
+        if family in (socket.AF_INET, socket.AF_INET6):
+            host, port = stream.get_extra_info("peername")[:2]
+            peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        elif sock is not None and sock.family == socket.AF_UNIX:
-            # The default send buffer (about 208 KiB) is smaller than one nbdcopy read
-            # (256 KiB): sendfile(2) would stop part-way and the rest be copied. The
-            # kernel caps this at net.core.wmem_max.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
-        connection = Connection(writer, peer)
+        else:
+            peer = f"unix#{self.accepted}"
+        connection = Connection(stream, peer)
         connection.sock = sock  # uvloop builds a new socket object per lookup: keep it
-        connection.task = asyncio.current_task()
         self.connections.add(connection)
+        stream.on_lost = functools.partial(self.connection_lost, connection)
+        if self.stopping:
+            stream.close()
+        elif self.max_connections and self.active >= self.max_connections:
+            # Like qemu-nbd -e: a client over the limit waits, as if in the backlog.
+            stream.transport.pause_reading()
+            self.waiting.append(connection)
+        else:
+            self.begin_handshake(connection)
+
+    def begin_handshake(self, connection: Connection) -> None:
+        self.active += 1
+        connection.has_slot = True
+        stream = connection.writer
+        negotiator = OptionNegotiator(self.catalog, shutting_down=self.is_shutting_down,
+                                      tls_mode=self.tls.mode)
+        connection.handshake = Handshake(
+            stream, negotiator, connection.peer,
+            functools.partial(self.handshake_done, connection), self.tls, self.ssl_context)
+        connection.timer = asyncio.get_running_loop().call_later(
+            self.handshake_timeout, self.handshake_expired, connection)
+        connection.handshake.start()
+
+    def handshake_expired(self, connection: Connection) -> None:
+        log.warning("%s: handshake not finished in %.0f s; disconnecting", connection.peer,
+                    self.handshake_timeout)
+        connection.writer.close()
+
+    def handshake_done(self, connection: Connection, session: Session | None) -> None:
+        connection.timer.cancel()
+        connection.handshake = None
+        if session is None:
+            connection.writer.close()
+            return
+        connection.task = asyncio.get_running_loop().create_task(
+            self.serve_transmission(connection, session))
+
+    def connection_lost(self, connection: Connection) -> None:
+        if connection.timer is not None:
+            connection.timer.cancel()
+        if connection.handshake is not None:
+            log.debug("%s: client left during the handshake", connection.peer)
+            connection.handshake.abandon()
+            connection.handshake = None
+        self.connections.discard(connection)
+        if connection.lost is not None and not connection.lost.done():
+            connection.lost.set_result(None)
+        if connection.has_slot:
+            connection.has_slot = False
+            self.active -= 1
+            while self.waiting and not self.stopping:
+                waiting = self.waiting.popleft()
+                if not waiting.writer.transport.is_closing():
+                    waiting.writer.transport.resume_reading()
+                    self.begin_handshake(waiting)
+                    break
+        elif connection in self.waiting:
+            self.waiting.remove(connection)
+
+    async def serve_transmission(self, connection: Connection, session: Session) -> None:
+        peer = connection.peer
+        stream = connection.writer
         try:
-            if self.slots is not None:
-                # Like qemu-nbd -e: a client over the limit waits, as if in the backlog.
-                async with self.slots:
-                    await self.serve_connection(connection, reader, writer)
-            else:
-                await self.serve_connection(connection, reader, writer)
+            await self.transmission_phase(connection, session)
         except asyncio.CancelledError:
             pass
         except Exception:
             log.exception("%s: connection failed", peer)
         finally:
-            self.connections.discard(connection)
-            writer.close()
+            stream.close()
+            stream.release_buffers()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await stream.wait_closed()
 
-    async def serve_connection(self, connection: Connection, reader: NbdStream,
-                               writer: NbdStream) -> None:
+    async def transmission_phase(self, connection: Connection, session: Session) -> None:
         peer = connection.peer
-        if self.stopping:
-            return
-        negotiator = OptionNegotiator(self.catalog, shutting_down=self.is_shutting_down,
-                                      tls_mode=self.tls.mode)
-        try:
-            async with asyncio.timeout(self.handshake_timeout):
-                session = await negotiate(reader, writer, negotiator, peer, self.tls,
-                                          self.ssl_context)
-        except TimeoutError:
-            log.warning("%s: handshake not finished in %.0f s; disconnecting", peer,
-                        self.handshake_timeout)
-            return
-        except (asyncio.IncompleteReadError, ConnectionError):
-            log.debug("%s: client left during the handshake", peer)
-            return
-        if session is None:
-            return
+        stream = connection.writer
         export = session.export
         features = ["tls"] if session.tls else []
         features += ["structured-replies"] if session.structured_replies else []
@@ -260,21 +320,21 @@ class Server:
         log.info("%s: connected to export %r (flags 0x%04x%s)", peer, export.name,
                  session.transmission_flags,
                  "; " + ", ".join(features) if features else "")
-        transmission = Transmission(reader, writer, session, self.executor, peer,
+        transmission = Transmission(stream, stream, session, self.executor, peer,
                                     self.is_shutting_down, connection.sock)
         connection.transmission = transmission
         export.connections += 1
-        systemd.notify(self.status_line())
+        self.status_changed()
         held = export.hold(session.meta_contexts.values())
         try:
             await transmission.run()
             if transmission.transport.get_write_buffer_size():
                 with contextlib.suppress(ConnectionError):
-                    await writer.drain()
+                    await stream.drain()
         finally:
             export.release(held)
             export.connections -= 1
-            systemd.notify(self.status_line())
+            self.status_changed()
             log.info("%s: disconnected from export %r after %d requests", peer, export.name,
                      transmission.requests)
 
@@ -296,7 +356,12 @@ class Server:
             await asyncio.wait(inflight, timeout=SHUTDOWN_GRACE)
         # Requests arriving now get ESHUTDOWN, after which a client MUST disconnect
         # (spec); give them a moment to do so before hanging up on them.
-        lingering = [conn.task for conn in self.connections if conn.task is not None]
+        # Clients in the handshake get ERR_SHUTDOWN for their next option; clients
+        # still waiting for a slot are never greeted.
+        for conn in list(self.waiting):
+            conn.writer.close()
+        lingering = [conn.task if conn.task is not None else conn.wait_lost()
+                     for conn in self.connections]
         if lingering:
             await asyncio.wait(lingering, timeout=SHUTDOWN_LINGER)
         loop = asyncio.get_running_loop()
@@ -307,6 +372,8 @@ class Server:
                     await conn.writer.drain()
             if conn.task is not None:
                 conn.task.cancel()
+            else:
+                conn.writer.close()
         remaining = [conn.task for conn in self.connections if conn.task is not None]
         if remaining:
             await asyncio.wait(remaining, timeout=5)

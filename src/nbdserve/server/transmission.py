@@ -11,8 +11,10 @@ chunk is never interleaved with another on the wire.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -41,6 +43,7 @@ SENDFILE_MIN = 64 << 10  # data runs at least this long go out with sendfile(2)
 SPARSE_READ_MIN = 64 << 10  # reads at least this long look for holes (OFFSET_HOLE)
 MAX_INFLIGHT_BYTES = 64 << 20  # payload held by unanswered requests, per connection
 WRITE_BUFFER_HIGH = 4 << 20  # wait for the socket to drain above this
+UNIX_SEND_BUFFER = 4 << 20  # send buffer asked for on Unix sockets (see __init__)
 
 
 def read_pieces(image, offset: int, length: int, sparse: bool,
@@ -77,6 +80,7 @@ class Transmission:
                  shutting_down: Callable[[], bool], sock=None) -> None:
         self.reader = reader
         self.writer = writer
+        reader.use_transmission_buffer()
         self.transport = writer.transport
         self.export: Export = session.export  # type: ignore[assignment]
         self.structured = session.structured_replies
@@ -101,6 +105,11 @@ class Transmission:
         # must go through the transport) and only while the transport has nothing
         # queued, so the bytes still leave in order.
         self.sockfd = sock.fileno() if sock is not None and not session.tls else -1
+        # A Unix socket's send buffer (about 208 KiB by default) is smaller than one
+        # nbdcopy read (256 KiB): sendfile(2) would stop part-way and the rest be
+        # copied. It is enlarged before the first large read (not at accept: the
+        # call costs a few microseconds of every handshake).
+        self.sock = sock if self.sockfd >= 0 and sock.family == socket.AF_UNIX else None
 
     # -- the request loop -----------------------------------------------------------------
 
@@ -221,6 +230,10 @@ class Transmission:
         image = self.export.image
         if not image.is_cached(offset, length):
             return False
+        if self.sock is not None:
+            with contextlib.suppress(OSError):  # the kernel caps it at wmem_max
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
+            self.sock = None
         self.flush_replies()
         if transport.get_write_buffer_size():
             return False
