@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from array import array
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from nbdserve.bitmaps.bitmap import BitmapError
 from nbdserve.bitmaps.qdb import read_qdb
 from nbdserve.bitmaps.store import BitmapRequest, BitmapStore, StoreLocked
 from nbdserve.image import RawImage
-from nbdserve.protocol.transmission import encode_extents
+from nbdserve.protocol.transmission import encode_words
 
 MiB = 1 << 20
 
@@ -58,7 +59,7 @@ def test_marks_survive_a_clean_restart(raw):
     assert not os.path.exists(raw.path + ".qdb.journal")
     store = open_store(raw)
     assert store.encoded_extents("qemu:dirty-bitmap:b0", 5 * MiB, 65536, 10) == \
-        encode_extents([(65536, 1)])
+        encode_words(array("I", [65536, 1]))
     assert not info(store, "b0")["inconsistent"]
     store.close()
 

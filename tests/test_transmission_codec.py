@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array import array
+
 import pytest
 
 from nbdserve.errors import nbd_error
@@ -10,7 +12,7 @@ from nbdserve.protocol.transmission import (
     REQUEST_HEADER,
     RequestValidator,
     block_status_chunk,
-    encode_extents,
+    encode_words,
     error_chunk,
     none_chunk,
     offset_data_header,
@@ -135,7 +137,7 @@ def test_error_chunk_bytes_and_message_cap():
 
 
 def test_block_status_chunk_bytes():
-    descriptors = encode_extents([(4096, 0), (61440, 3)])
+    descriptors = encode_words(array("I", [4096, 0, 61440, 3]))
     assert block_status_chunk(9, 1, descriptors, True) == bytes.fromhex(
         "668e33ef" "0001" "0005" "0000000000000009" "00000014" "00000001"
         "00001000" "00000000" "0000f000" "00000003")

@@ -16,7 +16,7 @@ from typing import Protocol
 from nbdserve.image import RawImage
 from nbdserve.metrics import ExportStats
 from nbdserve.protocol import constants as c
-from nbdserve.protocol.transmission import encode_extents
+from nbdserve.protocol.transmission import encode_words
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +124,10 @@ class Export:
     def block_status(self, context: str, offset: int, length: int, limit: int) -> bytes:
         """One context's extents as BLOCK_STATUS descriptors, never past the request."""
         if context == c.BASE_ALLOCATION:
-            hole = c.NBD_STATE_HOLE | c.NBD_STATE_ZERO
-            return encode_extents((run, 0 if data else hole)
-                                  for run, data in self.image.allocation(offset, length, limit))
-        if context == c.QEMU_ALLOCATION_DEPTH:
-            return encode_extents((run, 1 if data else 0)
-                                  for run, data in self.image.allocation(offset, length, limit))
+            return encode_words(self.image.allocation_words(
+                offset, length, limit, 0, c.NBD_STATE_HOLE | c.NBD_STATE_ZERO))
+        if context == c.QEMU_ALLOCATION_DEPTH:  # depth 1: in this (the only) layer
+            return encode_words(self.image.allocation_words(offset, length, limit, 1, 0))
         if self.tracker is not None:
             return self.tracker.encoded_extents(context, offset, length, limit)
         raise KeyError(context)

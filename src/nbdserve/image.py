@@ -12,6 +12,7 @@ import ctypes.util
 import errno
 import os
 import stat
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 SECTOR = 512
+SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
 _ZERO_CHUNK = bytes(1 << 20)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -156,41 +158,55 @@ class RawImage:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def allocation(self, offset: int, length: int, limit: int) -> Iterator[tuple[int, bool]]:
-        """Yield (length, is_data) runs covering [offset, offset+length), at most limit.
+        """(length, is_data) runs covering [offset, offset+length), at most limit."""
+        words = self.allocation_words(offset, length, limit, 1, 0)
+        return zip(words[0::2], map(bool, words[1::2]), strict=True)
+
+    def allocation_words(self, offset: int, length: int, limit: int, data: int,
+                         hole: int) -> array:
+        """The runs covering [offset, offset+length) as [length, flags, length, flags,
+        ...] (at most limit runs; flags are data or hole), ready to become BLOCK_STATUS
+        descriptors. Lengths must fit in 32 bits, as a request's length does.
 
         SEEK_DATA/SEEK_HOLE tell where data is; where the file system cannot say, the
-        whole range is reported as data (always a safe answer).
+        whole range is reported as data (always a safe answer). A map is mostly these
+        calls, so the loop is kept flat: two calls per hole-and-data pair, no more.
         """
+        words = array("I")
+        append = words.append
+        lseek, fd = os.lseek, self.fd
         end = offset + length
         position = offset
         count = 0
-        at_data = False  # known to be at the start of data: skip the SEEK_DATA
         while position < end and count < limit:
-            if not at_data:
-                try:
-                    data_start = os.lseek(self.fd, position, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:  # no data after position: a hole to EOF
-                        yield end - position, False
-                        return
-                    yield end - position, True
-                    return
-                if data_start > position:
-                    hole_end = min(data_start, end)
-                    yield hole_end - position, False
-                    count += 1
-                    position = hole_end
-                    at_data = True
-                    continue
-            at_data = False
             try:
-                hole_start = os.lseek(self.fd, position, os.SEEK_HOLE)
+                data_start = lseek(fd, position, SEEK_DATA)
+            except OSError as exc:
+                # ENXIO: no data after position, a hole to the end. Anything else: the
+                # file system cannot tell, so say data.
+                append(end - position)
+                append(hole if exc.errno == errno.ENXIO else data)
+                break
+            if data_start > position:
+                hole_end = min(data_start, end)
+                append(hole_end - position)
+                append(hole)
+                count += 1
+                position = hole_end
+                if position == end or count == limit:
+                    break
+            try:
+                hole_start = lseek(fd, position, SEEK_HOLE)
             except OSError:
                 hole_start = end
             data_end = min(hole_start, end)
-            yield data_end - position, True
+            if data_end <= position:
+                data_end = end  # changed between the two calls: say data (safe), stop
+            append(data_end - position)
+            append(data)
             count += 1
             position = data_end
+        return words
 
     # -- writes -----------------------------------------------------------------------
 

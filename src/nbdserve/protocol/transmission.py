@@ -9,7 +9,6 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from collections.abc import Iterable
 
 from nbdserve.protocol import constants as c
 
@@ -112,12 +111,9 @@ def offset_hole_chunk(cookie: int, offset: int, length: int, done: bool) -> byte
     )
 
 
-def encode_extents(extents: Iterable[tuple[int, int]]) -> bytes:
-    """(length, flags) pairs as the big-endian u32 descriptors of a status chunk."""
-    words = array("I")
-    for length, flags in extents:
-        words.append(length)
-        words.append(flags)
+def encode_words(words: array) -> bytes:
+    """[length, flags, length, flags, ...] (native u32) as the big-endian descriptors
+    of a status chunk. The array is byte-swapped in place."""
     if not _BIG_ENDIAN_HOST:
         words.byteswap()
     return words.tobytes()
