@@ -99,6 +99,8 @@ def test_three_exports_on_tcp_and_unix_listeners(three_exports):
     ('[tls]\nmode = "require"\n[[export]]\nimage = "x"', "tls: --tls needs --tls-cert"),
     ('[[export]]\nimage = "x"\ntls-required = true', "tls-required needs tls.mode"),
     ('max-connections = -1\n[[export]]\nimage = "x"', "max-connections: must be 0"),
+    ('poll-max-us = -1\n[[export]]\nimage = "x"', "poll-max-us: must be between 0"),
+    ('poll-max-us = 2.5\n[[export]]\nimage = "x"', "poll-max-us: expected int, got float"),
     ("", "no export"),
 ])
 def test_invalid_configuration_names_the_key(text, message):

@@ -44,6 +44,7 @@ class ServeConfig:
     metrics: tuple[str, int] | None = None
     max_connections: int = 0
     handshake_timeout: float = 10.0
+    poll_max_us: int = 50
     log_level: str = "info"
     log_format: str = "text"
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -133,7 +134,7 @@ def _get(table: dict, key: str, kind, where: str, default=None):
 # -- the file -------------------------------------------------------------------------------
 
 SERVER_KEYS = {"listen", "control", "metrics", "max-connections", "handshake-timeout",
-               "log-level", "log-format", "tls", "export"}
+               "poll-max-us", "log-level", "log-format", "tls", "export"}
 EXPORT_KEYS = {"name", "image", "description", "read-only", "max-connections",
                "tls-required", "qdb", "bitmaps", "create"}
 TLS_KEYS = {"mode", "cert", "key", "ca", "verify-client", "allow-subjects"}
@@ -176,6 +177,9 @@ def parse_config(data: dict) -> ServeConfig:
     timeout = _get(data, "handshake-timeout", float, "", 10.0)
     if timeout <= 0:
         raise ConfigError("handshake-timeout: must be positive")
+    poll_max_us = _get(data, "poll-max-us", int, "", 50)
+    if not 0 <= poll_max_us <= 10_000:
+        raise ConfigError("poll-max-us: must be between 0 (off) and 10000")
     log_level = _get(data, "log-level", str, "", "info")
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"log-level: one of {', '.join(LOG_LEVELS)}")
@@ -187,6 +191,7 @@ def parse_config(data: dict) -> ServeConfig:
     config = ServeConfig(
         listen=listen_addresses, exports=exports, control=_get(data, "control", str, ""),
         metrics=metrics_address, max_connections=max_connections, handshake_timeout=timeout,
+        poll_max_us=poll_max_us,
         log_level=log_level, log_format=log_format,
         tls=parse_tls(_get(data, "tls", dict, "", {})),
     )

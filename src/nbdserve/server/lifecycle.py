@@ -21,12 +21,14 @@ from nbdserve.metrics import start_metrics_server
 from nbdserve.protocol.options import OptionNegotiator, Session
 from nbdserve.server.handshake import Handshake
 from nbdserve.server.listener import describe
+from nbdserve.server.polling import Census
 from nbdserve.server.stream import NbdStream
 from nbdserve.server.transmission import Transmission
 from nbdserve.tls import TLS_OFF, TlsConfig
 
 log = logging.getLogger("nbdserve.server")
 
+POLL_MAX_US = 50  # longest busy-polling window (see server/polling.py); 0: never
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client may spend haggling before GO
 SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish on SIGTERM
 STATUS_INTERVAL = 1.0  # seconds between STATUS= updates to systemd
@@ -58,7 +60,8 @@ class Connection:
 class Server:
     def __init__(self, catalog: ExportCatalog, sockets: Sequence[socket.socket], *,
                  max_connections: int = 0, handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 workers: int = 8, control_path: str | None = None,
+                 workers: int = 8, poll_max_us: int = POLL_MAX_US,
+                 control_path: str | None = None,
                  tls: TlsConfig | None = None, metrics: tuple[str, int] | None = None,
                  on_reload: Callable[[], Awaitable[None]] | None = None) -> None:
         self.catalog = catalog
@@ -68,6 +71,7 @@ class Server:
         self.executor = ThreadPoolExecutor(max_workers=workers,
                                            thread_name_prefix="nbdserve-io")
         self.connections: set[Connection] = set()
+        self.census = Census(poll_max_us * 1000)
         self.active = 0  # connections holding a slot (handshake or transmission)
         self.waiting: collections.deque[Connection] = collections.deque()
         self.stopping = False
@@ -321,9 +325,10 @@ class Server:
                  session.transmission_flags,
                  "; " + ", ".join(features) if features else "")
         transmission = Transmission(stream, stream, session, self.executor, peer,
-                                    self.is_shutting_down, connection.sock)
+                                    self.is_shutting_down, connection.sock, self.census)
         connection.transmission = transmission
         export.connections += 1
+        self.census.transmitting += 1
         self.status_changed()
         held = export.hold(session.meta_contexts.values())
         try:
@@ -334,6 +339,7 @@ class Server:
         finally:
             export.release(held)
             export.connections -= 1
+            self.census.transmitting -= 1
             self.status_changed()
             log.info("%s: disconnected from export %r after %d requests", peer, export.name,
                      transmission.requests)

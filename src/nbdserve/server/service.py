@@ -95,6 +95,7 @@ class Service:
         self.server = Server(ExportCatalog(exports), sockets,
                              max_connections=config.max_connections,
                              handshake_timeout=config.handshake_timeout,
+                             poll_max_us=config.poll_max_us,
                              control_path=config.control, tls=config.tls,
                              metrics=config.metrics,
                              on_reload=self.reload if self.reload_config else None)
@@ -133,8 +134,11 @@ class Service:
         if new.tls != server.tls:
             server.set_tls(new.tls)
         logging.getLogger().setLevel(new.log_level.upper())
-        for key in ("listen", "control", "metrics"):
+        server.handshake_timeout = new.handshake_timeout
+        server.census.set_poll_max(new.poll_max_us * 1000)
+        for key in ("listen", "control", "metrics", "max_connections"):
             if getattr(new, key) != getattr(self.config, key):
-                log.warning("reload: %s changed; that takes a restart", key)
+                log.warning("reload: %s changed; that takes a restart",
+                            key.replace("_", "-"))
         self.config = new
         log.info("configuration reloaded: %d exports", len(self.settings))

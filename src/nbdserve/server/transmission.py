@@ -34,6 +34,7 @@ from nbdserve.protocol.transmission import (
     offset_hole_chunk,
     simple_reply,
 )
+from nbdserve.server.polling import Census, Poller
 from nbdserve.server.stream import NbdStream
 
 log = logging.getLogger("nbdserve.transmission")
@@ -77,7 +78,8 @@ def read_pieces(image, offset: int, length: int, sparse: bool,
 class Transmission:
     def __init__(self, reader: NbdStream, writer: NbdStream,
                  session: Session, executor: Executor, peer: str,
-                 shutting_down: Callable[[], bool], sock=None) -> None:
+                 shutting_down: Callable[[], bool], sock=None,
+                 census: Census | None = None) -> None:
         self.reader = reader
         self.writer = writer
         reader.use_transmission_buffer()
@@ -110,6 +112,10 @@ class Transmission:
         # copied. It is enlarged before the first large read (not at accept: the
         # call costs a few microseconds of every handshake).
         self.sock = sock if self.sockfd >= 0 and sock.family == socket.AF_UNIX else None
+        # Busy-polling before sleeping (see polling.py); plain sockets only, as TLS
+        # may hold decrypted bytes the socket does not show.
+        self.poller = Poller(self.sockfd, census) \
+            if census is not None and census.poll_max_ns and self.sockfd >= 0 else None
 
     # -- the request loop -----------------------------------------------------------------
 
@@ -121,7 +127,9 @@ class Transmission:
         stats = self.export.stats
         requests = stats.requests
         clock = time.perf_counter
+        clock_ns = time.perf_counter_ns
         available = self.reader.available
+        poller = self.poller
         try:
             while True:
                 if self.out and (available() < 28 or len(self.out) > 64):
@@ -129,8 +137,16 @@ class Transmission:
                 if not self.room.is_set():
                     self.flush_replies()
                     await self.room.wait()
-                magic, flags, command, cookie, offset, length = await read_struct(
-                    REQUEST_HEADER)
+                if poller is not None and available() < REQUEST_HEADER.size and \
+                        poller.allowed(bool(self.tasks) or self.transport.get_write_buffer_size()):
+                    started = clock_ns()
+                    poller.spin(started)
+                    magic, flags, command, cookie, offset, length = await read_struct(
+                        REQUEST_HEADER)
+                    poller.adapt(clock_ns() - started)
+                else:
+                    magic, flags, command, cookie, offset, length = await read_struct(
+                        REQUEST_HEADER)
                 if magic != c.NBD_REQUEST_MAGIC:
                     log.warning("%s: bad request magic 0x%x; disconnecting", self.peer, magic)
                     return
