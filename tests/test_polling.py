@@ -21,36 +21,35 @@ def pair():
     b.close()
 
 
-def poller(sock, transmitting=1) -> Poller:
-    census = Census(MAX_NS)
+def poller(sock, transmitting=1, handshaking=0) -> Poller:
+    census = Census()
     census.poll_max_ns = MAX_NS  # whatever this machine's CPU count
     census.transmitting = transmitting
-    result = Poller(sock.fileno(), census)
-    result.max_ns = MAX_NS
-    return result
+    census.handshaking = handshaking
+    return Poller(sock.fileno(), census)
 
 
 def test_window_grows_while_waits_are_short_and_stops_after_a_long_one(pair):
-    p = poller(pair[0])
-    assert p.window_ns == 0
-    p.adapt(10_000)  # a wait a window would have caught: start polling
-    assert p.window_ns == FIRST_WINDOW_NS
-    p.adapt(10_000)
-    p.adapt(10_000)
-    assert p.window_ns == 4 * FIRST_WINDOW_NS
-    p.adapt(10_000)  # caught within the window: no change
-    assert p.window_ns == 4 * FIRST_WINDOW_NS
+    census = poller(pair[0]).census
+    assert census.window_ns == 0
+    census.adapt(10_000)  # a wait a window would have caught: start polling
+    assert census.window_ns == FIRST_WINDOW_NS
+    census.adapt(10_000)
+    census.adapt(10_000)
+    assert census.window_ns == 4 * FIRST_WINDOW_NS
+    census.adapt(10_000)  # caught within the window: no change
+    assert census.window_ns == 4 * FIRST_WINDOW_NS
     for _ in range(10):
-        p.adapt(MAX_NS - 1)
-    assert p.window_ns == MAX_NS  # never past the maximum
-    p.adapt(MAX_NS + 1)  # an idle client: stop spinning at once
-    assert p.window_ns == 0
+        census.adapt(MAX_NS - 1)
+    assert census.window_ns == MAX_NS  # never past the maximum
+    census.adapt(MAX_NS + 1)  # an idle client: stop spinning at once
+    assert census.window_ns == 0
 
 
 def test_spin_returns_as_soon_as_bytes_arrive(pair):
     a, b = pair
     p = poller(a)
-    p.window_ns = 10_000_000_000  # far longer than the test may take
+    p.census.window_ns = 10_000_000_000  # far longer than the test may take
     b.send(b"x")
     started = time.perf_counter_ns()
     p.spin(started)
@@ -59,7 +58,7 @@ def test_spin_returns_as_soon_as_bytes_arrive(pair):
 
 def test_spin_gives_up_after_the_window(pair):
     p = poller(pair[0])
-    p.window_ns = 2_000_000  # 2 ms, nothing arrives
+    p.census.window_ns = 2_000_000  # 2 ms, nothing arrives
     started = time.perf_counter_ns()
     p.spin(started)
     assert time.perf_counter_ns() - started >= 2_000_000
@@ -69,6 +68,8 @@ def test_no_polling_with_other_connections_or_work_in_flight(pair):
     assert poller(pair[0]).allowed(busy=False)
     assert not poller(pair[0]).allowed(busy=True)  # tasks or queued output need the loop
     assert not poller(pair[0], transmitting=2).allowed(busy=False)
+    assert not poller(pair[0], handshaking=1).allowed(busy=False)
+    assert poller(pair[0], transmitting=0, handshaking=1).allowed(busy=False)
 
 
 def test_one_cpu_never_polls(monkeypatch):

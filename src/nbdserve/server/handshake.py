@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Callable
 
 from nbdserve.protocol import constants as c
@@ -23,6 +24,7 @@ from nbdserve.protocol.options import (
     ProtocolViolation,
     Session,
 )
+from nbdserve.server.polling import Poller
 from nbdserve.server.stream import NbdStream
 from nbdserve.tls import TlsConfig, subject_allowed, subject_string
 
@@ -37,8 +39,11 @@ class Handshake:
 
     def __init__(self, stream: NbdStream, negotiator: OptionNegotiator, peer: str,
                  on_done: Callable[[Session | None], None], tls: TlsConfig | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 poller: Poller | None = None) -> None:
         self.stream = stream
+        self.poller = poller  # busy-polls between round trips (polling.py)
+        self.waiting_since = 0
         self.negotiator = negotiator
         self.peer = peer
         self.on_done = on_done
@@ -55,11 +60,20 @@ class Handshake:
 
     def feed(self) -> None:
         """Handle every complete message received so far."""
+        poller = self.poller
+        if poller is not None and self.waiting_since:
+            poller.adapt(time.perf_counter_ns() - self.waiting_since)
+            self.waiting_since = 0
         try:
             self._feed()
         except Exception:  # a bug must cost one connection, never the server
             log.exception("%s: handshake failed", self.peer)
             self.finish(None)
+            return
+        if poller is not None and self.stream.consumer is not None and \
+                poller.allowed(self.stream.transport.get_write_buffer_size() > 0):
+            self.waiting_since = time.perf_counter_ns()
+            poller.spin(self.waiting_since)
 
     def _feed(self) -> None:
         stream = self.stream
@@ -101,6 +115,7 @@ class Handshake:
                 continue
             if outcome is Outcome.STARTTLS:
                 stream.consumer = None
+                self.poller = None  # TLS may hold bytes the socket does not show
                 self.tls_task = asyncio.get_running_loop().create_task(self._start_tls())
                 return
             if outcome is Outcome.TRANSMISSION:

@@ -21,7 +21,7 @@ from nbdserve.metrics import start_metrics_server
 from nbdserve.protocol.options import OptionNegotiator, Session
 from nbdserve.server.handshake import Handshake
 from nbdserve.server.listener import describe
-from nbdserve.server.polling import Census
+from nbdserve.server.polling import Census, Poller
 from nbdserve.server.stream import NbdStream
 from nbdserve.server.transmission import Transmission
 from nbdserve.tls import TLS_OFF, TlsConfig
@@ -50,6 +50,7 @@ class Connection:
         self.timer: asyncio.TimerHandle | None = None  # the handshake's deadline
         self.has_slot = False  # counted against max_connections
         self.lost: asyncio.Future | None = None  # set when the client is gone
+        self.poller: Poller | None = None  # busy-polling its socket (polling.py)
 
     def wait_lost(self) -> asyncio.Future:
         if self.lost is None:
@@ -254,9 +255,14 @@ class Server:
         stream = connection.writer
         negotiator = OptionNegotiator(self.catalog, shutting_down=self.is_shutting_down,
                                       tls_mode=self.tls.mode)
+        sock = connection.sock
+        if self.census.poll_max_ns and sock is not None:
+            connection.poller = Poller(sock.fileno(), self.census)
+        self.census.handshaking += 1
         connection.handshake = Handshake(
             stream, negotiator, connection.peer,
-            functools.partial(self.handshake_done, connection), self.tls, self.ssl_context)
+            functools.partial(self.handshake_done, connection), self.tls, self.ssl_context,
+            connection.poller)
         connection.timer = asyncio.get_running_loop().call_later(
             self.handshake_timeout, self.handshake_expired, connection)
         connection.handshake.start()
@@ -269,6 +275,7 @@ class Server:
     def handshake_done(self, connection: Connection, session: Session | None) -> None:
         connection.timer.cancel()
         connection.handshake = None
+        self.census.handshaking -= 1
         if session is None:
             connection.writer.close()
             return
@@ -282,6 +289,7 @@ class Server:
             log.debug("%s: client left during the handshake", connection.peer)
             connection.handshake.abandon()
             connection.handshake = None
+            self.census.handshaking -= 1
         self.connections.discard(connection)
         if connection.lost is not None and not connection.lost.done():
             connection.lost.set_result(None)
@@ -325,7 +333,8 @@ class Server:
                  session.transmission_flags,
                  "; " + ", ".join(features) if features else "")
         transmission = Transmission(stream, stream, session, self.executor, peer,
-                                    self.is_shutting_down, connection.sock, self.census)
+                                    self.is_shutting_down, connection.sock,
+                                    None if session.tls else connection.poller)
         connection.transmission = transmission
         export.connections += 1
         self.census.transmitting += 1

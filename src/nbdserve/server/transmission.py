@@ -34,7 +34,7 @@ from nbdserve.protocol.transmission import (
     offset_hole_chunk,
     simple_reply,
 )
-from nbdserve.server.polling import Census, Poller
+from nbdserve.server.polling import Poller
 from nbdserve.server.stream import NbdStream
 
 log = logging.getLogger("nbdserve.transmission")
@@ -79,7 +79,7 @@ class Transmission:
     def __init__(self, reader: NbdStream, writer: NbdStream,
                  session: Session, executor: Executor, peer: str,
                  shutting_down: Callable[[], bool], sock=None,
-                 census: Census | None = None) -> None:
+                 poller: Poller | None = None) -> None:
         self.reader = reader
         self.writer = writer
         reader.use_transmission_buffer()
@@ -114,8 +114,7 @@ class Transmission:
         self.sock = sock if self.sockfd >= 0 and sock.family == socket.AF_UNIX else None
         # Busy-polling before sleeping (see polling.py); plain sockets only, as TLS
         # may hold decrypted bytes the socket does not show.
-        self.poller = Poller(self.sockfd, census) \
-            if census is not None and census.poll_max_ns and self.sockfd >= 0 else None
+        self.poller = poller if self.sockfd >= 0 else None
 
     # -- the request loop -----------------------------------------------------------------
 
