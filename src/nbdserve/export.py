@@ -90,8 +90,7 @@ class Export:
         before the data moves so that a crash between the two can only over-report. A
         failed request still marks: over-reporting is always safe.
         """
-        if self.tracker is not None and length:
-            self.tracker.mark_dirty(offset, length)
+        self.mark(offset, length)
         image = self.image
         if command == c.NBD_CMD_WRITE:
             image.pwritev(offset, payload)
@@ -102,6 +101,12 @@ class Export:
             image.punch_hole(offset, length)
         else:
             raise ValueError(f"command {command} does not change the image")
+
+    def mark(self, offset: int, length: int) -> None:
+        """The one place where changes are recorded in the bitmaps. Every write path
+        (change() here, and spliced WRITEs) calls it before the image changes."""
+        if self.tracker is not None and length:
+            self.tracker.mark_dirty(offset, length)
 
     def _write_zeroes(self, offset: int, length: int, flags: int) -> None:
         image = self.image

@@ -171,6 +171,15 @@ class NbdStream(asyncio.BufferedProtocol):
         """Bytes received and not yet read: what can be read without waiting."""
         return self._end - self._start
 
+    def pause_reading(self) -> None:
+        """Stop receiving from the socket (someone else reads it for a while)."""
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def take(self, n: int) -> bytes:
         """n bytes that have arrived (check available() first), for callbacks."""
         if self._end - self._start < n:
@@ -178,6 +187,14 @@ class NbdStream(asyncio.BufferedProtocol):
         data = bytes(self._buf[self._start:self._start + n])
         self._consume(n)
         return data
+
+    def take_view(self, n: int) -> memoryview:
+        """Like take(), without a copy: valid until control returns to the loop."""
+        if self._end - self._start < n:
+            raise ValueError(f"{n} bytes wanted, {self._end - self._start} available")
+        view = memoryview(self._buf)[self._start:self._start + n]
+        self._consume(n)
+        return view
 
     def peek_struct(self, layout: struct.Struct) -> tuple | None:
         """The next fixed-size record if it has arrived, without consuming it."""

@@ -35,10 +35,12 @@ from nbdserve.protocol.transmission import (
     simple_reply,
 )
 from nbdserve.server.polling import Poller
+from nbdserve.server.splice import SocketSplicer
 from nbdserve.server.stream import NbdStream
 
 log = logging.getLogger("nbdserve.transmission")
 
+SPLICE_MIN = 64 << 10  # WRITEs with this much payload still on the socket are spliced
 INLINE_READ_MAX = 1 << 20  # larger reads go to a worker thread
 SENDFILE_MIN = 64 << 10  # data runs at least this long go out with sendfile(2)
 SPARSE_READ_MIN = 64 << 10  # reads at least this long look for holes (OFFSET_HOLE)
@@ -115,6 +117,7 @@ class Transmission:
         # Busy-polling before sleeping (see polling.py); plain sockets only, as TLS
         # may hold decrypted bytes the socket does not show.
         self.poller = poller if self.sockfd >= 0 else None
+        self.splicer = SocketSplicer(self.sockfd) if self.sockfd >= 0 else None
 
     # -- the request loop -----------------------------------------------------------------
 
@@ -158,6 +161,11 @@ class Transmission:
                         return
                     if self.out and available() < length:
                         self.flush_replies()
+                    if (self.splicer is not None and length - available() >= SPLICE_MIN
+                            and not self.shutting_down()
+                            and not validator.check(command, flags, offset, length)[0]):
+                        await self.write_spliced(flags, cookie, offset, length)
+                        continue
                     payload = await read_payload(length)
                 elif command == c.NBD_CMD_DISC:
                     log.debug("%s: client disconnected (DISC)", self.peer)
@@ -187,6 +195,43 @@ class Transmission:
         finally:
             self.flush_replies()
             await self.finish_inflight()
+            if self.splicer is not None:
+                self.splicer.close()
+
+    async def write_spliced(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        """A valid WRITE whose payload is mostly still on the socket: marked, then
+        moved into the image with splice(2) (see splice.py)."""
+        export = self.export
+        stats = export.stats
+        self.requests += 1
+        stats.requests[c.NBD_CMD_WRITE] += 1
+        stats.bytes_written += length
+        started = time.perf_counter() if stats.timing else 0.0
+        export.mark(offset, length)  # before any byte of the image changes
+        head = self.reader.take_view(min(length, self.reader.available()))
+        error: OSError | None = None
+        try:
+            export.image.pwrite(offset, head)
+        except OSError as exc:
+            error = exc
+        self.reader.pause_reading()
+        try:
+            error = await self.splicer.receive(export.image.fd, offset + len(head),
+                                               length - len(head), error)
+        finally:
+            self.reader.resume_reading()
+        if error is not None:
+            self.send_error(c.NBD_CMD_WRITE, cookie, nbd_error(error),
+                            error.strerror or "write")
+        elif flags & c.NBD_CMD_FLAG_FUA:
+            self.started = started
+            self.spawn(self.in_thread(c.NBD_CMD_WRITE, cookie, export.flush), 0)
+            self.spawned = False
+            return
+        else:
+            self.out.append(simple_reply(cookie))
+        if started:
+            stats.observe(time.perf_counter() - started)
 
     def dispatch(self, command: int, flags: int, cookie: int, offset: int, length: int,
                  payload: tuple[memoryview, ...] | None) -> None:

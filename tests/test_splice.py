@@ -1,0 +1,103 @@
+"""Large WRITEs take the splice(2) path (socket -> pipe -> image): bytes, bitmaps,
+errors and hang-ups must be exactly as on the ordinary path."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import struct
+
+import pytest
+
+from nbdserve.client import NbdClient, NbdError
+from nbdserve.protocol import constants as c
+
+MiB = 1 << 20
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def any_server(request, image, start_server):
+    return start_server(image, unix=request.param == "unix")
+
+
+async def test_large_writes_land_whole(any_server, image):
+    client = await NbdClient.connect(**any_server.client_args())
+    writes = [(0, 100 * 1024), (3 * MiB + 512, MiB), (8 * MiB, 4 * MiB + 512),
+              (20 * MiB, 32 * MiB)]  # the largest payload a client may send
+    expected = bytearray(64 * MiB)
+    for offset, length in writes:
+        data = os.urandom(length)
+        await client.write(offset, data)
+        expected[offset:offset + length] = data
+    await client.flush()
+    for offset, length in writes:
+        assert await client.read(offset, min(length, 8 * MiB)) == \
+            bytes(expected[offset:offset + min(length, 8 * MiB)])
+    await client.disconnect()
+    assert image.read_bytes() == bytes(expected)
+
+
+async def test_pipelined_large_and_small_writes_keep_their_order(any_server, image):
+    client = await NbdClient.connect(**any_server.client_args())
+    big, small = os.urandom(2 * MiB), os.urandom(4096)
+    # The small write lands inside the big one and is sent after it: it must win.
+    futures = [client._submit(c.NBD_CMD_WRITE, MiB, len(big), 0, big),
+               client._submit(c.NBD_CMD_WRITE, MiB + 8192, len(small), 0, small)]
+    for future in futures:
+        await future
+    await client.disconnect()
+    disk = image.read_bytes()
+    assert disk[MiB:MiB + 8192] == big[:8192]
+    assert disk[MiB + 8192:MiB + 8192 + 4096] == small
+    assert disk[MiB + 12288:3 * MiB] == big[12288:]
+
+
+async def test_spliced_writes_are_recorded_in_bitmaps(image, start_server):
+    server = start_server(image, "--bitmap", "b0")
+    client = await NbdClient.connect(**server.client_args(),
+                                     meta_contexts=["qemu:dirty-bitmap:b0"])
+    await client.write(5 * MiB, os.urandom(2 * MiB))
+    descriptors = (await client.block_status(0, 16 * MiB))["qemu:dirty-bitmap:b0"]
+    dirty, position = [], 0
+    for length, flags in descriptors:
+        if flags & 1:
+            dirty.append((position, length))
+        position += length
+    assert dirty == [(5 * MiB, 2 * MiB)]
+    await client.disconnect()
+
+
+@pytest.mark.parametrize("offset", [14 * MiB, 16 * MiB + 512],
+                         ids=["crossing-the-limit", "past-the-limit"])
+async def test_an_image_error_mid_payload_keeps_the_connection_in_step(any_server, offset):
+    # Writes past 16 MiB fail with EFBIG (ENOSPC on the wire) once the limit is set.
+    resource.prlimit(any_server.proc.pid, resource.RLIMIT_FSIZE, (16 * MiB, 16 * MiB))
+    client = await NbdClient.connect(**any_server.client_args())
+    with pytest.raises(NbdError) as failure:
+        await client.write(offset, os.urandom(4 * MiB))
+    assert failure.value.error == c.NBD_ENOSPC
+    data = os.urandom(MiB)
+    await client.write(MiB, data)  # the stream is intact: the next requests work
+    assert await client.read(MiB, MiB) == data
+    await client.disconnect()
+    assert any_server.proc.poll() is None
+
+
+async def test_client_hanging_up_mid_payload_costs_only_its_connection(any_server, image):
+    if any_server.unix:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(any_server.unix))
+    else:
+        sock = socket.create_connection((any_server.host, any_server.port))
+    with sock:
+        assert sock.recv(18, socket.MSG_WAITALL)[:8] == b"NBDMAGIC"
+        sock.sendall(struct.pack(">I", 3) + struct.pack(">QII", c.IHAVEOPT,
+                                                        c.NBD_OPT_EXPORT_NAME, 0))
+        sock.recv(10, socket.MSG_WAITALL)
+        sock.sendall(struct.pack(">IHHQQI", c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_WRITE, 1,
+                                 0, 4 * MiB) + os.urandom(300 * 1024))
+    any_server.wait_for_log("client closed the connection|connection lost|disconnected")
+    client = await NbdClient.connect(**any_server.client_args())
+    assert await client.read(32 * MiB, 4096) == bytes(4096)
+    await client.disconnect()
