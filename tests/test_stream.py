@@ -12,8 +12,16 @@ from nbdserve.server.stream import NbdStream
 
 
 class FakeTransport:
+    reading = True
+
     def get_extra_info(self, name, default=None):
         return default
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
 
     def close(self) -> None:
         pass
@@ -136,3 +144,32 @@ async def test_eof_in_the_middle_of_a_payload():
     with pytest.raises(asyncio.IncompleteReadError):
         await stream.read_payload(1 << 20)
     await closer
+
+
+async def test_a_reader_that_falls_behind_pauses_receiving_instead_of_growing():
+    stream = await open_stream()
+    transport = stream.transport
+    requests = os.urandom(stream_module.HIGH_WATER + 4096)
+    receive(stream, requests, step=16384)
+    assert not transport.reading  # the event loop would otherwise keep reading
+    assert len(stream._buf) == stream_module.BUFFER_SIZE
+    taken = 0
+    while transport.reading is False:
+        assert await stream.readexactly(28) == requests[taken:taken + 28]
+        taken += 28
+    assert len(requests) - taken < stream_module.LOW_WATER  # resumed once caught up
+    assert await stream.readexactly(len(requests) - taken) == requests[taken:]
+
+
+async def test_no_pause_while_the_reader_needs_more_than_has_arrived():
+    stream = await open_stream()
+    big = os.urandom(2 * stream_module.BUFFER_SIZE)
+
+    async def feed() -> None:
+        await asyncio.sleep(0)
+        receive(stream, big, step=16384)
+
+    feeder = asyncio.create_task(feed())
+    assert await stream.readexactly(len(big)) == big  # the buffer grows for it
+    assert stream.transport.reading
+    await feeder

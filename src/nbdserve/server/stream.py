@@ -19,6 +19,9 @@ BUFFER_SIZE = 256 << 10  # for transmission (see use_transmission_buffer)
 MIN_FREE = 64 << 10
 HANDSHAKE_BUFFER = 4 << 10  # options are small: a connection starts small and cheap
 HANDSHAKE_MIN_FREE = 1 << 10
+HIGH_WATER = BUFFER_SIZE - MIN_FREE  # unread bytes at which receiving pauses...
+LOW_WATER = BUFFER_SIZE // 4  # ...until the reader has brought them below this
+_BEHIND, _HANDED_OVER, _REPLIES = 1, 2, 4  # reasons for not reading the socket
 POOL_MAX = 32  # receive buffers kept for later connections (8 MiB)
 _POOL: list[bytearray] = []
 SPARE_MAX = 4 << 20  # payloads up to this size reuse one buffer per connection
@@ -47,6 +50,7 @@ class NbdStream(asyncio.BufferedProtocol):
         self._closed: BaseException | None = None
         self._eof = False
         self._write_paused = False
+        self._paused = 0  # _BEHIND | _HANDED_OVER | _REPLIES
         self._drain_waiters: list[asyncio.Future] = []
 
     # -- asyncio.BufferedProtocol -----------------------------------------------------------
@@ -83,8 +87,15 @@ class NbdStream(asyncio.BufferedProtocol):
         self._end += nbytes
         if self.consumer is not None:
             self.consumer()
-        elif self._end - self._start >= self._wanted:
+            return
+        unread = self._end - self._start
+        if unread >= self._wanted:
             self._wake()
+            if unread >= HIGH_WATER:
+                # The reader has not caught up: stop receiving until it has, rather
+                # than grow the buffer (the event loop may read many times before
+                # the reader gets a turn).
+                self._pause(_BEHIND)
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -104,10 +115,10 @@ class NbdStream(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        if self.consumer is not None and not self.transport.is_closing():
+        if self.consumer is not None:
             # A client that sends faster than it reads the replies: stop taking its
             # bytes until the replies have gone out.
-            self.transport.pause_reading()
+            self._pause(_REPLIES)
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -115,9 +126,23 @@ class NbdStream(asyncio.BufferedProtocol):
             if not waiter.done():
                 waiter.set_result(None)
         self._drain_waiters.clear()
-        if self.consumer is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-            self.consumer()
+        if self._paused & _REPLIES:
+            self._resume(_REPLIES)
+            if self.consumer is not None:
+                self.consumer()
+
+    # -- why the transport is not read from: a bit per reason --------------------------------
+
+    def _pause(self, reason: int) -> None:
+        if not self._paused and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if self._paused & reason:
+            self._paused &= ~reason
+            if not self._paused and not self.transport.is_closing():
+                self.transport.resume_reading()
 
     @property
     def write_paused(self) -> bool:
@@ -173,12 +198,10 @@ class NbdStream(asyncio.BufferedProtocol):
 
     def pause_reading(self) -> None:
         """Stop receiving from the socket (someone else reads it for a while)."""
-        if not self.transport.is_closing():
-            self.transport.pause_reading()
+        self._pause(_HANDED_OVER)
 
     def resume_reading(self) -> None:
-        if not self.transport.is_closing():
-            self.transport.resume_reading()
+        self._resume(_HANDED_OVER)
 
     def take(self, n: int) -> bytes:
         """n bytes that have arrived (check available() first), for callbacks."""
@@ -258,6 +281,8 @@ class NbdStream(asyncio.BufferedProtocol):
         self._start += n
         if self._start == self._end:
             self._start = self._end = 0
+        if self._paused & _BEHIND and self._end - self._start < LOW_WATER:
+            self._resume(_BEHIND)
 
     # -- writing (the StreamWriter surface the handshake uses) ---------------------------------
 
