@@ -10,6 +10,8 @@ from bitarray import bitarray
 
 from nbdserve.bitmaps.bitmap import BitmapError, DirtyBitmap, granularity_bits
 from nbdserve.bitmaps.journal import (
+    INITIAL_SIZE,
+    Journal,
     JournalError,
     encode_header,
     encode_record,
@@ -293,6 +295,31 @@ def test_journal_round_trip_and_torn_tail(tmp_path):
     assert counter == 3
     assert [(r.generation, r.first_granule, r.granules) for r in found] == [(7, 10, 2),
                                                                            (8, 0, 1)]
+
+
+def test_mapped_journal_grows_and_reads_back_every_record(tmp_path):
+    path = tmp_path / "j"
+    journal = Journal(str(path))
+    journal.reset(5)
+    count = 3 * INITIAL_SIZE // 32  # well past the first allocation
+    for index in range(count):
+        journal.append(encode_record(index, index * 2, 1))
+    journal.sync()
+    assert path.stat().st_size >= (count + 1) * 32  # allocated ahead, zero-filled
+    counter, found = read_journal(str(path))  # read while still open and mapped
+    journal.close()
+    assert counter == 5
+    assert [(r.generation, r.first_granule) for r in found] == \
+        [(index, index * 2) for index in range(count)]
+
+
+def test_torn_record_before_the_zeroed_tail_is_ignored(tmp_path):
+    path = tmp_path / "j"
+    torn = bytearray(encode_record(9, 1, 1))
+    torn[24:] = bytes(8)  # killed before the checksum was stored
+    path.write_bytes(encode_header(3) + encode_record(7, 10, 2) + bytes(torn) + bytes(4096))
+    assert [(r.generation, r.first_granule) for r in read_journal(str(path))[1]] == \
+        [(7, 10)]
 
 
 def test_journal_with_a_damaged_middle_record_is_unusable(tmp_path):

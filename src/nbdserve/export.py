@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 class DirtyTracker(Protocol):
     """What the export needs from the bitmaps (nbdserve.bitmaps implements it)."""
 
+    epoch: int  # changes whenever bits may have been reset (clear, checkpoint, ...)
+
     def mark_dirty(self, offset: int, length: int) -> None: ...
 
     def make_durable(self) -> None: ...
@@ -90,23 +92,40 @@ class Export:
         before the data moves so that a crash between the two can only over-report. A
         failed request still marks: over-reporting is always safe.
         """
-        self.mark(offset, length)
+        epoch = self.mark(offset, length)
         image = self.image
-        if command == c.NBD_CMD_WRITE:
-            image.pwritev(offset, payload)
-        elif command == c.NBD_CMD_WRITE_ZEROES:
-            self._write_zeroes(offset, length, flags)
-        elif command == c.NBD_CMD_TRIM:
-            # A hint; punching changes what reads return, hence the mark above.
-            image.punch_hole(offset, length)
-        else:
-            raise ValueError(f"command {command} does not change the image")
+        try:
+            if command == c.NBD_CMD_WRITE:
+                image.pwritev(offset, payload)
+            elif command == c.NBD_CMD_WRITE_ZEROES:
+                self._write_zeroes(offset, length, flags)
+            elif command == c.NBD_CMD_TRIM:
+                # A hint; punching changes what reads return, hence the mark above.
+                image.punch_hole(offset, length)
+            else:
+                raise ValueError(f"command {command} does not change the image")
+        finally:
+            self.confirm(epoch, offset, length)
 
-    def mark(self, offset: int, length: int) -> None:
+    def mark(self, offset: int, length: int) -> int:
         """The one place where changes are recorded in the bitmaps. Every write path
-        (change() here, and spliced WRITEs) calls it before the image changes."""
-        if self.tracker is not None and length:
-            self.tracker.mark_dirty(offset, length)
+        (change() here, and spliced WRITEs) calls it before the image changes, then
+        confirm() once the data is written. Returns what confirm() needs."""
+        tracker = self.tracker
+        if tracker is None:
+            return 0
+        epoch = tracker.epoch
+        if length:
+            tracker.mark_dirty(offset, length)
+        return epoch
+
+    def confirm(self, epoch: int, offset: int, length: int) -> None:
+        """After the data moved: if bitmaps were reset meanwhile (a clear or a
+        checkpoint racing with this write), record the write again, in the new
+        epoch. Without this the new bitmap could miss a write that landed after it."""
+        tracker = self.tracker
+        if tracker is not None and tracker.epoch != epoch and length:
+            tracker.mark_dirty(offset, length)
 
     def _write_zeroes(self, offset: int, length: int, flags: int) -> None:
         image = self.image

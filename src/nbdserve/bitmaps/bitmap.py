@@ -99,9 +99,6 @@ class DirtyBitmap:
         shift = self.granularity_bits
         return offset >> shift, ((offset + length - 1) >> shift) + 1
 
-    def has_clean(self, first: int, stop: int) -> bool:
-        return self.bits.count(0, first, stop) > 0
-
     def set_granules(self, first: int, stop: int) -> None:
         self.bits[first:stop] = 1
 

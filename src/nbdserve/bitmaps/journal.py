@@ -1,12 +1,18 @@
 """The crash journal beside a QDB file (dm-era's rule).
 
 Before the first write to a clean granule is acknowledged, a record naming the newly
-dirty granules is appended here with one write(2). The record reaches the kernel before
-the data does, so a killed process loses nothing; it is fdatasync'ed before any FLUSH
-or FUA reply, so it is durable no later than the data it covers. At start-up the
-records are replayed onto the bitmaps of the QDB file, which is then saved anew.
+dirty granules is stored here. The file is mapped shared (mmap), so the record is in the
+kernel's page cache the moment it is stored, before the data is written: a killed
+process loses nothing, and a record costs no system call (a write(2) per record was
+half the cost of dirty tracking). The journal is fdatasync'ed before any FLUSH or FUA
+reply, which writes mapped pages back too, so it is durable no later than the data it
+covers. At start-up the records are replayed onto the bitmaps of the QDB file, which is
+then saved anew.
 
-Layout (big-endian): a 32-byte header, then 32-byte records.
+The file is allocated ahead (fallocate, so that a full disk is an error at growth and
+never a fault on a mapped page); the records end at the first all-zero record.
+
+Layout (big-endian): a 32-byte header, then 32-byte records, then zeros.
   header: magic "QDBJ", u32 version 1, u64 save_counter (the QDB save it extends),
           u64 reserved 0, u32 CRC-32 of the preceding 24 bytes, u32 reserved 0
   record: u64 bitmap generation, u64 first granule, u64 granule count,
@@ -15,6 +21,7 @@ Layout (big-endian): a 32-byte header, then 32-byte records.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import zlib
@@ -28,6 +35,8 @@ HEADER = struct.Struct(">4sIQQII")
 RECORD = struct.Struct(">QQQII")
 RECORD_BODY = struct.Struct(">QQQ")
 assert HEADER.size == RECORD.size == 32
+_ZERO_RECORD = bytes(RECORD.size)
+INITIAL_SIZE = 64 << 10  # bytes allocated at first; doubled when full
 
 
 class JournalError(Exception):
@@ -42,8 +51,8 @@ class JournalRecord:
 
 
 def encode_record(generation: int, first: int, count: int) -> bytes:
-    body = RECORD_BODY.pack(generation, first, count)
-    return body + struct.pack(">II", zlib.crc32(body) & 0xFFFFFFFF, 0)
+    crc = zlib.crc32(RECORD_BODY.pack(generation, first, count))
+    return RECORD.pack(generation, first, count, crc, 0)
 
 
 def encode_header(save_counter: int) -> bytes:
@@ -71,9 +80,11 @@ def read_journal(path: str) -> tuple[int, list[JournalRecord]]:
     whole = len(body) // RECORD.size
     for index in range(whole):
         chunk = body[index * RECORD.size : (index + 1) * RECORD.size]
+        if chunk == _ZERO_RECORD:
+            break  # the allocated space after the last record
         generation, first, count, crc, reserved = RECORD.unpack(chunk)
         if zlib.crc32(chunk[:24]) & 0xFFFFFFFF != crc or reserved:
-            if index == whole - 1:
+            if not body[(index + 1) * RECORD.size:].strip(b"\0"):
                 break  # a torn final record was never acknowledged
             raise JournalError(f"journal record {index} is corrupted")
         records.append(JournalRecord(generation, first, count))
@@ -86,27 +97,43 @@ class Journal:
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd = -1
+        self.map: mmap.mmap | None = None
+        self.end = 0  # where the next record goes
         self.unsynced = False
 
     def reset(self, save_counter: int) -> None:
         """Start an empty journal that extends the QDB save `save_counter`."""
         replace_atomically(self.path, encode_header(save_counter))
         self.close()
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        self.end = HEADER.size
+        self._grow(INITIAL_SIZE)
         self.unsynced = False
 
     def append(self, records: bytes) -> None:
-        view = memoryview(records)
-        while view:
-            view = view[os.write(self.fd, view):]
+        end = self.end + len(records)
+        if end > len(self.map):
+            self._grow(max(2 * len(self.map), end))
+        self.map[self.end:end] = records
+        self.end = end
         self.unsynced = True
+
+    def _grow(self, size: int) -> None:
+        size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+        os.posix_fallocate(self.fd, 0, size)  # ENOSPC here, not SIGBUS on a store
+        if self.map is not None:
+            self.map.close()
+        self.map = mmap.mmap(self.fd, size)
 
     def sync(self) -> None:
         if self.unsynced and self.fd >= 0:
             self.unsynced = False
-            os.fdatasync(self.fd)
+            os.fdatasync(self.fd)  # mapped pages included
 
     def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

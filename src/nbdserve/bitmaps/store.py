@@ -89,6 +89,7 @@ class BitmapStore:
         # Recording bitmaps grouped by granularity, each group with a summary whose
         # bit is set where every member is already dirty (see _refresh).
         self._groups: list[tuple[int, list[DirtyBitmap], bitarray]] = []
+        self.epoch = 0  # bumped whenever bits may have been reset (see mark_dirty)
         self._lock_fd = -1
         self._unreadable = ""  # why the QDB file could not be read, when it could not
         self.closed = False
@@ -233,12 +234,14 @@ class BitmapStore:
         for bitmap in self.bitmaps.values():
             if bitmap.recording and not bitmap.inconsistent:
                 groups.setdefault(bitmap.granularity_bits, []).append(bitmap)
-        self._groups = []
+        rebuilt = []
         for shift, members in groups.items():
             summary = members[0].bits.copy()
             for other in members[1:]:
                 summary &= other.bits
-            self._groups.append((shift, members, summary))
+            rebuilt.append((shift, members, summary))
+        self._groups = rebuilt  # one assignment: mark_dirty reads it without the lock
+        self.epoch += 1
 
     # -- the export's DirtyTracker -------------------------------------------------------
 
@@ -247,20 +250,33 @@ class BitmapStore:
 
         The journal record is written before the bits are set and before the caller
         writes data, so a process killed at any point never loses an acknowledged write.
+
+        The common case, granules already dirty everywhere, is a summary test without
+        the lock. Racing with a clear or a checkpoint (which reset bits, then bump
+        `epoch`) is the caller's to settle: it reads `epoch` before marking and marks
+        again if it changed by the time its data is written (Export.change).
         """
         last = offset + length - 1
+        for shift, _members, summary in self._groups:
+            first, stop = offset >> shift, (last >> shift) + 1
+            if not (summary[first] if stop - first == 1 else not summary.count(0, first, stop)):
+                break  # something to record: do it all under the lock
+        else:
+            return
         with self.lock:
+            journal = self.journal
             for shift, members, summary in self._groups:
                 first, stop = offset >> shift, (last >> shift) + 1
-                if summary[first] if stop - first == 1 else not summary.count(0, first, stop):
+                one = stop - first == 1
+                if summary[first] if one else not summary.count(0, first, stop):
                     continue  # already dirty in every member: nothing to do
-                records = b"".join(
-                    encode_record(b.generation, first, stop - first)
-                    for b in members if b.has_clean(first, stop))
-                if records and self.journal.fd >= 0:
-                    self.journal.append(records)
+                records = [encode_record(b.generation, first, stop - first)
+                           for b in members
+                           if (not b.bits[first] if one else b.bits.count(0, first, stop))]
+                if records and journal.fd >= 0:
+                    journal.append(b"".join(records))  # before any bit is set
                 for bitmap in members:
-                    bitmap.set_granules(first, stop)
+                    bitmap.bits[first:stop] = 1
                 summary[first:stop] = 1
 
     def make_durable(self) -> None:

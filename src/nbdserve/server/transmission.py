@@ -207,7 +207,7 @@ class Transmission:
         stats.requests[c.NBD_CMD_WRITE] += 1
         stats.bytes_written += length
         started = time.perf_counter() if stats.timing else 0.0
-        export.mark(offset, length)  # before any byte of the image changes
+        epoch = export.mark(offset, length)  # before any byte of the image changes
         head = self.reader.take_view(min(length, self.reader.available()))
         error: OSError | None = None
         try:
@@ -220,6 +220,7 @@ class Transmission:
                                                length - len(head), error)
         finally:
             self.reader.resume_reading()
+            export.confirm(epoch, offset, length)
         if error is not None:
             self.send_error(c.NBD_CMD_WRITE, cookie, nbd_error(error),
                             error.strerror or "write")
