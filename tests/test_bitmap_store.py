@@ -232,3 +232,30 @@ def test_a_full_disk_during_a_save_keeps_the_previous_file(raw, monkeypatch, fai
     assert info(store, "b0")["count"] == 2 * 65536 and not info(store, "b0")["inconsistent"]
     store.close()
     assert before  # the pre-crash file existed
+
+
+@pytest.mark.parametrize("action", ["bitmap-clear", "checkpoint"])
+def test_a_write_racing_with_a_reset_is_recorded_in_the_new_epoch(raw, action):
+    """A clear (or a checkpoint's new bitmap) that lands between a write's marking and
+    its data must not leave the write unrecorded."""
+    from nbdserve.export import Export, ExportConfig
+    from nbdserve.protocol import constants as c
+
+    store = open_store(raw, ("b0",))
+    store.mark_dirty(0, 64 * 1024)  # granule 0 is dirty: the write's mark is a no-op
+    export = Export(ExportConfig("", raw.path), raw, store)
+    write = raw.pwritev
+
+    def reset_then_write(offset, buffers):
+        if action == "bitmap-clear":
+            store.execute("bitmap-clear", {"name": "b0"})
+        else:
+            store.execute("bitmap-add", {"name": "b1"})
+        write(offset, buffers)
+
+    raw.pwritev = reset_then_write
+    export.change(c.NBD_CMD_WRITE, 4096, 4096, 0, (bytes(4096),))
+    name = "b0" if action == "bitmap-clear" else "b1"
+    assert store.encoded_extents(f"qemu:dirty-bitmap:{name}", 0, 65536, 10) == \
+        encode_words(array("I", [65536, 1]))
+    store.close()
