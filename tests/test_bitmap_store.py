@@ -259,3 +259,15 @@ def test_a_write_racing_with_a_reset_is_recorded_in_the_new_epoch(raw, action):
     assert store.encoded_extents(f"qemu:dirty-bitmap:{name}", 0, 65536, 10) == \
         encode_words(array("I", [65536, 1]))
     store.close()
+
+
+def test_group_records_replay_onto_the_recording_bitmaps_of_their_granularity(raw):
+    store = open_store(raw, ("b0",), ("fine", 4096), ("frozen",))
+    store.execute("bitmap-disable", {"name": "frozen"})
+    store.mark_dirty(3 * MiB, 100)  # one group record per granularity
+    crash(store)
+    store = open_store(raw)
+    dirty = {b["name"]: b["count"] for b in store.query()}
+    assert dirty == {"b0": 65536, "fine": 4096, "frozen": 0}
+    assert not any(b["inconsistent"] for b in store.query())
+    store.close()

@@ -13,6 +13,7 @@ from nbdserve.bitmaps.journal import (
     INITIAL_SIZE,
     Journal,
     JournalError,
+    encode_group_record,
     encode_header,
     encode_record,
     read_journal,
@@ -303,14 +304,35 @@ def test_mapped_journal_grows_and_reads_back_every_record(tmp_path):
     journal.reset(5)
     count = 3 * INITIAL_SIZE // 32  # well past the first allocation
     for index in range(count):
-        journal.append(encode_record(index, index * 2, 1))
+        journal.append(encode_record(index + 1, index * 2, 1))
     journal.sync()
     assert path.stat().st_size >= (count + 1) * 32  # allocated ahead, zero-filled
     counter, found = read_journal(str(path))  # read while still open and mapped
     journal.close()
     assert counter == 5
     assert [(r.generation, r.first_granule) for r in found] == \
-        [(index, index * 2) for index in range(count)]
+        [(index + 1, index * 2) for index in range(count)]
+
+
+def test_version_1_journals_are_still_read(tmp_path):
+    path = tmp_path / "j"
+    header = bytearray(encode_header(3))
+    header[4:8] = (1).to_bytes(4, "big")
+    header[24:28] = zlib.crc32(bytes(header[:24])).to_bytes(4, "big")
+    body = struct.pack(">QQQ", 7, 10, 2)
+    record = body + struct.pack(">II", zlib.crc32(body), 0)
+    path.write_bytes(bytes(header) + record)
+    counter, found = read_journal(str(path))
+    assert counter == 3
+    assert [(r.generation, r.first_granule, r.granules) for r in found] == [(7, 10, 2)]
+
+
+def test_group_records_carry_their_granularity(tmp_path):
+    path = tmp_path / "j"
+    path.write_bytes(encode_header(3) + encode_group_record(16, 5, 2) + encode_record(9, 1, 1))
+    found = read_journal(str(path))[1]
+    assert [(r.generation, r.first_granule, r.granules, r.granularity_bits)
+            for r in found] == [(0, 5, 2, 16), (9, 1, 1, 0)]
 
 
 def test_torn_record_before_the_zeroed_tail_is_ignored(tmp_path):

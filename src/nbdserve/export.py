@@ -26,7 +26,8 @@ class DirtyTracker(Protocol):
 
     epoch: int  # changes whenever bits may have been reset (clear, checkpoint, ...)
 
-    def mark_dirty(self, offset: int, length: int) -> None: ...
+    def mark_dirty(self, offset: int, length: int) -> int:
+        """Record a change; returns `epoch` as it was before the marking."""
 
     def make_durable(self) -> None: ...
 
@@ -92,6 +93,7 @@ class Export:
         before the data moves so that a crash between the two can only over-report. A
         failed request still marks: over-reporting is always safe.
         """
+        tracker = self.tracker
         epoch = self.mark(offset, length)
         image = self.image
         try:
@@ -105,19 +107,15 @@ class Export:
             else:
                 raise ValueError(f"command {command} does not change the image")
         finally:
-            self.confirm(epoch, offset, length)
+            if tracker is not None and tracker.epoch != epoch:  # confirm(), inlined
+                self.confirm(epoch, offset, length)
 
     def mark(self, offset: int, length: int) -> int:
         """The one place where changes are recorded in the bitmaps. Every write path
         (change() here, and spliced WRITEs) calls it before the image changes, then
         confirm() once the data is written. Returns what confirm() needs."""
         tracker = self.tracker
-        if tracker is None:
-            return 0
-        epoch = tracker.epoch
-        if length:
-            tracker.mark_dirty(offset, length)
-        return epoch
+        return tracker.mark_dirty(offset, length) if tracker is not None else 0
 
     def confirm(self, epoch: int, offset: int, length: int) -> None:
         """After the data moved: if bitmaps were reset meanwhile (a clear or a

@@ -211,7 +211,11 @@ class RawImage:
     # -- writes -----------------------------------------------------------------------
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
+        written = os.pwrite(self.fd, data, offset)
+        if written == len(data):
+            return
+        view = memoryview(data)[written:]  # rare: finish what the kernel did not take
+        offset += written
         while view:
             written = os.pwrite(self.fd, view, offset)
             view = view[written:]
@@ -219,6 +223,9 @@ class RawImage:
 
     def pwritev(self, offset: int, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
         """Write the buffers back to back from offset, in one system call."""
+        if len(buffers) == 1:
+            self.pwrite(offset, buffers[0])
+            return
         total = sum(map(len, buffers))
         written = os.pwritev(self.fd, buffers, offset)
         if written < total:  # rare: finish what the kernel did not take

@@ -13,9 +13,17 @@ The file is allocated ahead (fallocate, so that a full disk is an error at growt
 never a fault on a mapped page); the records end at the first all-zero record.
 
 Layout (big-endian): a 32-byte header, then 32-byte records, then zeros.
-  header: magic "QDBJ", u32 version 1, u64 save_counter (the QDB save it extends),
-          u64 reserved 0, u32 CRC-32 of the preceding 24 bytes, u32 reserved 0
-  record: u64 bitmap generation, u64 first granule, u64 granule count,
+  header: magic "QDBJ", u32 version (2; 1 is still read), u64 save_counter (the QDB
+          save it extends), u64 reserved 0, u32 CRC-32 of the preceding 24 bytes,
+          u32 reserved 0
+  record, version 2: u64 generation, u64 first granule, u64 granule count,
+          u32 granularity bits, u32 CRC-32 of the preceding 28 bytes.
+          Generation 0 is a group record: it applies to every bitmap with that
+          granularity that was recording in the save the journal extends (the set
+          cannot change without a new save and a new journal). One group record per
+          transition, however many bitmaps, is what keeps transitions cheap.
+          Otherwise it applies to the bitmap of that generation (granularity bits 0).
+  record, version 1: u64 generation, u64 first granule, u64 granule count,
           u32 CRC-32 of the preceding 24 bytes, u32 reserved 0
 """
 
@@ -30,10 +38,11 @@ from dataclasses import dataclass
 from nbdserve.bitmaps.files import fsync_directory, replace_atomically
 
 JOURNAL_MAGIC = b"QDBJ"
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2
 HEADER = struct.Struct(">4sIQQII")
-RECORD = struct.Struct(">QQQII")
-RECORD_BODY = struct.Struct(">QQQ")
+RECORD = struct.Struct(">QQQII")  # version 2: ..., granularity bits, CRC
+RECORD_BODY = struct.Struct(">QQQI")
+RECORD_V1_BODY = struct.Struct(">QQQ")
 assert HEADER.size == RECORD.size == 32
 _ZERO_RECORD = bytes(RECORD.size)
 INITIAL_SIZE = 64 << 10  # bytes allocated at first; doubled when full
@@ -45,14 +54,22 @@ class JournalError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class JournalRecord:
-    generation: int
+    generation: int  # 0: a group record (see granularity_bits)
     first_granule: int
     granules: int
+    granularity_bits: int = 0  # of the group, for generation 0
 
 
 def encode_record(generation: int, first: int, count: int) -> bytes:
-    crc = zlib.crc32(RECORD_BODY.pack(generation, first, count))
-    return RECORD.pack(generation, first, count, crc, 0)
+    """A record for the bitmap of one generation."""
+    return RECORD.pack(generation, first, count, 0,
+                       zlib.crc32(RECORD_BODY.pack(generation, first, count, 0)))
+
+
+def encode_group_record(granularity_bits: int, first: int, count: int) -> bytes:
+    """A record for every recording bitmap with this granularity."""
+    return RECORD.pack(0, first, count, granularity_bits,
+                       zlib.crc32(RECORD_BODY.pack(0, first, count, granularity_bits)))
 
 
 def encode_header(save_counter: int) -> bytes:
@@ -71,7 +88,7 @@ def read_journal(path: str) -> tuple[int, list[JournalRecord]]:
     if len(data) < HEADER.size:
         raise JournalError("journal header is truncated")
     magic, version, save_counter, reserved, crc, reserved2 = HEADER.unpack_from(data)
-    if magic != JOURNAL_MAGIC or version != JOURNAL_VERSION:
+    if magic != JOURNAL_MAGIC or version not in (1, JOURNAL_VERSION):
         raise JournalError("journal has a bad magic or version")
     if zlib.crc32(data[:24]) & 0xFFFFFFFF != crc or reserved or reserved2:
         raise JournalError("journal header checksum mismatch")
@@ -82,12 +99,17 @@ def read_journal(path: str) -> tuple[int, list[JournalRecord]]:
         chunk = body[index * RECORD.size : (index + 1) * RECORD.size]
         if chunk == _ZERO_RECORD:
             break  # the allocated space after the last record
-        generation, first, count, crc, reserved = RECORD.unpack(chunk)
-        if zlib.crc32(chunk[:24]) & 0xFFFFFFFF != crc or reserved:
+        if version == 1:
+            generation, first, count, crc, reserved = RECORD.unpack(chunk)
+            bits, valid = 0, zlib.crc32(chunk[:24]) == crc and not reserved
+        else:
+            generation, first, count, bits, crc = RECORD.unpack(chunk)
+            valid = zlib.crc32(chunk[:28]) == crc and (bits == 0) == (generation != 0)
+        if not valid:
             if not body[(index + 1) * RECORD.size:].strip(b"\0"):
                 break  # a torn final record was never acknowledged
             raise JournalError(f"journal record {index} is corrupted")
-        records.append(JournalRecord(generation, first, count))
+        records.append(JournalRecord(generation, first, count, bits))
     return save_counter, records
 
 

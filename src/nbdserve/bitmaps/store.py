@@ -26,7 +26,12 @@ from nbdserve.bitmaps.bitmap import (
     granularity_bits,
     granule_count,
 )
-from nbdserve.bitmaps.journal import Journal, JournalError, encode_record, read_journal
+from nbdserve.bitmaps.journal import (
+    Journal,
+    JournalError,
+    encode_group_record,
+    read_journal,
+)
 from nbdserve.bitmaps.qdb import (
     ImageIdentity,
     QdbContents,
@@ -181,16 +186,27 @@ class BitmapStore:
             return f"the QDB file was left in use without a usable journal ({error})"
         if journal_counter > contents.save_counter:
             return "the journal is newer than the QDB file (an older QDB file was restored?)"
-        by_generation = {b.generation: b for b in self.bitmaps.values()}
+        by_generation = {b.generation: [b] for b in self.bitmaps.values()}
+        groups: dict[int, list[DirtyBitmap]] = {}
+        if journal_counter == contents.save_counter:
+            # Group records name the bitmaps recording in this very save. An older
+            # journal (a crash between a save and the journal's reset) is already
+            # folded into the newer save.
+            for bitmap in self.bitmaps.values():
+                if bitmap.recording:
+                    groups.setdefault(bitmap.granularity_bits, []).append(bitmap)
         applied = 0
         for record in records:
-            bitmap = by_generation.get(record.generation)
-            if bitmap is None:
-                continue  # a bitmap cleared or removed since: its old records are moot
+            if record.generation:
+                targets = by_generation.get(record.generation, [])
+            else:
+                targets = groups.get(record.granularity_bits, [])
+            # No target: a bitmap cleared or removed since, whose old records are moot.
             stop = record.first_granule + record.granules
-            if stop > len(bitmap.bits) or record.granules == 0:
-                return f"journal record for {bitmap.name!r} lies outside the bitmap"
-            bitmap.set_granules(record.first_granule, stop)
+            for bitmap in targets:
+                if stop > len(bitmap.bits) or record.granules == 0:
+                    return f"journal record for {bitmap.name!r} lies outside the bitmap"
+                bitmap.set_granules(record.first_granule, stop)
             applied += 1
         log.info("recovered bitmaps of %s after an unclean stop: %d journal records replayed",
                  self.qdb_path, applied)
@@ -245,7 +261,7 @@ class BitmapStore:
 
     # -- the export's DirtyTracker -------------------------------------------------------
 
-    def mark_dirty(self, offset: int, length: int) -> None:
+    def mark_dirty(self, offset: int, length: int) -> int:
         """Mark every recording bitmap; journal granules that go from clean to dirty.
 
         The journal record is written before the bits are set and before the caller
@@ -254,30 +270,31 @@ class BitmapStore:
         The common case, granules already dirty everywhere, is a summary test without
         the lock. Racing with a clear or a checkpoint (which reset bits, then bump
         `epoch`) is the caller's to settle: it reads `epoch` before marking and marks
-        again if it changed by the time its data is written (Export.change).
+        again if it changed by the time its data is written (Export.change). Returns
+        the epoch as it was before marking.
         """
+        epoch = self.epoch
+        if not length:
+            return epoch
         last = offset + length - 1
         for shift, _members, summary in self._groups:
             first, stop = offset >> shift, (last >> shift) + 1
             if not (summary[first] if stop - first == 1 else not summary.count(0, first, stop)):
                 break  # something to record: do it all under the lock
         else:
-            return
+            return epoch
         with self.lock:
             journal = self.journal
             for shift, members, summary in self._groups:
                 first, stop = offset >> shift, (last >> shift) + 1
-                one = stop - first == 1
-                if summary[first] if one else not summary.count(0, first, stop):
+                if summary[first] if stop - first == 1 else not summary.count(0, first, stop):
                     continue  # already dirty in every member: nothing to do
-                records = [encode_record(b.generation, first, stop - first)
-                           for b in members
-                           if (not b.bits[first] if one else b.bits.count(0, first, stop))]
-                if records and journal.fd >= 0:
-                    journal.append(b"".join(records))  # before any bit is set
+                if journal.fd >= 0:  # one record for the group, before any bit is set
+                    journal.append(encode_group_record(shift, first, stop - first))
                 for bitmap in members:
                     bitmap.bits[first:stop] = 1
                 summary[first:stop] = 1
+        return epoch
 
     def make_durable(self) -> None:
         with self.lock:
