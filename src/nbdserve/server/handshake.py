@@ -53,8 +53,10 @@ class Handshake:
         self.finished = False
         self.tls_task: asyncio.Task | None = None
 
-    def start(self) -> None:
-        self.stream.write(GREETING)
+    def start(self, greeted: bool = False) -> None:
+        """Greet the client (unless the caller already did), then handle options."""
+        if not greeted:
+            self.stream.write(GREETING)
         self.stream.consumer = self.feed
         self.feed()
 

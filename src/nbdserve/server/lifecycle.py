@@ -18,7 +18,7 @@ from nbdserve import systemd
 from nbdserve.control.server import ControlServer
 from nbdserve.export import ExportCatalog
 from nbdserve.metrics import start_metrics_server
-from nbdserve.protocol.options import OptionNegotiator, Session
+from nbdserve.protocol.options import GREETING, OptionNegotiator, Session
 from nbdserve.server.handshake import Handshake
 from nbdserve.server.listener import describe
 from nbdserve.server.polling import Census, Poller
@@ -225,7 +225,11 @@ class Server:
     # -- one connection ---------------------------------------------------------------------
 
     def connection_made(self, stream: NbdStream) -> None:
-        """A client connected: register it, then greet it (or queue it for a slot)."""
+        """A client connected: greet it (or queue it for a slot), then register it."""
+        greeted = not self.stopping and not (self.max_connections
+                                             and self.active >= self.max_connections)
+        if greeted:
+            stream.write(GREETING)  # first: the client waits for nothing else
         sock = stream.get_extra_info("socket")
         self.accepted += 1
         family = sock.family if sock is not None else socket.AF_UNIX
@@ -240,16 +244,16 @@ class Server:
         connection.sock = sock  # uvloop builds a new socket object per lookup: keep it
         self.connections.add(connection)
         stream.on_lost = functools.partial(self.connection_lost, connection)
-        if self.stopping:
+        if greeted:
+            self.begin_handshake(connection, greeted=True)
+        elif self.stopping:
             stream.close()
-        elif self.max_connections and self.active >= self.max_connections:
+        else:
             # Like qemu-nbd -e: a client over the limit waits, as if in the backlog.
             stream.transport.pause_reading()
             self.waiting.append(connection)
-        else:
-            self.begin_handshake(connection)
 
-    def begin_handshake(self, connection: Connection) -> None:
+    def begin_handshake(self, connection: Connection, greeted: bool = False) -> None:
         self.active += 1
         connection.has_slot = True
         stream = connection.writer
@@ -265,7 +269,7 @@ class Server:
             connection.poller)
         connection.timer = asyncio.get_running_loop().call_later(
             self.handshake_timeout, self.handshake_expired, connection)
-        connection.handshake.start()
+        connection.handshake.start(greeted)
 
     def handshake_expired(self, connection: Connection) -> None:
         log.warning("%s: handshake not finished in %.0f s; disconnecting", connection.peer,

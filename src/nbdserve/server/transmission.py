@@ -169,6 +169,11 @@ class Transmission:
                     payload = await read_payload(length)
                 elif command == c.NBD_CMD_DISC:
                     log.debug("%s: client disconnected (DISC)", self.peer)
+                    if not self.tasks:
+                        # Nothing left to answer: hang up now (queued replies still go
+                        # out first), not after the book-keeping; clients wait for it.
+                        self.flush_replies()
+                        self.transport.close()
                     return
                 self.requests += 1
                 requests[command if command < OTHER else OTHER] += 1
