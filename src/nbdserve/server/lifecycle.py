@@ -106,7 +106,7 @@ class Server:
         loop = asyncio.get_running_loop()
         for sock in self.sockets:
             def factory() -> NbdStream:
-                return NbdStream(self.connection_made)
+                return NbdStream(self.connection_made, loop)
             if sock.family == socket.AF_UNIX:
                 server = await loop.create_unix_server(factory, sock=sock)
             else:
@@ -267,7 +267,7 @@ class Server:
             stream, negotiator, connection.peer,
             functools.partial(self.handshake_done, connection), self.tls, self.ssl_context,
             connection.poller)
-        connection.timer = asyncio.get_running_loop().call_later(
+        connection.timer = connection.writer.loop.call_later(
             self.handshake_timeout, self.handshake_expired, connection)
         connection.handshake.start(greeted)
 
@@ -283,7 +283,7 @@ class Server:
         if session is None:
             connection.writer.close()
             return
-        connection.task = asyncio.get_running_loop().create_task(
+        connection.task = connection.writer.loop.create_task(
             self.serve_transmission(connection, session))
 
     def connection_lost(self, connection: Connection) -> None:

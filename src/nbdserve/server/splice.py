@@ -27,9 +27,9 @@ SPLICE_F_NONBLOCK = 2
 class SocketSplicer:
     """Moves byte ranges from one connection's socket into files."""
 
-    def __init__(self, sockfd: int) -> None:
+    def __init__(self, sockfd: int, loop: asyncio.AbstractEventLoop) -> None:
         self.sockfd = sockfd
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop
         self.pipe_r = self.pipe_w = self.watch_fd = self.null_fd = -1
         self.pipe_size = 0
 

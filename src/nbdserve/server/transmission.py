@@ -96,7 +96,7 @@ class Transmission:
         self.executor = executor
         self.peer = peer
         self.shutting_down = shutting_down
-        self.loop = asyncio.get_running_loop()
+        self.loop = reader.loop
         self.tasks: set[asyncio.Task] = set()
         self.inflight_bytes = 0
         self.room = asyncio.Event()
@@ -117,7 +117,7 @@ class Transmission:
         # Busy-polling before sleeping (see polling.py); plain sockets only, as TLS
         # may hold decrypted bytes the socket does not show.
         self.poller = poller if self.sockfd >= 0 else None
-        self.splicer = SocketSplicer(self.sockfd) if self.sockfd >= 0 else None
+        self.splicer: SocketSplicer | None = None  # made at the first large WRITE
 
     # -- the request loop -----------------------------------------------------------------
 
@@ -161,7 +161,7 @@ class Transmission:
                         return
                     if self.out and available() < length:
                         self.flush_replies()
-                    if (self.splicer is not None and length - available() >= SPLICE_MIN
+                    if (self.sockfd >= 0 and length - available() >= SPLICE_MIN
                             and not self.shutting_down()
                             and not validator.check(command, flags, offset, length)[0]):
                         await self.write_spliced(flags, cookie, offset, length)
@@ -219,6 +219,8 @@ class Transmission:
             export.image.pwrite(offset, head)
         except OSError as exc:
             error = exc
+        if self.splicer is None:
+            self.splicer = SocketSplicer(self.sockfd, self.loop)
         self.reader.pause_reading()
         try:
             error = await self.splicer.receive(export.image.fd, offset + len(head),
