@@ -174,6 +174,7 @@ class Transmission:
                         # out first), not after the book-keeping; clients wait for it.
                         self.flush_replies()
                         self.transport.close()
+                        await asyncio.sleep(0)  # let the loop close it before the rest
                     return
                 self.requests += 1
                 requests[command if command < OTHER else OTHER] += 1
