@@ -101,3 +101,26 @@ async def test_client_hanging_up_mid_payload_costs_only_its_connection(any_serve
     client = await NbdClient.connect(**any_server.client_args())
     assert await client.read(32 * MiB, 4096) == bytes(4096)
     await client.disconnect()
+
+
+async def test_large_fua_write_is_acknowledged_after_the_flush(any_server, image):
+    client = await NbdClient.connect(**any_server.client_args())
+    data = os.urandom(3 * MiB)
+    await client.write(MiB, data, c.NBD_CMD_FLAG_FUA)
+    await client.disconnect()
+    assert image.read_bytes()[MiB:4 * MiB] == data
+
+
+@pytest.mark.parametrize("case", ["past-the-end", "read-only"])
+async def test_refused_large_writes_are_read_off_the_wire(case, image, start_server):
+    """Requests that fail validation are not spliced: their payload is read and
+    dropped, and the next request is understood."""
+    server = start_server(image, *(["-r"] if case == "read-only" else []))
+    client = await NbdClient.connect(**server.client_args())
+    offset = 63 * MiB if case == "past-the-end" else 0
+    with pytest.raises(NbdError) as failure:
+        await client.write(offset, os.urandom(2 * MiB))
+    assert failure.value.error == (c.NBD_ENOSPC if case == "past-the-end" else c.NBD_EPERM)
+    assert await client.read(0, 4096) == bytes(4096)
+    await client.disconnect()
+    assert image.read_bytes() == bytes(64 * MiB)
