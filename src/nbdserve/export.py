@@ -9,7 +9,7 @@ answers block-status queries for each metadata context the export offers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -110,10 +110,29 @@ class Export:
             if tracker is not None and tracker.epoch != epoch:  # confirm(), inlined
                 self.confirm(epoch, offset, length)
 
+    async def write_streamed(self, offset: int, length: int, head: memoryview,
+                             receive: Callable[[int, int, int, OSError | None],
+                                               Awaitable[OSError | None]]) -> OSError | None:
+        """A WRITE whose payload is mostly still on its way (server/splice.py): marked
+        as change() marks, head (the part already received) written at once, then
+        receive(fd, offset, length, error) moves the rest straight into the image.
+        Returns the first error; the payload is consumed either way."""
+        epoch = self.mark(offset, length)
+        try:
+            error: OSError | None = None
+            try:
+                self.image.pwrite(offset, head)  # before any await: head is borrowed
+            except OSError as exc:
+                error = exc
+            return await receive(self.image.fd, offset + len(head), length - len(head),
+                                 error)
+        finally:
+            self.confirm(epoch, offset, length)
+
     def mark(self, offset: int, length: int) -> int:
-        """The one place where changes are recorded in the bitmaps. Every write path
-        (change() here, and spliced WRITEs) calls it before the image changes, then
-        confirm() once the data is written. Returns what confirm() needs."""
+        """The one place where changes are recorded in the bitmaps. Both ways a write
+        reaches the image (change() and write_streamed()) call it before the image
+        changes, then confirm() once the data is written. Returns what confirm() needs."""
         tracker = self.tracker
         return tracker.mark_dirty(offset, length) if tracker is not None else 0
 

@@ -213,22 +213,14 @@ class Transmission:
         stats.requests[c.NBD_CMD_WRITE] += 1
         stats.bytes_written += length
         started = time.perf_counter() if stats.timing else 0.0
-        epoch = export.mark(offset, length)  # before any byte of the image changes
-        head = self.reader.take_view(min(length, self.reader.available()))
-        error: OSError | None = None
-        try:
-            export.image.pwrite(offset, head)
-        except OSError as exc:
-            error = exc
         if self.splicer is None:
             self.splicer = SocketSplicer(self.sockfd, self.loop)
-        self.reader.pause_reading()
+        head = self.reader.take_view(min(length, self.reader.available()))
+        self.reader.pause_reading()  # the splicer reads the socket meanwhile
         try:
-            error = await self.splicer.receive(export.image.fd, offset + len(head),
-                                               length - len(head), error)
+            error = await export.write_streamed(offset, length, head, self.splicer.receive)
         finally:
             self.reader.resume_reading()
-            export.confirm(epoch, offset, length)
         if error is not None:
             self.send_error(c.NBD_CMD_WRITE, cookie, nbd_error(error),
                             error.strerror or "write")
