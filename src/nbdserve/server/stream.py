@@ -206,11 +206,7 @@ class NbdStream(asyncio.BufferedProtocol):
 
     def take(self, n: int) -> bytes:
         """n bytes that have arrived (check available() first), for callbacks."""
-        if self._end - self._start < n:
-            raise ValueError(f"{n} bytes wanted, {self._end - self._start} available")
-        data = bytes(self._buf[self._start:self._start + n])
-        self._consume(n)
-        return data
+        return bytes(self.take_view(n))
 
     def take_view(self, n: int) -> memoryview:
         """Like take(), without a copy: valid until control returns to the loop."""

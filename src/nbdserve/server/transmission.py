@@ -139,20 +139,19 @@ class Transmission:
                 if not self.room.is_set():
                     self.flush_replies()
                     await self.room.wait()
+                polled_from = 0
                 if poller is not None and available() < REQUEST_HEADER.size and \
                         poller.allowed(bool(self.tasks) or self.transport.get_write_buffer_size()):
-                    started = clock_ns()
-                    poller.spin(started)
-                    magic, flags, command, cookie, offset, length = await read_struct(
-                        REQUEST_HEADER)
-                    poller.adapt(clock_ns() - started)
-                else:
-                    magic, flags, command, cookie, offset, length = await read_struct(
-                        REQUEST_HEADER)
+                    polled_from = clock_ns()
+                    poller.spin(polled_from)
+                magic, flags, command, cookie, offset, length = await read_struct(REQUEST_HEADER)
+                if polled_from:
+                    poller.adapt(clock_ns() - polled_from)
                 if magic != c.NBD_REQUEST_MAGIC:
                     log.warning("%s: bad request magic 0x%x; disconnecting", self.peer, magic)
                     return
                 payload = None
+                spliced = False
                 if command == c.NBD_CMD_WRITE:
                     if length > c.MAX_PAYLOAD:
                         # Spec: over 32 MiB may be treated as hostile; QEMU hangs up too.
@@ -161,12 +160,13 @@ class Transmission:
                         return
                     if self.out and available() < length:
                         self.flush_replies()
-                    if (self.sockfd >= 0 and length - available() >= SPLICE_MIN
-                            and not self.shutting_down()
-                            and not validator.check(command, flags, offset, length)[0]):
-                        await self.write_spliced(flags, cookie, offset, length)
-                        continue
-                    payload = await read_payload(length)
+                    # Most of the payload still on the socket: splice it, if the request
+                    # is valid (checked now: a refused payload must be read off the wire).
+                    spliced = (self.sockfd >= 0 and length - available() >= SPLICE_MIN
+                               and not self.shutting_down()
+                               and not validator.check(command, flags, offset, length)[0])
+                    if not spliced:
+                        payload = await read_payload(length)
                 elif command == c.NBD_CMD_DISC:
                     log.debug("%s: client disconnected (DISC)", self.peer)
                     if not self.tasks:
@@ -179,15 +179,19 @@ class Transmission:
                 self.requests += 1
                 requests[command if command < OTHER else OTHER] += 1
                 self.started = clock() if stats.timing else 0.0
-                if self.shutting_down():
-                    self.send_error(command, cookie, c.NBD_ESHUTDOWN, "server is shutting down")
-                    continue
-                error, reason = validator.check(command, flags, offset, length)
-                if error:
-                    self.send_error(command, cookie, error, reason)
-                    continue
-                self.dispatch(command, flags, cookie, offset, length, payload)
-                payload = None  # views of the stream's buffers, valid until the loop runs
+                if spliced:
+                    await self.write_spliced(flags, cookie, offset, length)
+                else:
+                    if self.shutting_down():
+                        self.send_error(command, cookie, c.NBD_ESHUTDOWN,
+                                        "server is shutting down")
+                        continue
+                    error, reason = validator.check(command, flags, offset, length)
+                    if error:
+                        self.send_error(command, cookie, error, reason)
+                        continue
+                    self.dispatch(command, flags, cookie, offset, length, payload)
+                    payload = None  # views of the stream's buffers, valid until the loop runs
                 if self.started and not self.spawned:
                     stats.observe(clock() - self.started)
                 self.spawned = False
@@ -205,14 +209,10 @@ class Transmission:
                 self.splicer.close()
 
     async def write_spliced(self, flags: int, cookie: int, offset: int, length: int) -> None:
-        """A valid WRITE whose payload is mostly still on the socket: marked, then
+        """A WRITE, already validated, whose payload is mostly still on the socket:
         moved into the image with splice(2) (see splice.py)."""
         export = self.export
-        stats = export.stats
-        self.requests += 1
-        stats.requests[c.NBD_CMD_WRITE] += 1
-        stats.bytes_written += length
-        started = time.perf_counter() if stats.timing else 0.0
+        export.stats.bytes_written += length
         if self.splicer is None:
             self.splicer = SocketSplicer(self.sockfd, self.loop)
         head = self.reader.take_view(min(length, self.reader.available()))
@@ -225,14 +225,9 @@ class Transmission:
             self.send_error(c.NBD_CMD_WRITE, cookie, nbd_error(error),
                             error.strerror or "write")
         elif flags & c.NBD_CMD_FLAG_FUA:
-            self.started = started
             self.spawn(self.in_thread(c.NBD_CMD_WRITE, cookie, export.flush), 0)
-            self.spawned = False
-            return
         else:
             self.out.append(simple_reply(cookie))
-        if started:
-            stats.observe(time.perf_counter() - started)
 
     def dispatch(self, command: int, flags: int, cookie: int, offset: int, length: int,
                  payload: tuple[memoryview, ...] | None) -> None:
