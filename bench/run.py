@@ -246,7 +246,6 @@ BIG_IMAGE_SIZE = (16 << 40) - 65536  # ext4's limit is one block short of 16 TiB
 def prepare_dirty_bitmap_image(workdir: Path) -> Path:
     """A 16 TiB (less 64 KiB) sparse image with a 64 KiB bitmap of 1,000,000 dirty
     granules."""
-    sys.path.insert(0, str(ROOT / "src"))
     from nbdserve.bitmaps.bitmap import DirtyBitmap
     from nbdserve.bitmaps.qdb import ImageIdentity, QdbContents, StoredBitmap, write_qdb
     image = workdir / "sparse-16t.raw"

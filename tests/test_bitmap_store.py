@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-from array import array
 from pathlib import Path
 
 import pytest
 
 from nbdserve.bitmaps.bitmap import BitmapError
 from nbdserve.bitmaps.qdb import read_qdb
-from nbdserve.bitmaps.store import BitmapRequest, BitmapStore, StoreLocked
+from nbdserve.bitmaps.store import BitmapStore, StoreLocked
+from nbdserve.config import BitmapRequest
 from nbdserve.image import RawImage
-from nbdserve.protocol.transmission import encode_words
 
 MiB = 1 << 20
 
@@ -58,8 +57,7 @@ def test_marks_survive_a_clean_restart(raw):
     assert not contents.in_use
     assert not os.path.exists(raw.path + ".qdb.journal")
     store = open_store(raw)
-    assert store.encoded_extents("qemu:dirty-bitmap:b0", 5 * MiB, 65536, 10) == \
-        encode_words(array("I", [65536, 1]))
+    assert store.dirty_runs("qemu:dirty-bitmap:b0", 5 * MiB, 65536, 10) == ([65536], True)
     assert not info(store, "b0")["inconsistent"]
     store.close()
 
@@ -238,8 +236,8 @@ def test_a_full_disk_during_a_save_keeps_the_previous_file(raw, monkeypatch, fai
 def test_a_write_racing_with_a_reset_is_recorded_in_the_new_epoch(raw, action):
     """A clear, or a new bitmap (as a checkpoint adds), that lands between a write's marking and
     its data must not leave the write unrecorded."""
-    from nbdserve.export import Export, ExportConfig
-    from nbdserve.protocol import constants as c
+    from nbdserve.config import ExportConfig
+    from nbdserve.export import Export
 
     store = open_store(raw, ("b0",))
     store.mark_dirty(0, 64 * 1024)  # granule 0 is dirty: the write's mark is a no-op
@@ -254,10 +252,9 @@ def test_a_write_racing_with_a_reset_is_recorded_in_the_new_epoch(raw, action):
         write(offset, buffers)
 
     raw.pwritev = reset_then_write
-    export.change(c.NBD_CMD_WRITE, 4096, 4096, 0, (bytes(4096),))
+    export.write(4096, (bytes(4096),))
     name = "b0" if action == "bitmap-clear" else "b1"  # the new bitmap records it
-    assert store.encoded_extents(f"qemu:dirty-bitmap:{name}", 0, 65536, 10) == \
-        encode_words(array("I", [65536, 1]))
+    assert store.dirty_runs(f"qemu:dirty-bitmap:{name}", 0, 65536, 10) == ([65536], True)
     store.close()
 
 

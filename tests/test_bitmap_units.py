@@ -67,8 +67,8 @@ def test_extents_follow_granules_and_are_cut_to_the_request():
     assert b.extents(0, MiB, 2) == [(65536, 0), (65536, 1)]  # the limit
     assert b.extents(65537, 10, 1) == [(10, 1)]
     assert b.extents(0, 100, 5) == [(100, 0)]
-    assert b.encoded_extents(0, 3 * 65536, 10) == bytes.fromhex(
-        "00010000" "00000000" "00010000" "00000001" "00010000" "00000000")
+    assert b.runs(0, 3 * 65536, 10) == ([65536, 65536, 65536], False)
+    assert b.runs(65536, 65536, 10) == ([65536], True)
 
 
 def test_extents_agree_with_a_naive_reference():

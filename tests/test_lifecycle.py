@@ -12,7 +12,8 @@ import pytest
 
 from conftest import NBDSERVE, run
 from nbdserve.client import NbdClient, NbdError, OptionRefused
-from nbdserve.export import Export, ExportCatalog, ExportConfig
+from nbdserve.config import ExportConfig
+from nbdserve.export import Export, ExportCatalog
 from nbdserve.image import RawImage
 from nbdserve.protocol import constants as c
 from nbdserve.server.lifecycle import Server

@@ -146,11 +146,22 @@ def test_block_status_chunk_bytes():
 @pytest.mark.parametrize("errno_name, expected", [
     ("EIO", c.NBD_EIO), ("ENOSPC", c.NBD_ENOSPC), ("EDQUOT", c.NBD_ENOSPC),
     ("EFBIG", c.NBD_ENOSPC), ("EROFS", c.NBD_EPERM), ("EACCES", c.NBD_EPERM),
-    ("ENOTSUP", c.NBD_ENOTSUP), ("ENOMEM", c.NBD_ENOMEM), ("ELOOP", c.NBD_EIO),
+    ("ENOMEM", c.NBD_ENOMEM), ("ELOOP", c.NBD_EIO),
 ])
 def test_os_errors_map_to_nbd_errors_in_one_place(errno_name, expected):
     import errno
     assert nbd_error(OSError(getattr(errno, errno_name), "x")) == expected
+
+
+def test_enotsup_and_eoverflow_only_with_the_flag_that_asks_for_them():
+    """Spec: ENOTSUP SHOULD only answer FAST_ZERO and EOVERFLOW only a READ with DF;
+    otherwise the client gets EINVAL."""
+    import errno
+    enotsup, eoverflow = OSError(errno.ENOTSUP, "x"), OSError(errno.EOVERFLOW, "x")
+    assert nbd_error(enotsup, c.NBD_CMD_FLAG_FAST_ZERO) == c.NBD_ENOTSUP
+    assert nbd_error(enotsup, c.NBD_CMD_FLAG_FUA) == c.NBD_EINVAL
+    assert nbd_error(eoverflow, c.NBD_CMD_FLAG_DF) == c.NBD_EOVERFLOW
+    assert nbd_error(eoverflow) == c.NBD_EINVAL
 
 
 def test_non_os_errors_become_eio():

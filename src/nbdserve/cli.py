@@ -14,20 +14,24 @@ import sys
 import click
 
 from nbdserve import __version__
-from nbdserve.bitmaps.bitmap import BitmapError, check_name, granularity_bits
-from nbdserve.bitmaps.store import BitmapRequest, BitmapStore, StoreLocked, default_qdb_path
+from nbdserve.bitmaps.bitmap import BitmapError
+from nbdserve.bitmaps.store import BitmapStore, StoreLocked, default_qdb_path
 from nbdserve.config import (
+    DEFAULT_LISTEN,
+    BitmapRequest,
     ConfigError,
-    ExportSettings,
+    ListenAddress,
     ServeConfig,
     load_config,
+    make_export,
+    parse_bitmap,
     parse_listen,
     with_overrides,
 )
-from nbdserve.image import ImageError, RawImage, parse_size
-from nbdserve.server.listener import ListenAddress
+from nbdserve.image import ImageError, RawImage
 from nbdserve.server.service import Service, ServiceError
 from nbdserve.tls import TLS_MODES, TLS_OFF, TlsConfig, TlsConfigError
+from nbdserve.values import parse_size
 
 log = logging.getLogger("nbdserve")
 
@@ -63,26 +67,17 @@ def install_event_loop() -> None:
 
 
 class BitmapParam(click.ParamType):
-    """NAME[,granularity=BYTES] (the name may itself contain commas)."""
+    """NAME[,granularity=BYTES], read as the configuration file reads it."""
 
     name = "BITMAP"
 
     def convert(self, value, param, ctx):
         if isinstance(value, BitmapRequest):
             return value
-        name, granularity = value, None
-        if ",granularity=" in value:
-            name, text = value.rsplit(",granularity=", 1)
-            try:
-                granularity = parse_size(text)
-                granularity_bits(granularity)
-            except (ValueError, BitmapError) as exc:
-                self.fail(str(exc), param, ctx)
         try:
-            check_name(name)
-        except BitmapError as exc:
-            self.fail(str(exc), param, ctx)
-        return BitmapRequest(name, granularity)
+            return parse_bitmap(value, "--bitmap")
+        except ConfigError as exc:
+            self.fail(str(exc).removeprefix("--bitmap: "), param, ctx)
 
 
 class SizeParam(click.ParamType):
@@ -226,8 +221,8 @@ def config_from_options(base: ServeConfig, *, image, export_name, bind_address, 
     if socket_path:
         listen = (ListenAddress(path=socket_path),)
     elif bind_address is not None or port is not None:
-        listen = (ListenAddress(bind_address or "127.0.0.1",
-                                port if port is not None else 10809),)
+        listen = (ListenAddress(bind_address or DEFAULT_LISTEN.host,
+                                port if port is not None else DEFAULT_LISTEN.port),)
     metrics = None
     if metrics_address:
         address = parse_listen(metrics_address, "--metrics")
@@ -242,15 +237,9 @@ def config_from_options(base: ServeConfig, *, image, export_name, bind_address, 
     exports = base.exports
     if image is not None:
         name = export_name if export_name is not None else ""
-        if len(name.encode()) > 4096 or "\0" in name:
-            raise ConfigError("--export-name: at most 4096 bytes, no NUL")
-        if len(description.encode()) > 4096:
-            raise ConfigError("--description: at most 4096 bytes")
-        if read_only and bitmaps:
-            raise ConfigError("--bitmap records writes; a read-only export has none")
-        mine = ExportSettings(name=name, image=image, description=description,
-                              read_only=read_only, max_connections=shared or 0,
-                              qdb=qdb_path, bitmaps=tuple(bitmaps), create=create_size)
+        mine = make_export(name=name, image=image, description=description,
+                           read_only=read_only, max_connections=shared or 0,
+                           qdb=qdb_path, bitmaps=tuple(bitmaps), create=create_size)
         exports = tuple(e for e in exports if e.name != name) + (mine,)
     elif export_name is not None or read_only or bitmaps or create_size or qdb_path:
         raise ConfigError("-x, -r, --bitmap, --create and --qdb describe IMAGE: give one")

@@ -9,11 +9,14 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field, replace
 
-from nbdserve.bitmaps.bitmap import BitmapError, check_name, granularity_bits
-from nbdserve.bitmaps.store import BitmapRequest
-from nbdserve.image import parse_size
-from nbdserve.server.listener import ListenAddress
 from nbdserve.tls import TLS_MODES, TLS_OFF, TlsConfig, TlsConfigError
+from nbdserve.values import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    check_bitmap_name,
+    granularity_bits,
+    parse_size,
+)
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -23,8 +26,38 @@ class ConfigError(Exception):
     """A bad setting: the message names the key and the reason."""
 
 
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """Where to listen: a TCP host and port, or a Unix socket path."""
+
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        if self.host and ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+DEFAULT_LISTEN = ListenAddress(DEFAULT_HOST, DEFAULT_PORT)
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapRequest:
+    """`--bitmap NAME[,granularity=BYTES]`: create if absent, enable."""
+
+    name: str
+    granularity: int | None = None
+
+
 @dataclass(frozen=True)
-class ExportSettings:
+class ExportConfig:
+    """One export, as the file or the command line describes it; the export is
+    built from this directly (nbdserve.export.Export)."""
+
     name: str
     image: str
     description: str = ""
@@ -38,8 +71,8 @@ class ExportSettings:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 10809),)
-    exports: tuple[ExportSettings, ...] = ()
+    listen: tuple[ListenAddress, ...] = (DEFAULT_LISTEN,)
+    exports: tuple[ExportConfig, ...] = ()
     control: str | None = None
     metrics: tuple[str, int] | None = None
     max_connections: int = 0
@@ -89,25 +122,45 @@ def parse_listen(text: str, key: str = "listen") -> ListenAddress:
     return ListenAddress(host=host, port=number)
 
 
+BITMAP_OPTIONS = ("granularity",)
+
+
+def parse_bitmap_spec(text: str) -> tuple[str, str | None]:
+    """"NAME[,granularity=BYTES]" -> (name, granularity text or None).
+
+    A name may contain commas, so only a last ",WORD=VALUE" is read as an option, and
+    then WORD must be a known one: a typo ("a,gran=4K") is an error rather than a
+    bitmap named "a,gran=4K". The command line and the file read it the same way.
+    """
+    name, sep, option = text.rpartition(",")
+    key, eq, value = option.partition("=")
+    if not sep or not eq or not key.replace("-", "").isalnum():
+        return text, None
+    if key not in BITMAP_OPTIONS:
+        raise ValueError(f"unknown bitmap option {key!r} in {text!r} (known: "
+                         f"{', '.join(BITMAP_OPTIONS)}); a name with a comma and an '=' "
+                         "after it needs the table form { name = ... }")
+    return name, value
+
+
 def parse_bitmap(value, key: str) -> BitmapRequest:
-    if isinstance(value, str):
-        name, granularity = value, None
-    elif isinstance(value, dict):
-        _check_keys(value, {"name", "granularity"}, key)
-        name = value.get("name")
-        granularity = value.get("granularity")
-        if isinstance(granularity, str):
-            try:
-                granularity = parse_size(granularity)
-            except ValueError as exc:
-                raise ConfigError(f"{key}.granularity: {exc}") from None
-    else:
-        raise ConfigError(f"{key}: expected a name or {{ name = ..., granularity = ... }}")
+    """A bitmap from the command line or the file: a string (see parse_bitmap_spec)
+    or a table { name = ..., granularity = ... }."""
     try:
-        check_name(name)
+        if isinstance(value, str):
+            name, granularity = parse_bitmap_spec(value)
+        elif isinstance(value, dict):
+            _check_keys(value, {"name", "granularity"}, key)
+            name = value.get("name")
+            granularity = value.get("granularity")
+        else:
+            raise ConfigError(f"{key}: expected a name or {{ name = ..., granularity = ... }}")
+        if isinstance(granularity, str):
+            granularity = parse_size(granularity)
+        check_bitmap_name(name)
         if granularity is not None:
             granularity_bits(granularity)
-    except BitmapError as exc:
+    except ValueError as exc:
         raise ConfigError(f"{key}: {exc}") from None
     return BitmapRequest(name, granularity)
 
@@ -199,36 +252,47 @@ def parse_config(data: dict) -> ServeConfig:
     return config
 
 
-def parse_export(table, index: int) -> ExportSettings:
+def make_export(*, name: str, image: str, description: str = "", read_only: bool = False,
+                max_connections: int = 0, tls_required: bool = False, qdb: str | None = None,
+                bitmaps: tuple[BitmapRequest, ...] = (), create: int | None = None,
+                where: str = "") -> ExportConfig:
+    """The one place an export's settings are checked (the file and the command line
+    both come here); ``where`` prefixes the key in messages."""
+    if not image:
+        raise ConfigError(f"{where}image: required")
+    if len(name.encode()) > 4096 or "\0" in name:
+        raise ConfigError(f"{where}name: at most 4096 bytes, no NUL")
+    if len(description.encode()) > 4096:
+        raise ConfigError(f"{where}description: at most 4096 bytes")
+    if max_connections < 0:
+        raise ConfigError(f"{where}max-connections: must be 0 (unlimited) or more")
+    if read_only and bitmaps:
+        raise ConfigError(f"{where}bitmaps: a read-only export records no writes")
+    return ExportConfig(name=name, image=image, description=description,
+                        read_only=read_only, max_connections=max_connections,
+                        tls_required=tls_required, qdb=qdb, bitmaps=bitmaps, create=create)
+
+
+def parse_export(table, index: int) -> ExportConfig:
     where = f"export[{index}]."
     if not isinstance(table, dict):
         raise ConfigError(f"export[{index}]: expected a table ([[export]])")
     _check_keys(table, EXPORT_KEYS, f"export[{index}]")
-    image = _get(table, "image", str, where)
-    if not image:
-        raise ConfigError(f"{where}image: required")
-    name = _get(table, "name", str, where, "")
-    if len(name.encode()) > 4096 or "\0" in name:
-        raise ConfigError(f"{where}name: at most 4096 bytes, no NUL")
     create = _get(table, "create", (str, int), where)
     if create is not None:
         try:
             create = parse_size(str(create))
         except ValueError as exc:
             raise ConfigError(f"{where}create: {exc}") from None
-    max_connections = _get(table, "max-connections", int, where, 0)
-    if max_connections < 0:
-        raise ConfigError(f"{where}max-connections: must be 0 (unlimited) or more")
     bitmaps = tuple(parse_bitmap(value, f"{where}bitmaps[{i}]") for i, value in
                     enumerate(_get(table, "bitmaps", list, where, [])))
-    read_only = _get(table, "read-only", bool, where, False)
-    if read_only and bitmaps:
-        raise ConfigError(f"{where}bitmaps: a read-only export records no writes")
-    return ExportSettings(
-        name=name, image=image, description=_get(table, "description", str, where, ""),
-        read_only=read_only, max_connections=max_connections,
+    return make_export(
+        name=_get(table, "name", str, where, ""), image=_get(table, "image", str, where),
+        description=_get(table, "description", str, where, ""),
+        read_only=_get(table, "read-only", bool, where, False),
+        max_connections=_get(table, "max-connections", int, where, 0),
         tls_required=_get(table, "tls-required", bool, where, False),
-        qdb=_get(table, "qdb", str, where), bitmaps=bitmaps, create=create,
+        qdb=_get(table, "qdb", str, where), bitmaps=bitmaps, create=create, where=where,
     )
 
 

@@ -1,8 +1,11 @@
 """A raw image file (or block device): the bottom of the I/O chain.
 
-Only byte-moving primitives live here; policy (validation, bitmaps, durability) sits
-in ``nbdserve.export``. Every method is a plain blocking call: the caller decides
-whether it runs on the event loop (page-cache hits) or in a worker thread.
+Only byte-moving primitives live here: reads and read planning (which parts of a
+range are data and which holes), writes, including from a pipe (splice) and to a
+socket (sendfile), hole punching and zeroing. Policy (validation, bitmaps,
+durability) sits in ``nbdserve.export``, and the file descriptor never leaves this
+class. Every method is a plain blocking call: the caller decides whether it runs on the
+event loop (page-cache hits) or in a worker thread.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 SECTOR = 512
+SPLICE_F_MOVE = 1
 SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
 _ZERO_CHUNK = bytes(1 << 20)
 
@@ -39,23 +43,6 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
-
-
-def parse_size(text: str) -> int:
-    """'10G', '512M', '1T', '4096' -> bytes (binary units, like qemu-img)."""
-    units = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40,
-             "P": 1 << 50, "E": 1 << 60}
-    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B") or text
-    number, unit = cleaned, ""
-    if cleaned and cleaned[-1] in units:
-        number, unit = cleaned[:-1], cleaned[-1]
-    try:
-        value = float(number) * units[unit]
-    except (ValueError, KeyError):
-        raise ValueError(f"invalid size {text!r} (use bytes or a suffix K, M, G, T)") from None
-    if value < 0 or value != int(value):
-        raise ValueError(f"invalid size {text!r}")
-    return int(value)
 
 
 def create_sparse(path: str, size: int) -> None:
@@ -154,6 +141,42 @@ class RawImage:
             return False
         return True
 
+    def read_pieces(self, offset: int, length: int, sparse: bool,
+                    nowait: bool = False) -> list[tuple[int, int, bytes | bytearray | None]] | None:
+        """Read planning for a READ: (offset, length, data or None for a hole) pieces
+        covering the range; holes are looked for only when ``sparse``.
+
+        With ``nowait``, return None as soon as any data is not in the page cache.
+        """
+        read = self.pread_nowait if nowait else self.pread
+        if not sparse:
+            data = read(offset, length)
+            return None if data is None else [(offset, length, data)]
+        pieces: list[tuple[int, int, bytes | bytearray | None]] = []
+        position = offset
+        for run, is_data in self.allocation(offset, length, 1 << 16):
+            data = None
+            if is_data:
+                data = read(position, run)
+                if data is None:
+                    return None
+            pieces.append((position, run, data))
+            position += run
+        if position < offset + length:  # the extent limit was reached: the rest as data
+            data = read(position, offset + length - position)
+            if data is None:
+                return None
+            pieces.append((position, offset + length - position, data))
+        return pieces
+
+    def send_to(self, sockfd: int, offset: int, count: int) -> int:
+        """sendfile(2) up to count bytes from offset to a socket; how many were sent
+        (0 when the socket is full)."""
+        try:
+            return os.sendfile(sockfd, self.fd, offset, count)
+        except BlockingIOError:
+            return 0
+
     def readahead(self, offset: int, length: int) -> None:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
@@ -231,6 +254,22 @@ class RawImage:
         if written < total:  # rare: finish what the kernel did not take
             rest = memoryview(b"".join(buffers))[written:]
             self.pwrite(offset + written, rest)
+
+    def write_from_pipe(self, pipe_fd: int, offset: int, count: int) -> tuple[int, OSError | None]:
+        """Move count bytes waiting in a pipe into the image at offset with splice(2)
+        (one copy, none through user space). Returns how many bytes moved and the
+        error that stopped it early, if any; what did not move is still in the pipe."""
+        moved = 0
+        while moved < count:
+            try:
+                written = os.splice(pipe_fd, self.fd, count - moved,
+                                    offset_dst=offset + moved, flags=SPLICE_F_MOVE)
+            except OSError as exc:
+                return moved, exc
+            if written == 0:  # cannot happen for a regular file or device; be safe
+                return moved, OSError(errno.EIO, "short write to the image")
+            moved += written
+        return moved, None
 
     def punch_hole(self, offset: int, length: int) -> bool:
         """Deallocate a range (it then reads as zeros). False if the fs cannot."""

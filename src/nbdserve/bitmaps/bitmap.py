@@ -9,19 +9,12 @@ merge, extents, count); none of it touches the bit layout.
 from __future__ import annotations
 
 import secrets
-import sys
-from array import array
 from dataclasses import dataclass, field
 from itertools import islice
 
 from bitarray import bitarray
 
-from nbdserve.protocol import constants as c
-
-MIN_GRANULARITY_BITS = 9  # 512 bytes
-MAX_GRANULARITY_BITS = 31  # 2 GiB, QEMU's limit
-DEFAULT_GRANULARITY = 64 << 10  # QEMU's default for images with no cluster size
-MAX_NAME_BYTES = 1023
+from nbdserve import values
 
 
 class BitmapError(Exception):
@@ -33,24 +26,18 @@ class BitmapError(Exception):
 
 
 def check_name(name: str) -> None:
-    raw = name.encode("utf-8", errors="strict") if isinstance(name, str) else b""
-    if not isinstance(name, str) or not raw:
-        raise BitmapError("Bitmap name cannot be empty")
-    if len(raw) > MAX_NAME_BYTES:
-        raise BitmapError(f"Bitmap name is {len(raw)} bytes; the limit is {MAX_NAME_BYTES}")
-    if "\0" in name:
-        raise BitmapError("Bitmap name cannot contain NUL")
+    try:
+        values.check_bitmap_name(name)
+    except ValueError as exc:
+        raise BitmapError(str(exc)) from None
 
 
 def granularity_bits(granularity: int) -> int:
     """Validate a granularity in bytes and return its log2."""
-    if (not isinstance(granularity, int) or granularity <= 0
-            or granularity & (granularity - 1)):
-        raise BitmapError(f"Granularity {granularity} must be a power of 2")
-    bits = granularity.bit_length() - 1
-    if not MIN_GRANULARITY_BITS <= bits <= MAX_GRANULARITY_BITS:
-        raise BitmapError("Granularity must be between 512 bytes and 2 GiB")
-    return bits
+    try:
+        return values.granularity_bits(granularity)
+    except ValueError as exc:
+        raise BitmapError(str(exc)) from None
 
 
 def new_generation() -> int:
@@ -76,7 +63,7 @@ class DirtyBitmap:
     inconsistent_reason: str = ""
 
     @classmethod
-    def create(cls, name: str, image_size: int, granularity: int = DEFAULT_GRANULARITY,
+    def create(cls, name: str, image_size: int, granularity: int = values.DEFAULT_GRANULARITY,
                recording: bool = True) -> DirtyBitmap:
         check_name(name)
         gbits = granularity_bits(granularity)
@@ -87,10 +74,6 @@ class DirtyBitmap:
     @property
     def granularity(self) -> int:
         return 1 << self.granularity_bits
-
-    @property
-    def context(self) -> str:
-        return c.QEMU_DIRTY_BITMAP_PREFIX + self.name
 
     # -- verbs ----------------------------------------------------------------------------
 
@@ -129,9 +112,9 @@ class DirtyBitmap:
             return (dirty - 1) * self.granularity + tail
         return dirty * self.granularity
 
-    def runs(self, offset: int, length: int, limit: int) -> tuple[list[int], int]:
-        """Lengths of the alternating clean/dirty runs from offset, and the state of the
-        first (NBD_STATE_DIRTY or 0).
+    def runs(self, offset: int, length: int, limit: int) -> tuple[list[int], bool]:
+        """Lengths of the alternating clean/dirty runs from offset, and whether the
+        first is dirty.
 
         Runs follow granule boundaries, except where the request starts or ends inside
         a granule. At most ``limit`` runs; the caller asks again for the rest. The run
@@ -147,23 +130,12 @@ class DirtyBitmap:
         if len(stops) < limit:
             stops.append(end)
         lengths = [stop - start for start, stop in zip([offset, *stops], stops, strict=False)]
-        return lengths, c.NBD_STATE_DIRTY if window[0] else 0
+        return lengths, bool(window[0])
 
-    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
-        """(length, NBD_STATE_DIRTY or 0) pairs from offset, cut to the request."""
-        lengths, state = self.runs(offset, length, limit)
-        return [(run, state ^ (index & 1)) for index, run in enumerate(lengths)]
-
-    def encoded_extents(self, offset: int, length: int, limit: int) -> bytes:
-        """The same extents as BLOCK_STATUS descriptors (big-endian u32 pairs)."""
-        lengths, state = self.runs(offset, length, limit)
-        words = array("I", bytes(8 * len(lengths)))
-        words[0::2] = array("I", lengths)
-        words[1::2] = array("I", ([state, state ^ 1] * ((len(lengths) + 1) // 2))[
-            :len(lengths)])
-        if sys.byteorder == "little":
-            words.byteswap()
-        return words.tobytes()
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+        """(length, dirty) pairs from offset, cut to the request."""
+        lengths, dirty = self.runs(offset, length, limit)
+        return [(run, dirty ^ bool(index & 1)) for index, run in enumerate(lengths)]
 
     def info(self) -> dict:
         """What list/query reports (QEMU's field names where they exist)."""

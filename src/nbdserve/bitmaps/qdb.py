@@ -14,13 +14,10 @@ from dataclasses import dataclass, field
 from bitarray import bitarray
 from construct import Bytes, Int8ub, Int16ub, Int32ub, Int64ub, StreamError, Struct, this
 
-from nbdserve.bitmaps.bitmap import (
-    MAX_GRANULARITY_BITS,
-    MAX_NAME_BYTES,
-    MIN_GRANULARITY_BITS,
-    granule_count,
-)
+from nbdserve.bitmaps.bitmap import granule_count
 from nbdserve.bitmaps.files import replace_atomically
+from nbdserve.values import MAX_BITMAP_NAME_BYTES as MAX_NAME_BYTES
+from nbdserve.values import MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS
 
 MAGIC = b"QDB\0"
 VERSION = 1

@@ -8,18 +8,17 @@ in-use flag cleared on a clean close.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 from bitarray import bitarray
 
 from nbdserve.bitmaps.bitmap import (
-    DEFAULT_GRANULARITY,
     BitmapError,
     DirtyBitmap,
     check_name,
@@ -40,7 +39,10 @@ from nbdserve.bitmaps.qdb import (
     read_qdb,
     write_qdb,
 )
+from nbdserve.config import BitmapRequest
+from nbdserve.errors import RequestError
 from nbdserve.protocol import constants as c
+from nbdserve.values import DEFAULT_GRANULARITY
 
 log = logging.getLogger("nbdserve.bitmaps")
 
@@ -70,14 +72,6 @@ def take_lock(qdb_path: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
-
-
-@dataclass(frozen=True, slots=True)
-class BitmapRequest:
-    """`--bitmap NAME[,granularity=BYTES]`: create if absent, enable."""
-
-    name: str
-    granularity: int | None = None
 
 
 class BitmapStore:
@@ -302,19 +296,21 @@ class BitmapStore:
 
     def contexts(self) -> list[str]:
         with self.lock:
-            return [b.context for b in self.bitmaps.values() if not b.inconsistent]
+            return [c.QEMU_DIRTY_BITMAP_PREFIX + b.name for b in self.bitmaps.values()
+                    if not b.inconsistent]
 
-    def encoded_extents(self, context: str, offset: int, length: int, limit: int) -> bytes:
+    def dirty_runs(self, context: str, offset: int, length: int,
+                   limit: int) -> tuple[list[int], bool]:
         with self.lock:
-            return self._by_context(context).encoded_extents(offset, length, limit)
+            return self._by_context(context).runs(offset, length, limit)
 
     def _by_context(self, context: str) -> DirtyBitmap:
         name = context.removeprefix(c.QEMU_DIRTY_BITMAP_PREFIX)
         bitmap = self.bitmaps.get(name)
         if bitmap is None or not context.startswith(c.QEMU_DIRTY_BITMAP_PREFIX):
-            raise KeyError(f"bitmap {name!r} no longer exists")
+            raise RequestError(errno.EINVAL, f"bitmap {name!r} no longer exists")
         if bitmap.inconsistent:
-            raise KeyError(f"bitmap {name!r} is inconsistent")
+            raise RequestError(errno.EINVAL, f"bitmap {name!r} is inconsistent")
         return bitmap
 
     def hold(self, contexts: Iterable[str]) -> list[str]:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from nbdserve.protocol import ProtocolViolation
 from nbdserve.protocol import constants as c
 
 GREETING = struct.pack(
@@ -45,10 +46,6 @@ class ExportCatalog(Protocol):
     def find(self, name: str) -> ExportView | None: ...
 
     def listed(self) -> Sequence[ExportView]: ...
-
-
-class ProtocolViolation(Exception):
-    """The client broke a MUST of the spec; the only answer is to hang up."""
 
 
 class Outcome(enum.Enum):

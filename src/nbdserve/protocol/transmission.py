@@ -1,4 +1,10 @@
-"""Transmission phase codec (spec: "Transmission"): requests, validation, replies.
+"""The transmission phase, sans I/O (spec: "Transmission"): request framing, every
+rule a request must pass, and reply encoding.
+
+``TransmissionRules`` decides, from a request header alone, how many payload bytes
+follow it and whether the connection must end (a bad magic, an oversized WRITE, DISC);
+then what error, if any, the request earns (``check``), including ESHUTDOWN once the
+server is stopping. The asyncio layer (server/transmission.py) only moves bytes.
 
 Pure functions and precompiled structs: this is the per-request hot path, so it avoids
 per-request objects and copies where it can.
@@ -6,10 +12,12 @@ per-request objects and copies where it can.
 
 from __future__ import annotations
 
+import enum
 import struct
 import sys
 from array import array
 
+from nbdserve.protocol import ProtocolViolation
 from nbdserve.protocol import constants as c
 
 REQUEST_HEADER = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
@@ -79,6 +87,57 @@ class RequestValidator:
         return 0, ""
 
 
+class Phase(enum.Enum):
+    SERVING = "serving"
+    STOPPING = "stopping"  # the server is shutting down: requests earn ESHUTDOWN
+    CLOSED = "closed"  # DISC received or the client broke the framing: nothing more
+
+
+DISCONNECT = -1  # what frame() returns for NBD_CMD_DISC
+
+
+class TransmissionRules:
+    """Framing and validation of one connection's requests, with its phase."""
+
+    __slots__ = ("validator", "phase")
+
+    def __init__(self, validator: RequestValidator, stopping: bool = False) -> None:
+        self.validator = validator
+        self.phase = Phase.STOPPING if stopping else Phase.SERVING
+
+    def frame(self, magic: int, command: int, length: int) -> int:
+        """Payload bytes that follow this header (a WRITE's length, else 0), or
+        DISCONNECT for DISC. Raises ProtocolViolation when the only safe answer is to
+        hang up: after a bad magic or an unreadable payload the stream is out of step."""
+        if magic != c.NBD_REQUEST_MAGIC:
+            self.phase = Phase.CLOSED
+            raise ProtocolViolation(f"bad request magic 0x{magic:x}")
+        if command == c.NBD_CMD_WRITE:
+            if length > c.MAX_PAYLOAD:
+                # Spec: a payload over the advertised maximum may be treated as hostile,
+                # and reading 4 GiB to stay in step is not an option; QEMU hangs up too.
+                self.phase = Phase.CLOSED
+                raise ProtocolViolation(f"write payload of {length} bytes")
+            return length
+        if command == c.NBD_CMD_DISC:
+            self.phase = Phase.CLOSED
+            return DISCONNECT
+        return 0
+
+    def check(self, command: int, flags: int, offset: int, length: int) -> tuple[int, str]:
+        """(0, "") for a request to carry out, else (NBD error, short reason)."""
+        if self.phase is Phase.STOPPING:
+            # Spec: once ESHUTDOWN is sent the client must disconnect; in-flight
+            # requests still complete.
+            return c.NBD_ESHUTDOWN, "server is shutting down"
+        return self.validator.check(command, flags, offset, length)
+
+    def stop(self) -> None:
+        """The server is shutting down: from now on every request earns ESHUTDOWN."""
+        if self.phase is Phase.SERVING:
+            self.phase = Phase.STOPPING
+
+
 def simple_reply(cookie: int, error: int = 0) -> bytes:
     return SIMPLE_REPLY.pack(c.NBD_SIMPLE_REPLY_MAGIC, error, cookie)
 
@@ -117,6 +176,16 @@ def encode_words(words: array) -> bytes:
     if not _BIG_ENDIAN_HOST:
         words.byteswap()
     return words.tobytes()
+
+
+def alternating_descriptors(lengths: list[int], first: int, second: int) -> bytes:
+    """Descriptors for runs whose flags alternate (first, second, first, ...), as a
+    dirty bitmap's clean and dirty runs do."""
+    count = len(lengths)
+    words = array("I", bytes(8 * count))
+    words[0::2] = array("I", lengths)
+    words[1::2] = array("I", ([first, second] * ((count + 1) // 2))[:count])
+    return encode_words(words)
 
 
 def block_status_chunk(cookie: int, context_id: int, descriptors: bytes, done: bool) -> bytes:

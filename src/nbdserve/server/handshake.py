@@ -1,5 +1,5 @@
-"""Drive option haggling from the stream's callbacks: a thin adapter around the
-sans-I/O OptionNegotiator.
+"""Drive the handshake from the stream's callbacks: a thin adapter that moves bytes
+between the connection and the sans-I/O HandshakeFraming (protocol/handshake.py).
 
 The handshake runs without a task or coroutine: bytes are parsed as they arrive and
 replies written at once. Per connection this is what a handshake rate is made of, and
@@ -15,23 +15,13 @@ import ssl
 import time
 from collections.abc import Callable
 
-from nbdserve.protocol import constants as c
-from nbdserve.protocol.options import (
-    GREETING,
-    OPTION_HEADER,
-    OptionNegotiator,
-    Outcome,
-    ProtocolViolation,
-    Session,
-)
+from nbdserve.protocol.handshake import HandshakeFraming, Phase
+from nbdserve.protocol.options import GREETING, OptionNegotiator, Outcome, Session
 from nbdserve.server.polling import Poller
 from nbdserve.server.stream import NbdStream
 from nbdserve.tls import TlsConfig, subject_allowed, subject_string
 
 log = logging.getLogger("nbdserve.handshake")
-
-CLIENT_FLAGS_SIZE = 4
-
 
 class Handshake:
     """The newstyle handshake of one connection. ``on_done`` receives the agreed
@@ -42,14 +32,13 @@ class Handshake:
                  ssl_context: ssl.SSLContext | None = None,
                  poller: Poller | None = None) -> None:
         self.stream = stream
+        self.framing = HandshakeFraming(negotiator)
         self.poller = poller  # busy-polls between round trips (polling.py)
         self.waiting_since = 0
-        self.negotiator = negotiator
         self.peer = peer
         self.on_done = on_done
         self.tls = tls
         self.ssl_context = ssl_context
-        self.flags_received = False
         self.finished = False
         self.tls_task: asyncio.Task | None = None
 
@@ -57,7 +46,7 @@ class Handshake:
         """Greet the client (unless the caller already did), then handle options."""
         if not greeted:
             self.stream.write(GREETING)
-        self.stream.consumer = self.feed
+        self.stream.on_data = self.feed
         self.feed()
 
     def feed(self) -> None:
@@ -72,61 +61,35 @@ class Handshake:
             log.exception("%s: handshake failed", self.peer)
             self.finish(None)
             return
-        if poller is not None and self.stream.consumer is not None and \
+        if poller is not None and self.framing.reading and \
                 poller.allowed(self.stream.transport.get_write_buffer_size() > 0):
             self.waiting_since = time.perf_counter_ns()
             poller.spin(self.waiting_since)
 
     def _feed(self) -> None:
         stream = self.stream
-        negotiator = self.negotiator
-        while stream.consumer is not None and not stream.write_paused:
-            if not self.flags_received:
-                if stream.available() < CLIENT_FLAGS_SIZE:
-                    return
-                self.flags_received = True
-                try:
-                    negotiator.handle_client_flags(stream.take(CLIENT_FLAGS_SIZE))
-                except ProtocolViolation as error:
-                    log.warning("%s: %s; disconnecting", self.peer, error)
-                    self.finish(None)
-                    return
-                continue
-            header = stream.peek_struct(OPTION_HEADER)
-            if header is None:
-                return
-            magic, option, length = header
-            if magic != c.IHAVEOPT:
-                log.warning("%s: bad option magic 0x%x; disconnecting", self.peer, magic)
-                self.finish(None)
-                return
-            if length > c.MAX_OPTION_LENGTH:
-                log.warning("%s: option payload of %d bytes; disconnecting", self.peer,
-                            length)
-                self.finish(None)
-                return
-            if stream.available() < OPTION_HEADER.size + length:
-                return  # the receive buffer grows until the payload is in
-            stream.take(OPTION_HEADER.size)
-            payload = stream.take(length) if length else b""
-            result = negotiator.handle_option(option, payload)
+        framing = self.framing
+        while framing.reading and not stream.write_paused:
+            consumed, result = framing.step(stream.unread())
+            if result is None:
+                return  # incomplete: the receive buffer grows until the message is in
+            stream.consume(consumed)
             if result.replies:
                 stream.write(result.replies)
-            outcome = result.outcome
-            if outcome is Outcome.CONTINUE:
+            phase = framing.phase
+            if phase is Phase.OPTIONS:
                 continue
-            if outcome is Outcome.STARTTLS:
-                stream.consumer = None
+            if phase is Phase.TLS:
+                stream.on_data = None
                 self.poller = None  # TLS may hold bytes the socket does not show
                 self.tls_task = asyncio.get_running_loop().create_task(self._start_tls())
-                return
-            if outcome is Outcome.TRANSMISSION:
+            elif phase is Phase.TRANSMISSION:
                 self.finish(result.session)
-            elif outcome is Outcome.DISCONNECT:
-                log.warning("%s: %s; disconnecting", self.peer, result.note)
+            elif result.outcome is Outcome.ABORT:
+                log.debug("%s: client aborted the handshake", self.peer)
                 self.finish(None)
             else:
-                log.debug("%s: client aborted the handshake", self.peer)
+                log.warning("%s: %s; disconnecting", self.peer, result.note)
                 self.finish(None)
             return
 
@@ -134,7 +97,7 @@ class Handshake:
         if self.finished:
             return
         self.finished = True
-        self.stream.consumer = None
+        self.stream.on_data = None
         self.on_done(session)
 
     async def _start_tls(self) -> None:
@@ -146,14 +109,14 @@ class Handshake:
             log.exception("%s: TLS upgrade failed", self.peer)
             self.finish(None)
             return
-        self.negotiator.tls_started()
-        self.stream.consumer = self.feed
+        self.framing.tls_started()
+        self.stream.on_data = self.feed
         self.feed()  # whatever arrived during the TLS handshake
 
     def abandon(self) -> None:
         """The connection is gone: stop, and do not report."""
         self.finished = True
-        self.stream.consumer = None
+        self.stream.on_data = None
         if self.tls_task is not None:
             self.tls_task.cancel()
 

@@ -336,9 +336,9 @@ class Server:
         log.info("%s: connected to export %r (flags 0x%04x%s)", peer, export.name,
                  session.transmission_flags,
                  "; " + ", ".join(features) if features else "")
-        transmission = Transmission(stream, stream, session, self.executor, peer,
-                                    self.is_shutting_down, connection.sock,
-                                    None if session.tls else connection.poller)
+        transmission = Transmission(stream, session, self.executor, peer,
+                                    stopping=self.stopping, sock=connection.sock,
+                                    poller=connection.poller)
         connection.transmission = transmission
         export.connections += 1
         self.census.transmitting += 1
@@ -362,6 +362,9 @@ class Server:
     async def shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish, flush, close everything."""
         self.stopping = True
+        for conn in self.connections:
+            if conn.transmission is not None:
+                conn.transmission.stop()
         for server in self._servers:
             server.close()
         if self.control is not None:

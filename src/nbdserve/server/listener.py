@@ -6,23 +6,9 @@ import contextlib
 import os
 import socket
 import stat
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True, slots=True)
-class ListenAddress:
-    """Where to listen: a TCP host and port, or a Unix socket path."""
-
-    host: str | None = None
-    port: int | None = None
-    path: str | None = None
-
-    def __str__(self) -> str:
-        if self.path is not None:
-            return f"unix:{self.path}"
-        if self.host and ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+from nbdserve.config import ListenAddress
+from nbdserve.values import DEFAULT_HOST, DEFAULT_PORT
 
 
 class ListenError(Exception):
@@ -81,8 +67,8 @@ def bind_unix(path: str) -> socket.socket:
 def bind(address: ListenAddress) -> socket.socket:
     if address.path is not None:
         return bind_unix(address.path)
-    return bind_tcp(address.host or "127.0.0.1", address.port if address.port is not None
-                    else 10809)
+    return bind_tcp(address.host or DEFAULT_HOST,
+                    address.port if address.port is not None else DEFAULT_PORT)
 
 
 def describe(sock: socket.socket) -> str:

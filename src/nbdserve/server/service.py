@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 from nbdserve import systemd as systemd_glue
 from nbdserve.bitmaps.store import BitmapStore, default_qdb_path
-from nbdserve.config import ConfigError, ExportSettings, ServeConfig
-from nbdserve.export import Export, ExportCatalog, ExportConfig
+from nbdserve.config import ConfigError, ExportConfig, ServeConfig
+from nbdserve.export import Export, ExportCatalog
 from nbdserve.image import ImageError, RawImage, create_sparse
 from nbdserve.server import listener
 from nbdserve.server.lifecycle import Server
@@ -24,7 +24,7 @@ class ServiceError(Exception):
     """The service cannot start; the message is for the operator."""
 
 
-def open_export(settings: ExportSettings, *, with_control: bool) -> Export:
+def open_export(settings: ExportConfig, *, with_control: bool) -> Export:
     """Open one export's image and, where wanted, its bitmaps."""
     if settings.create is not None and not os.path.exists(settings.image):
         try:
@@ -45,11 +45,7 @@ def open_export(settings: ExportSettings, *, with_control: bool) -> Export:
         except Exception as exc:
             image.close()
             raise ServiceError(f"export {settings.name!r}: bitmaps: {exc}") from None
-    config = ExportConfig(name=settings.name, image_path=settings.image,
-                          description=settings.description, read_only=settings.read_only,
-                          max_connections=settings.max_connections,
-                          tls_required=settings.tls_required)
-    return Export(config, image, tracker=store)
+    return Export(settings, image, tracker=store)
 
 
 def listening_sockets(config: ServeConfig) -> tuple[list[socket.socket], list[str]]:
@@ -76,7 +72,7 @@ class Service:
     def __init__(self, config: ServeConfig, reload_config: Callable[[], ServeConfig] | None):
         self.config = config
         self.reload_config = reload_config
-        self.settings: dict[str, ExportSettings] = {}
+        self.settings: dict[str, ExportConfig] = {}
         self.server: Server | None = None
         self.socket_paths: list[str] = []
 

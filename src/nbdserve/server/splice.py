@@ -1,9 +1,10 @@
-"""WRITE payloads moved from the socket into the image with splice(2).
+"""WRITE payloads moved from the socket towards the image with splice(2).
 
 Received the usual way, a payload is copied twice: from the socket into our buffer,
 then from there into the page cache. splice(2) moves it from the socket into a pipe
-without copying, and from the pipe into the file with one copy. For large writes that
-was about twice the throughput (docs/performance.md).
+without copying; the image then moves it from the pipe into the file with one copy
+(``RawImage.write_from_pipe``). For large writes that was about twice the throughput
+(docs/performance.md). This module owns the socket side only.
 
 While a payload is spliced, the transport must not read from the socket: its reading
 is paused, and readability is watched on a duplicate of the descriptor (the event
@@ -17,11 +18,15 @@ import asyncio
 import contextlib
 import fcntl
 import os
+from collections.abc import Callable
 
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, missing from Python 3.11 on some builds
 PIPE_SIZE = 1 << 20  # the largest pipe an unprivileged process gets by default
 SPLICE_F_MOVE = 1
 SPLICE_F_NONBLOCK = 2
+
+# Where a pipe's bytes go: (pipe fd, offset, count) -> (bytes moved, error or None).
+PipeSink = Callable[[int, int, int], "tuple[int, OSError | None]"]
 
 
 class SocketSplicer:
@@ -40,12 +45,12 @@ class SocketSplicer:
         except OSError:  # over the user's pipe allowance: keep the default size
             self.pipe_size = fcntl.fcntl(self.pipe_w, 1032)  # F_GETPIPE_SZ
 
-    async def receive(self, fd: int, offset: int, length: int,
+    async def receive(self, sink: PipeSink, offset: int, length: int,
                       error: OSError | None = None) -> OSError | None:
-        """Move the next length bytes of the socket to fd at offset.
+        """Move the next length bytes of the socket to sink at offset.
 
         The bytes are always consumed from the socket, so the stream stays in step;
-        once the file refuses them (or if an error is passed in), the rest of the
+        once the sink refuses them (or if an error is passed in), the rest of the
         payload is discarded and the first error returned. Raises
         IncompleteReadError if the client hangs up.
         """
@@ -62,30 +67,13 @@ class SocketSplicer:
                 raise asyncio.IncompleteReadError(b"", length)
             length -= moved
             if error is None:
-                try:
-                    self._pipe_to_file(fd, offset, moved)
-                except OSError as exc:
-                    error = exc
+                written, error = sink(self.pipe_r, offset, moved)
+                if written < moved:
+                    self._discard(moved - written)  # the pipe is left empty either way
             else:
                 self._discard(moved)
             offset += moved
         return error
-
-    def _pipe_to_file(self, fd: int, offset: int, count: int) -> None:
-        """Empty the pipe (count bytes) into fd at offset; on an error the pipe is
-        emptied anyway before the error is raised."""
-        while count:
-            try:
-                written = os.splice(self.pipe_r, fd, count, offset_dst=offset,
-                                    flags=SPLICE_F_MOVE)
-            except OSError:
-                self._discard(count)
-                raise
-            if written == 0:  # cannot happen for a regular file or device; be safe
-                self._discard(count)
-                raise OSError(5, "short write to the image")
-            count -= written
-            offset += written
 
     def _discard(self, count: int) -> None:
         if self.null_fd < 0:

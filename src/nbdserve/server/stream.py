@@ -33,7 +33,7 @@ class NbdStream(asyncio.BufferedProtocol):
         self.on_connect = on_connect
         # While set, called whenever bytes arrive (instead of waking a reader): the
         # handshake is driven this way, without a task per connection.
-        self.consumer: Callable[[], None] | None = None
+        self.on_data: Callable[[], None] | None = None
         self.on_lost: Callable[[], None] | None = None
         self._connected = False
         self.transport: asyncio.Transport | None = None
@@ -86,8 +86,8 @@ class NbdStream(asyncio.BufferedProtocol):
                 self._wake()
             return
         self._end += nbytes
-        if self.consumer is not None:
-            self.consumer()
+        if self.on_data is not None:
+            self.on_data()
             return
         unread = self._end - self._start
         if unread >= self._wanted:
@@ -116,7 +116,7 @@ class NbdStream(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        if self.consumer is not None:
+        if self.on_data is not None:
             # A client that sends faster than it reads the replies: stop taking its
             # bytes until the replies have gone out.
             self._pause(_REPLIES)
@@ -129,8 +129,8 @@ class NbdStream(asyncio.BufferedProtocol):
         self._drain_waiters.clear()
         if self._paused & _REPLIES:
             self._resume(_REPLIES)
-            if self.consumer is not None:
-                self.consumer()
+            if self.on_data is not None:
+                self.on_data()
 
     # -- why the transport is not read from: a bit per reason --------------------------------
 
@@ -204,23 +204,25 @@ class NbdStream(asyncio.BufferedProtocol):
     def resume_reading(self) -> None:
         self._resume(_HANDED_OVER)
 
-    def take(self, n: int) -> bytes:
-        """n bytes that have arrived (check available() first), for callbacks."""
-        return bytes(self.take_view(n))
+    def unread(self) -> memoryview:
+        """The bytes received and not yet consumed, without a copy: valid until
+        control returns to the loop or consume() is called."""
+        return memoryview(self._buf)[self._start:self._end]
+
+    def consume(self, n: int) -> None:
+        """Drop the first n unread bytes (after a callback handled them)."""
+        if self._end - self._start < n:
+            raise ValueError(f"{n} bytes consumed, {self._end - self._start} available")
+        self._consume(n)
 
     def take_view(self, n: int) -> memoryview:
-        """Like take(), without a copy: valid until control returns to the loop."""
+        """The next n unread bytes (check available() first), consumed, without a
+        copy: valid until control returns to the loop."""
         if self._end - self._start < n:
             raise ValueError(f"{n} bytes wanted, {self._end - self._start} available")
         view = memoryview(self._buf)[self._start:self._start + n]
         self._consume(n)
         return view
-
-    def peek_struct(self, layout: struct.Struct) -> tuple | None:
-        """The next fixed-size record if it has arrived, without consuming it."""
-        if self._end - self._start < layout.size:
-            return None
-        return layout.unpack_from(self._buf, self._start)
 
     async def readexactly(self, n: int) -> bytes:
         if self._end - self._start < n:

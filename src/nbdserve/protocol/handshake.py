@@ -1,0 +1,100 @@
+"""Framing of the newstyle handshake (spec: "Newstyle negotiation"), sans I/O.
+
+After the server's greeting the client sends its 32-bit flags, then options, each an
+IHAVEOPT header and a payload. ``HandshakeFraming.step`` takes the bytes received so
+far and returns how many it consumed and what the option haggling made of them
+(``OptionNegotiator``, in options.py). What is legal next is the explicit ``phase``.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+from nbdserve.protocol import ProtocolViolation
+from nbdserve.protocol import constants as c
+from nbdserve.protocol.options import OPTION_HEADER, OptionNegotiator, OptionResult, Outcome
+
+CLIENT_FLAGS = struct.Struct(">I")
+
+
+class Phase(enum.Enum):
+    CLIENT_FLAGS = "client flags"  # the greeting is out; the client's flags come next
+    OPTIONS = "options"  # haggling
+    TLS = "tls"  # STARTTLS acknowledged; the TLS handshake runs below us
+    TRANSMISSION = "transmission"  # GO or EXPORT_NAME succeeded
+    CLOSED = "closed"  # ABORT, a violation, or a refusal that ends the connection
+
+
+_NEXT_PHASE = {
+    Outcome.CONTINUE: Phase.OPTIONS,
+    Outcome.STARTTLS: Phase.TLS,
+    Outcome.TRANSMISSION: Phase.TRANSMISSION,
+    Outcome.ABORT: Phase.CLOSED,
+    Outcome.DISCONNECT: Phase.CLOSED,
+}
+
+
+def _closing(note: str) -> OptionResult:
+    return OptionResult(b"", Outcome.DISCONNECT, note=note)
+
+
+class HandshakeFraming:
+    """One connection's handshake: bytes in, option results out."""
+
+    __slots__ = ("negotiator", "phase", "max_option_length")
+
+    def __init__(self, negotiator: OptionNegotiator,
+                 max_option_length: int = c.MAX_OPTION_LENGTH) -> None:
+        self.negotiator = negotiator
+        self.phase = Phase.CLIENT_FLAGS
+        self.max_option_length = max_option_length
+
+    @property
+    def reading(self) -> bool:
+        """Whether bytes from the client are expected now."""
+        return self.phase in (Phase.CLIENT_FLAGS, Phase.OPTIONS)
+
+    def step(self, unread: memoryview | bytes) -> tuple[int, OptionResult | None]:
+        """Handle the first complete message in ``unread``.
+
+        Returns (bytes consumed, result); result None means a message is incomplete
+        and more bytes are needed. A result's outcome moves the phase on; replies in it
+        go to the client first.
+        """
+        if self.phase is Phase.CLIENT_FLAGS:
+            if len(unread) < CLIENT_FLAGS.size:
+                return 0, None
+            try:
+                self.negotiator.handle_client_flags(bytes(unread[:CLIENT_FLAGS.size]))
+            except ProtocolViolation as error:
+                self.phase = Phase.CLOSED
+                return CLIENT_FLAGS.size, _closing(str(error))
+            self.phase = Phase.OPTIONS
+            return CLIENT_FLAGS.size, OptionResult(b"")
+        if self.phase is not Phase.OPTIONS:
+            raise RuntimeError(f"no client bytes are expected in the {self.phase.value} phase")
+        if len(unread) < OPTION_HEADER.size:
+            return 0, None
+        magic, option, length = OPTION_HEADER.unpack_from(unread)
+        if magic != c.IHAVEOPT:
+            self.phase = Phase.CLOSED
+            return 0, _closing(f"bad option magic 0x{magic:x}")
+        if length > self.max_option_length:
+            # Spec: a server may treat an absurd length as hostile and hang up.
+            self.phase = Phase.CLOSED
+            return 0, _closing(f"option payload of {length} bytes")
+        end = OPTION_HEADER.size + length
+        if len(unread) < end:
+            return 0, None
+        payload = bytes(unread[OPTION_HEADER.size:end]) if length else b""
+        result = self.negotiator.handle_option(option, payload)
+        self.phase = _NEXT_PHASE[result.outcome]
+        return end, result
+
+    def tls_started(self) -> None:
+        """The TLS handshake succeeded: haggling starts over, encrypted."""
+        if self.phase is not Phase.TLS:
+            raise RuntimeError("TLS started outside STARTTLS")
+        self.negotiator.tls_started()
+        self.phase = Phase.OPTIONS

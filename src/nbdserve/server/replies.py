@@ -1,0 +1,174 @@
+"""Everything one connection sends during transmission, in one place.
+
+``ReplyWriter`` frames replies (simple or structured, as negotiated), queues the
+replies of a burst of pipelined requests and hands them to the transport in one
+writev (``flush``), and sends large cached reads straight from the image with
+sendfile(2). Every reply is handed over in one synchronous step, so a chunk is never
+interleaved with another on the wire. It also holds the one failure path: an error of
+any request, mapped to its NBD error with the request's flags in hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+
+from nbdserve.errors import ERROR_NAMES, error_message, nbd_error
+from nbdserve.export import Export
+from nbdserve.metrics import OTHER
+from nbdserve.protocol import constants as c
+from nbdserve.protocol.transmission import (
+    block_status_chunk,
+    error_chunk,
+    none_chunk,
+    offset_data_header,
+    offset_hole_chunk,
+    simple_reply,
+)
+
+log = logging.getLogger("nbdserve.transmission")
+
+UNIX_SEND_BUFFER = 4 << 20  # send buffer asked for on Unix sockets (see send_file)
+
+Pieces = list[tuple[int, int, "bytes | bytearray | None"]]
+
+
+class ReplyWriter:
+    def __init__(self, transport, export: Export, structured: bool, peer: str,
+                 sock: socket.socket | None) -> None:
+        self.transport = transport
+        self.export = export
+        self.structured = structured
+        self.peer = peer
+        self.errors = export.stats.errors
+        self.out: list[bytes | bytearray] = []  # replies not yet handed to the transport
+        # sendfile(2) straight to the socket saves a copy; only on plain sockets (TLS
+        # must go through the transport; the caller passes no socket then) and only
+        # while the transport has nothing queued, so the bytes still leave in order.
+        self.sockfd = sock.fileno() if sock is not None else -1
+        # A Unix socket's send buffer (about 208 KiB by default) is smaller than one
+        # nbdcopy read (256 KiB): sendfile(2) would stop part-way and the rest be
+        # copied. It is enlarged before the first large read (not at accept: the
+        # call costs a few microseconds of every handshake).
+        self.unix_sock = sock if sock is not None and sock.family == socket.AF_UNIX else None
+
+    # -- the queue ----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Hand the queued replies to the transport in one writev. The request loop
+        queues the replies of a burst of pipelined requests and flushes before it would
+        wait for the client; replies finished in tasks flush at once."""
+        if self.out:
+            out, self.out = self.out, []
+            self.transport.writelines(out)
+
+    # -- framing --------------------------------------------------------------------------------
+
+    def ok(self, cookie: int) -> None:
+        self.out.append(simple_reply(cookie))
+
+    def fail(self, command: int, cookie: int, flags: int, exc: BaseException) -> None:
+        """The one failure path for a request that raised: its NBD error depends on
+        the request's flags (errors.nbd_error)."""
+        self.refuse(command, cookie, nbd_error(exc, flags), error_message(exc))
+
+    def refuse(self, command: int, cookie: int, error: int, reason: str) -> None:
+        """An error reply: a structured error chunk, or a simple reply's error field."""
+        self.errors[command if command < OTHER else OTHER] += 1
+        if error != c.NBD_ESHUTDOWN:
+            log.info("%s: %s failed: %s (%s)", self.peer,
+                     c.COMMAND_NAMES.get(command, command), reason,
+                     ERROR_NAMES.get(error, error))
+        if self.structured:
+            self.out.append(error_chunk(cookie, error, reason))
+        else:
+            self.out.append(simple_reply(cookie, error))
+
+    def read_data(self, cookie: int, pieces: Pieces) -> None:
+        """A READ reply: data and (structured, non-DF) hole pieces covering the request."""
+        chunks = self.out
+        if not self.structured:
+            chunks += (simple_reply(cookie), pieces[0][2])
+            return
+        if pieces[0][1] == 0:
+            chunks.append(none_chunk(cookie))
+            return
+        last = len(pieces) - 1
+        for index, (position, run, data) in enumerate(pieces):
+            done = index == last
+            if data is None:
+                chunks.append(offset_hole_chunk(cookie, position, run, done))
+            else:
+                chunks.append(offset_data_header(cookie, position, run, done))
+                chunks.append(data)
+
+    def block_status(self, cookie: int, chunks: list[tuple[int, bytes]]) -> None:
+        """One chunk per (context id, descriptors), the last flagged DONE."""
+        last = len(chunks) - 1
+        self.out.extend(block_status_chunk(cookie, context_id, descriptors, index == last)
+                        for index, (context_id, descriptors) in enumerate(chunks))
+
+    # -- reads sent with sendfile(2) -----------------------------------------------------------
+
+    def send_file(self, cookie: int, offset: int, length: int, sparse: bool) -> bool:
+        """Send a cached READ with sendfile(2); False (nothing sent) if it cannot."""
+        export = self.export
+        if self.sockfd < 0 or not export.is_cached(offset, length):
+            return False
+        if self.unix_sock is not None:
+            with contextlib.suppress(OSError):  # the kernel caps it at wmem_max
+                self.unix_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                          UNIX_SEND_BUFFER)
+            self.unix_sock = None
+        self.flush()
+        if self.transport.get_write_buffer_size():
+            return False
+        runs = export.data_runs(offset, length, sparse)
+        if runs is None:
+            return False
+        structured = self.structured
+        heads = [] if structured else [simple_reply(cookie)]
+        position = offset
+        last = len(runs) - 1
+        for index, (run, is_data) in enumerate(runs):
+            if structured:
+                chunk = offset_data_header if is_data else offset_hole_chunk
+                heads.append(chunk(cookie, position, run, index == last))
+            if is_data:
+                self._send_range(b"".join(heads), position, run)
+                heads = []
+            position += run
+        if heads:  # trailing holes
+            self._write_direct(b"".join(heads))
+        return True
+
+    def _write_direct(self, data: bytes) -> bool:
+        """Write to the socket; queue what does not fit. True if all of it was sent."""
+        if self.transport.get_write_buffer_size() == 0:
+            try:
+                sent = os.write(self.sockfd, data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return True
+            data = data[sent:]
+        self.transport.write(data)
+        return False
+
+    def _send_range(self, header: bytes, offset: int, length: int) -> None:
+        """Header, then [offset, offset+length) of the image: straight to the socket
+        while it takes them, queued on the transport (in order) from then on."""
+        export = self.export
+        if not self._write_direct(header):
+            self.transport.write(export.read(offset, length, sparse=False)[0][2])
+            return
+        end = offset + length
+        while offset < end:
+            sent = export.send_to(self.sockfd, offset, end - offset)
+            if sent == 0:
+                # The socket is full: the transport takes the rest and its backpressure.
+                self.transport.write(export.read(offset, end - offset, sparse=False)[0][2])
+                return
+            offset += sent
