@@ -246,7 +246,7 @@ BIG_IMAGE_SIZE = (16 << 40) - 65536  # ext4's limit is one block short of 16 TiB
 def prepare_dirty_bitmap_image(workdir: Path) -> Path:
     """A 16 TiB (less 64 KiB) sparse image with a 64 KiB bitmap of 1,000,000 dirty
     granules."""
-    from nbdserve.bitmaps.bitmap import DirtyBitmap
+    from nbdserve.bitmaps.bitmap import Bitmap
     from nbdserve.bitmaps.qdb import ImageIdentity, QdbContents, StoredBitmap, write_qdb
     image = workdir / "sparse-16t.raw"
     for stale in workdir.glob("sparse-16t.raw.qdb*"):
@@ -255,13 +255,13 @@ def prepare_dirty_bitmap_image(workdir: Path) -> Path:
     with open(image, "wb") as f:
         f.truncate(BIG_IMAGE_SIZE)
     st = image.stat()
-    bitmap = DirtyBitmap.create("backup", BIG_IMAGE_SIZE, 65536)
+    bitmap = Bitmap(BIG_IMAGE_SIZE, 16)  # 64 KiB granules
     rng = random.Random(2)
-    for granule in rng.sample(range(len(bitmap.bits)), 1_000_000):
-        bitmap.bits[granule] = 1
+    for granule in rng.sample(range(len(bitmap)), 1_000_000):
+        bitmap.set_granules(granule, granule + 1)
     write_qdb(str(image) + ".qdb", QdbContents(
         identity=ImageIdentity(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev),
-        bitmaps=[StoredBitmap("backup", 16, bitmap.generation, False, False, bitmap.bits)]))
+        bitmaps=[StoredBitmap("backup", 16, 1, False, False, bitmap.serialise())]))
     return image
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdserve.bitmaps.bitmap import BitmapError
+from nbdserve.bitmaps.policy import BitmapError
 from nbdserve.bitmaps.qdb import read_qdb
 from nbdserve.bitmaps.store import BitmapStore, StoreLocked
 from nbdserve.config import BitmapRequest

@@ -8,7 +8,7 @@ import zlib
 import pytest
 from bitarray import bitarray
 
-from nbdserve.bitmaps.bitmap import BitmapError, DirtyBitmap, granularity_bits
+from nbdserve.bitmaps.bitmap import Bitmap
 from nbdserve.bitmaps.journal import (
     INITIAL_SIZE,
     Journal,
@@ -18,6 +18,7 @@ from nbdserve.bitmaps.journal import (
     encode_record,
     read_journal,
 )
+from nbdserve.bitmaps.policy import BitmapError, DirtyBitmap, granularity_bits
 from nbdserve.bitmaps.qdb import (
     HEADER_CHECKSUM_OFFSET,
     ImageIdentity,
@@ -31,36 +32,42 @@ from nbdserve.bitmaps.qdb import (
 MiB = 1 << 20
 
 
-# -- DirtyBitmap --------------------------------------------------------------------------
+# -- Bitmap: the bits and their verbs -----------------------------------------------------
 
-def test_marking_sets_every_overlapped_granule():
-    b = DirtyBitmap.create("b", 16 * MiB, 65536)
-    b.mark(100, 10)
-    b.mark(131000, 1000)  # spans granules 1 and 2
-    assert b.bits[:4].tolist() == [1, 1, 1, 0]
-    assert b.bits.tobytes()[0] == 0x07  # LSB-first, as QEMU stores it
-    assert b.dirty_bytes() == 3 * 65536
+def granule_states(b: Bitmap) -> list[bool]:
+    """Each granule's state, read back through the public verbs only."""
+    return [b.is_set(i * b.granularity, 1) for i in range(len(b))]
 
 
-def test_zero_length_marks_nothing():
-    b = DirtyBitmap.create("b", MiB, 4096)
-    b.mark(4096, 0)
-    assert b.dirty_bytes() == 0
+def test_setting_sets_every_overlapped_granule():
+    b = Bitmap(16 * MiB, 16)
+    b.set(100, 10)
+    b.set(131000, 1000)  # spans granules 1 and 2
+    assert granule_states(b)[:4] == [True, True, True, False]
+    assert b.serialise().tobytes()[0] == 0x07  # LSB-first, as QEMU stores it
+    assert b.count_bytes() == 3 * 65536
+
+
+def test_zero_length_sets_nothing():
+    b = Bitmap(MiB, 12)
+    b.set(4096, 0)
+    assert b.count_bytes() == 0
 
 
 def test_last_partial_granule():
     size = 64 * MiB + 4096  # the last 64 KiB granule covers only 4 KiB
-    b = DirtyBitmap.create("b", size, 65536)
-    b.mark(size - 1, 1)
-    assert len(b.bits) == 1025 and b.bits[-1]
-    assert b.dirty_bytes() == 4096
-    assert b.extents(size - 8192, 8192, 10) == [(4096, 0), (4096, 1)]
+    b = Bitmap(size, 16)
+    b.set(size - 1, 1)
+    assert len(b) == 1025 and b.is_set(size - 1, 1)
+    assert b.count_bytes() == 4096
+    assert b.extents(size - 8192, 8192, 10) == [(4096, False), (4096, True)]
+    assert list(b.set_ranges()) == [(64 * MiB, 4096)]
 
 
 def test_extents_follow_granules_and_are_cut_to_the_request():
-    b = DirtyBitmap.create("b", MiB, 65536)
-    b.mark(65536, 1)
-    b.mark(196608, 70000)  # granules 3 and 4
+    b = Bitmap(MiB, 16)
+    b.set(65536, 1)
+    b.set(196608, 70000)  # granules 3 and 4
     assert b.extents(0, MiB, 100) == [(65536, 0), (65536, 1), (65536, 0), (131072, 1),
                                       (MiB - 327680, 0)]
     assert b.extents(70000, 100000, 100) == [(61072, 1), (38928, 0)]
@@ -74,17 +81,19 @@ def test_extents_follow_granules_and_are_cut_to_the_request():
 def test_extents_agree_with_a_naive_reference():
     import random
     rng = random.Random(5)
-    b = DirtyBitmap.create("b", 8 * MiB + 4096, 4096)
+    size = 8 * MiB + 4096
+    b = Bitmap(size, 12)
     for _ in range(300):
-        b.mark(rng.randrange(0, 8 * MiB), rng.randrange(1, 20000))
+        b.set(rng.randrange(0, 8 * MiB), rng.randrange(1, 20000))
+    states = granule_states(b)
     for _ in range(200):
-        offset = rng.randrange(0, b.image_size - 1)
-        length = rng.randrange(1, b.image_size - offset + 1)
+        offset = rng.randrange(0, size - 1)
+        length = rng.randrange(1, size - offset + 1)
         limit = rng.choice([1, 2, 7, 1 << 17])
         expected = []  # granule by granule, cut to the request, equal neighbours merged
         for granule in range(offset // 4096, (offset + length - 1) // 4096 + 1):
             piece = min(offset + length, (granule + 1) * 4096) - max(offset, granule * 4096)
-            state = b.bits[granule]
+            state = states[granule]
             if expected and expected[-1][1] == state:
                 expected[-1][0] += piece
             elif len(expected) == limit:
@@ -93,6 +102,28 @@ def test_extents_agree_with_a_naive_reference():
                 expected.append([piece, state])
         assert b.extents(offset, length, limit) == [tuple(e) for e in expected]
 
+
+def test_merge_and_intersect_need_the_same_shape():
+    a, b = Bitmap(MiB, 16), Bitmap(MiB, 16)
+    b.set(0, 1)
+    a.merge(b)
+    assert a.is_set(0, 1)
+    a.intersect(Bitmap(MiB, 16))
+    assert a.count_bytes() == 0
+    with pytest.raises(ValueError):
+        a.merge(Bitmap(MiB, 12))
+
+
+def test_set_granules_refuses_granules_outside_the_bitmap():
+    b = Bitmap(MiB, 16)  # 16 granules
+    b.set_granules(15, 16)
+    with pytest.raises(ValueError):
+        b.set_granules(15, 17)
+    with pytest.raises(ValueError):
+        b.set_granules(3, 3)
+
+
+# -- DirtyBitmap: the policy above the bits -------------------------------------------------
 
 @pytest.mark.parametrize("bad", [0, 256, 511, 3000, 1 << 32, -4096])
 def test_granularity_must_be_a_power_of_two_in_range(bad):
@@ -106,31 +137,29 @@ def test_bad_names(name):
         DirtyBitmap.create(name, MiB)
 
 
-def test_merge_needs_equal_granularity_and_clear_changes_generation():
+def test_clear_resets_the_bits_and_changes_the_generation():
     a = DirtyBitmap.create("a", MiB, 65536)
-    b = DirtyBitmap.create("b", MiB, 65536)
-    b.mark(0, 1)
-    a.merge_from(b)
-    assert a.bits[0]
-    with pytest.raises(BitmapError):
-        a.merge_from(DirtyBitmap.create("c", MiB, 4096))
+    a.bitmap.set(0, 1)
+    a.make_inconsistent("test")
     generation = a.generation
     a.clear()
-    assert a.dirty_bytes() == 0 and a.generation != generation
+    assert a.bitmap.count_bytes() == 0 and a.generation != generation
+    assert not a.inconsistent and a.info()["count"] == 0
 
 
 # -- QDB format ---------------------------------------------------------------------------
 
 def sample_contents() -> QdbContents:
-    a = DirtyBitmap.create("a", 64 * MiB, 65536)
-    a.mark(0, 3 * MiB)
-    big = DirtyBitmap.create("ünïcode name", 64 * MiB, 512)  # 131072 bits = 4 clusters
-    big.bits[: 4096 * 8] = 1  # the first 4 KiB cluster is all ones
-    big.mark(40 * MiB + 1, 1)
+    a = Bitmap(64 * MiB, 16)
+    a.set(0, 3 * MiB)
+    big = Bitmap(64 * MiB, 9)  # 131072 bits = 4 clusters
+    big.set_granules(0, 4096 * 8)  # the first 4 KiB cluster is all ones
+    big.set(40 * MiB + 1, 1)
     return QdbContents(
         identity=ImageIdentity(64 * MiB, 123, 456, 789), in_use=True, save_counter=9,
-        bitmaps=[StoredBitmap(b.name, b.granularity_bits, b.generation, b is a, False,
-                              b.bits) for b in (a, big)])
+        bitmaps=[StoredBitmap(name, b.granularity_bits, generation, b is a, False,
+                              b.serialise())
+                 for name, generation, b in (("a", 11, a), ("ünïcode name", 12, big))])
 
 
 def test_round_trip_keeps_everything():

@@ -14,8 +14,10 @@ import sys
 import click
 
 from nbdserve import __version__
-from nbdserve.bitmaps.bitmap import BitmapError
-from nbdserve.bitmaps.store import BitmapStore, StoreLocked, default_qdb_path
+from nbdserve.bitmaps import inspection
+from nbdserve.bitmaps.offline import run_offline
+from nbdserve.bitmaps.policy import BitmapError
+from nbdserve.bitmaps.store import StoreLocked
 from nbdserve.config import (
     DEFAULT_LISTEN,
     BitmapRequest,
@@ -28,7 +30,7 @@ from nbdserve.config import (
     parse_listen,
     with_overrides,
 )
-from nbdserve.image import ImageError, RawImage
+from nbdserve.image import ImageError
 from nbdserve.server.service import Service, ServiceError
 from nbdserve.tls import TLS_MODES, TLS_OFF, TlsConfig, TlsConfigError
 from nbdserve.values import parse_size
@@ -323,25 +325,9 @@ class BitmapTarget:
             except OSError as exc:
                 raise click.ClickException(f"cannot reach {self.control}: {exc}") from None
         try:
-            image = RawImage(self.image, read_only=True)
-        except ImageError as exc:
+            return run_offline(self.image, self.qdb, command, arguments)
+        except (ImageError, StoreLocked, OSError, BitmapError) as exc:
             raise click.ClickException(str(exc)) from None
-        try:
-            store = BitmapStore.open(self.qdb or default_qdb_path(self.image), image.size,
-                                     image.identity)
-        except (StoreLocked, OSError) as exc:
-            image.close()
-            raise click.ClickException(str(exc)) from None
-        try:
-            if command == "query-bitmaps":
-                return store.query()
-            store.execute(command, arguments)
-            return {}
-        except BitmapError as exc:
-            raise click.ClickException(str(exc)) from None
-        finally:
-            store.close()
-            image.close()
 
 
 def bitmap_target_options(function):
@@ -452,39 +438,20 @@ def _read_qdb(path: str):
         raise click.ClickException(f"{path}: {exc}") from None
 
 
-def _dirty_runs(stored, granularity_bits_: int, image_size: int):
-    from bitarray.util import intervals
-    granularity = 1 << granularity_bits_
-    for value, start, stop in intervals(stored.bits) if len(stored.bits) else ():
-        if value:
-            yield start * granularity, min(stop * granularity, image_size) - start * granularity
-
-
 @qdb.command("info")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def qdb_info(file, as_json) -> None:
     """Header and bitmaps of FILE."""
-    contents = _read_qdb(file)
-    size = contents.identity.size
-    bitmaps = []
-    for b in contents.bitmaps:
-        dirty = sum(length for _, length in _dirty_runs(b, b.granularity_bits, size)) \
-            if b.bits is not None else None
-        bitmaps.append({"name": b.name, "granularity": 1 << b.granularity_bits,
-                        "dirty_bytes": dirty, "recording": b.recording,
-                        "inconsistent": b.inconsistent or b.bits is None,
-                        "generation": f"{b.generation:016x}", "problem": b.problem})
-    info = {"version": 1, "cluster_size": 1 << contents.cluster_bits,
-            "image_size": size, "in_use": contents.in_use,
-            "save_counter": contents.save_counter, "bitmaps": bitmaps}
+    info = inspection.describe(_read_qdb(file))
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"file: {file}\nversion: 1\ncluster size: {info['cluster_size']}\n"
-               f"image size: {size}\nin use: {'yes' if contents.in_use else 'no'}\n"
-               f"save counter: {contents.save_counter}\nbitmaps: {len(bitmaps)}")
-    for b in bitmaps:
+               f"image size: {info['image_size']}\n"
+               f"in use: {'yes' if info['in_use'] else 'no'}\n"
+               f"save counter: {info['save_counter']}\nbitmaps: {len(info['bitmaps'])}")
+    for b in info["bitmaps"]:
         state = "recording" if b["recording"] else "disabled"
         if b["inconsistent"]:
             state += ", inconsistent"
@@ -499,10 +466,10 @@ def qdb_info(file, as_json) -> None:
 def qdb_check(file) -> None:
     """Validate FILE completely; exit status 1 and a precise message on any damage."""
     contents = _read_qdb(file)
-    damaged = [b for b in contents.bitmaps if b.bits is None]
-    for b in damaged:
-        click.echo(f"{file}: bitmap '{b.name}': {b.problem}", err=True)
-    if damaged:
+    problems = inspection.damage(contents)
+    for problem in problems:
+        click.echo(f"{file}: {problem}", err=True)
+    if problems:
         sys.exit(1)
     note = " (in use by a server, or left in use by a crash)" if contents.in_use else ""
     click.echo(f"{file}: OK, {len(contents.bitmaps)} bitmaps{note}")
@@ -514,18 +481,12 @@ def qdb_check(file) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def qdb_dump(file, names, as_json) -> None:
     """Dirty extents (offset, length) of each bitmap in FILE."""
-    contents = _read_qdb(file)
-    chosen = [b for b in contents.bitmaps if not names or b.name in names]
-    missing = set(names) - {b.name for b in chosen}
-    if missing:
-        raise click.ClickException(f"no bitmap named {', '.join(sorted(missing))} in {file}")
-    out = []
-    for b in chosen:
-        if b.bits is None:
-            raise click.ClickException(f"bitmap '{b.name}' is unreadable: {b.problem}")
-        runs = list(_dirty_runs(b, b.granularity_bits, contents.identity.size))
-        out.append({"name": b.name, "granularity": 1 << b.granularity_bits,
-                    "dirty": [{"offset": o, "length": n} for o, n in runs]})
+    try:
+        out = inspection.dump(_read_qdb(file), tuple(names))
+    except LookupError as exc:
+        raise click.ClickException(f"{exc.args[0]} in {file}") from None
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return

@@ -1,120 +1,116 @@
-"""One dirty bitmap: bits over granules of an image, and a small vocabulary of verbs.
+"""Bits over the granules of an image, and a small vocabulary of verbs in bytes.
 
 Bit n covers bytes [n * granularity, (n + 1) * granularity); a set bit means "may have
 changed". Bits are stored LSB-first within each byte, the order of the QDB file (and of
-qcow2 and QEMU). Everything above this class speaks only its verbs (mark, clear,
-merge, extents, count); none of it touches the bit layout.
+qcow2 and QEMU). Like QEMU's hbitmap, this is only bits: what a bitmap is for (its name,
+whether it records, is busy or inconsistent, its generation) is policy, kept in the
+store (nbdserve.bitmaps.store), and how its extents look on the wire is the export's.
+Nothing above this class touches the bit layout.
 """
 
 from __future__ import annotations
 
-import secrets
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from itertools import islice
 
 from bitarray import bitarray
-
-from nbdserve import values
-
-
-class BitmapError(Exception):
-    """A bitmap operation was refused; the message is for the user."""
-
-    def __init__(self, message: str, error_class: str = "GenericError") -> None:
-        super().__init__(message)
-        self.error_class = error_class
+from bitarray.util import intervals
 
 
-def check_name(name: str) -> None:
-    try:
-        values.check_bitmap_name(name)
-    except ValueError as exc:
-        raise BitmapError(str(exc)) from None
-
-
-def granularity_bits(granularity: int) -> int:
-    """Validate a granularity in bytes and return its log2."""
-    try:
-        return values.granularity_bits(granularity)
-    except ValueError as exc:
-        raise BitmapError(str(exc)) from None
-
-
-def new_generation() -> int:
-    """A random, non-zero id that names one life of a bitmap (until clear or removal)."""
-    return secrets.randbits(64) or 1
-
-
-def granule_count(image_size: int, granularity_bits_: int) -> int:
-    granularity = 1 << granularity_bits_
+def granule_count(image_size: int, granularity_bits: int) -> int:
+    granularity = 1 << granularity_bits
     return (image_size + granularity - 1) // granularity
 
 
-@dataclass(eq=False)
-class DirtyBitmap:
-    name: str
-    granularity_bits: int
-    image_size: int
-    bits: bitarray
-    recording: bool = True
-    inconsistent: bool = False
-    generation: int = field(default_factory=new_generation)
-    busy: int = 0  # how many holders (exporting connections) have it
-    inconsistent_reason: str = ""
+class Bitmap:
+    __slots__ = ("size", "granularity_bits", "_bits")
 
-    @classmethod
-    def create(cls, name: str, image_size: int, granularity: int = values.DEFAULT_GRANULARITY,
-               recording: bool = True) -> DirtyBitmap:
-        check_name(name)
-        gbits = granularity_bits(granularity)
-        bits = bitarray(granule_count(image_size, gbits), endian="little")
-        bits.setall(0)
-        return cls(name, gbits, image_size, bits, recording=recording)
+    def __init__(self, size: int, granularity_bits: int, bits: bitarray | None = None) -> None:
+        """A clean bitmap over size bytes, or one over existing bits (which it then
+        owns; their length must match)."""
+        count = granule_count(size, granularity_bits)
+        if bits is None:
+            bits = bitarray(count, endian="little")
+            bits.setall(0)
+        elif len(bits) != count:
+            raise ValueError(f"{len(bits)} bits for {count} granules")
+        self.size = size
+        self.granularity_bits = granularity_bits
+        self._bits = bits
 
     @property
     def granularity(self) -> int:
         return 1 << self.granularity_bits
 
-    # -- verbs ----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        """The number of granules."""
+        return len(self._bits)
 
     def granules(self, offset: int, length: int) -> tuple[int, int]:
         """The granule range [first, stop) that [offset, offset+length) overlaps."""
         shift = self.granularity_bits
         return offset >> shift, ((offset + length - 1) >> shift) + 1
 
-    def set_granules(self, first: int, stop: int) -> None:
-        self.bits[first:stop] = 1
+    # -- changing bits -------------------------------------------------------------------------
 
-    def mark(self, offset: int, length: int) -> None:
-        """Mark every granule that [offset, offset+length) overlaps."""
+    def set(self, offset: int, length: int) -> None:
+        """Set every granule that [offset, offset+length) overlaps."""
         if length > 0:
             first, stop = self.granules(offset, length)
-            self.bits[first:stop] = 1
+            self._bits[first:stop] = 1
 
-    def clear(self) -> None:
-        self.bits.setall(0)
-        self.generation = new_generation()
-        self.inconsistent = False
-        self.inconsistent_reason = ""
+    def set_granules(self, first: int, stop: int) -> None:
+        """Set granules [first, stop) (the crash journal records granules)."""
+        if not 0 <= first < stop <= len(self._bits):
+            raise ValueError(f"granules {first}..{stop} outside 0..{len(self._bits)}")
+        self._bits[first:stop] = 1
 
-    def merge_from(self, other: DirtyBitmap) -> None:
-        if other.granularity_bits != self.granularity_bits or len(other.bits) != len(self.bits):
-            raise BitmapError(
-                f"Bitmap '{other.name}' has granularity {other.granularity} and "
-                f"'{self.name}' has {self.granularity}; they cannot be merged")
-        self.bits |= other.bits
+    def set_all(self) -> None:
+        self._bits.setall(1)
 
-    def dirty_bytes(self) -> int:
-        dirty = self.bits.count(1)
-        if dirty and self.bits[-1]:
-            # The last granule may be partial: count only the bytes inside the image.
-            tail = self.image_size - (len(self.bits) - 1) * self.granularity
+    def reset_all(self) -> None:
+        self._bits.setall(0)
+
+    def merge(self, other: Bitmap) -> None:
+        """Set every granule set in other (same granularity and size)."""
+        if not self.same_shape(other):
+            raise ValueError("bitmaps of different granularity or size cannot be merged")
+        self._bits |= other._bits
+
+    def intersect(self, other: Bitmap) -> None:
+        """Keep set only the granules set in both."""
+        if not self.same_shape(other):
+            raise ValueError("bitmaps of different granularity or size cannot be combined")
+        self._bits &= other._bits
+
+    def same_shape(self, other: Bitmap) -> bool:
+        return (other.granularity_bits == self.granularity_bits
+                and len(other._bits) == len(self._bits))
+
+    def copy(self) -> Bitmap:
+        return Bitmap(self.size, self.granularity_bits, self._bits.copy())
+
+    # -- reading bits ----------------------------------------------------------------------------
+
+    def is_set(self, offset: int, length: int) -> bool:
+        """Whether every granule that [offset, offset+length) overlaps is set."""
+        first, stop = self.granules(offset, length)
+        if stop - first == 1:
+            return bool(self._bits[first])
+        return not self._bits.count(0, first, stop)
+
+    def count_bytes(self) -> int:
+        """Bytes of the image inside set granules (the last granule may be partial)."""
+        bits = self._bits
+        dirty = bits.count(1)
+        if dirty and bits[-1]:
+            tail = self.size - (len(bits) - 1) * self.granularity
             return (dirty - 1) * self.granularity + tail
         return dirty * self.granularity
 
     def runs(self, offset: int, length: int, limit: int) -> tuple[list[int], bool]:
-        """Lengths of the alternating clean/dirty runs from offset, and whether the
-        first is dirty.
+        """Lengths of the alternating clean/set runs from offset, and whether the
+        first is set.
 
         Runs follow granule boundaries, except where the request starts or ends inside
         a granule. At most ``limit`` runs; the caller asks again for the rest. The run
@@ -124,7 +120,7 @@ class DirtyBitmap:
         shift = self.granularity_bits
         end = offset + length
         first = offset >> shift
-        window = self.bits[first:((end - 1) >> shift) + 1]
+        window = self._bits[first:((end - 1) >> shift) + 1]
         changes = (window[1:] ^ window[:-1]).search(1) if len(window) > 1 else iter(())
         stops = [(first + index + 1) << shift for index in islice(changes, limit)]
         if len(stops) < limit:
@@ -133,19 +129,22 @@ class DirtyBitmap:
         return lengths, bool(window[0])
 
     def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
-        """(length, dirty) pairs from offset, cut to the request."""
-        lengths, dirty = self.runs(offset, length, limit)
-        return [(run, dirty ^ bool(index & 1)) for index, run in enumerate(lengths)]
+        """(length, set) pairs from offset, cut to the request."""
+        lengths, first_set = self.runs(offset, length, limit)
+        return [(run, first_set ^ bool(index & 1)) for index, run in enumerate(lengths)]
 
-    def info(self) -> dict:
-        """What list/query reports (QEMU's field names where they exist)."""
-        return {
-            "name": self.name,
-            "granularity": self.granularity,
-            "count": self.dirty_bytes(),
-            "recording": self.recording,
-            "busy": self.busy > 0,
-            "persistent": True,
-            "inconsistent": self.inconsistent,
-            "generation": f"{self.generation:016x}",
-        }
+    def set_ranges(self) -> Iterator[tuple[int, int]]:
+        """(offset, length) of every run of set granules, in bytes, cut to the image."""
+        granularity = self.granularity
+        if not len(self._bits):
+            return
+        for value, start, stop in intervals(self._bits):
+            if value:
+                yield start * granularity, min(stop * granularity, self.size) - start * granularity
+
+    # -- serialising -----------------------------------------------------------------------------
+
+    def serialise(self) -> bitarray:
+        """The bits, LSB-first, as the QDB file stores them (not a copy: the caller
+        writes them out before the bitmap changes, under the store's lock)."""
+        return self._bits

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from nbdserve import __version__
-from nbdserve.bitmaps.bitmap import BitmapError
+from nbdserve.bitmaps.policy import BitmapError
 from nbdserve.bitmaps.store import ACTIONS, BitmapStore
 from nbdserve.export import Export, ExportCatalog
 

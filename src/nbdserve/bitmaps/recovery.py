@@ -1,0 +1,131 @@
+"""Opening an image's bitmaps: read the QDB file, decide what can be trusted, and
+replay the crash journal after an unclean stop.
+
+Every bitmap the file holds comes back; one that cannot be trusted comes back
+inconsistent (all-dirty, so it never under-reports), with the reason:
+- its data is damaged, or its size does not fit the image;
+- the image changed while no server was running (size, inode, or, after a clean
+  stop, mtime);
+- the file was left in use (a crash) and the journal is missing, unreadable, newer than
+  the file, or names granules outside a bitmap.
+A file that cannot be read at all is moved aside (QDB.corrupt-TIME) and reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nbdserve.bitmaps.bitmap import Bitmap, granule_count
+from nbdserve.bitmaps.journal import Journal, JournalError, read_journal
+from nbdserve.bitmaps.policy import DirtyBitmap
+from nbdserve.bitmaps.qdb import ImageIdentity, QdbContents, QdbError, StoredBitmap, read_qdb
+
+log = logging.getLogger("nbdserve.bitmaps")
+
+
+@dataclass
+class Recovered:
+    bitmaps: dict[str, DirtyBitmap] = field(default_factory=dict)
+    save_counter: int = 0
+    unreadable: str = ""  # why the QDB file could not be read, when it could not
+
+
+def recover(qdb_path: str, journal: Journal, image_size: int,
+            identity: Callable[[], ImageIdentity]) -> Recovered:
+    if not os.path.exists(qdb_path):
+        if os.path.exists(journal.path):
+            journal.remove()  # a journal without its QDB file means nothing
+        return Recovered()
+    try:
+        contents = read_qdb(qdb_path)
+    except (QdbError, OSError) as error:
+        aside = f"{qdb_path}.corrupt-{int(time.time())}"
+        os.rename(qdb_path, aside)
+        log.error("QDB file %s is unusable (%s); kept as %s. Bitmaps named with --bitmap "
+                  "will be inconsistent until cleared or removed.", qdb_path, error, aside)
+        return Recovered(unreadable=str(error))
+    recovered = Recovered(save_counter=contents.save_counter)
+    for stored in contents.bitmaps:
+        bitmap = _from_stored(stored, image_size)
+        recovered.bitmaps[bitmap.name] = bitmap
+    reason = _identity_problem(contents, identity())
+    if reason is None and contents.in_use:
+        reason = _replay_journal(journal.path, contents, recovered.bitmaps, qdb_path)
+    if reason is not None:
+        log.warning("bitmaps of %s are inconsistent: %s", qdb_path, reason)
+        for bitmap in recovered.bitmaps.values():
+            bitmap.make_inconsistent(reason)
+    return recovered
+
+
+def _from_stored(stored: StoredBitmap, image_size: int) -> DirtyBitmap:
+    gbits = stored.granularity_bits
+    if stored.bits is None or len(stored.bits) != granule_count(image_size, gbits):
+        bitmap = Bitmap(image_size, gbits)
+        bitmap.set_all()  # unusable: kept all-dirty (safe) and flagged inconsistent
+        named = DirtyBitmap(stored.name, bitmap, recording=stored.recording,
+                            generation=stored.generation)
+        named.make_inconsistent(stored.problem or "image size changed")
+        log.warning("bitmap %r is inconsistent: %s", stored.name, named.inconsistent_reason)
+        return named
+    named = DirtyBitmap(stored.name, Bitmap(image_size, gbits, stored.bits),
+                        recording=stored.recording, generation=stored.generation)
+    if stored.inconsistent:
+        named.make_inconsistent("recorded as inconsistent in the QDB file")
+    return named
+
+
+def _identity_problem(contents: QdbContents, now: ImageIdentity) -> str | None:
+    stored = contents.identity
+    changed = []
+    if stored.size != now.size:
+        changed.append(f"size {stored.size} -> {now.size}")
+    if stored.inode != now.inode or stored.device != now.device:
+        changed.append("inode (the image was replaced)")
+    if not contents.in_use and stored.mtime_ns != now.mtime_ns:
+        # After a crash our own writes moved the mtime, so only a clean file says.
+        changed.append("mtime")
+    if changed:
+        return "the image was changed while no server was running (" + \
+            ", ".join(changed) + ")"
+    return None
+
+
+def _replay_journal(path: str, contents: QdbContents, bitmaps: dict[str, DirtyBitmap],
+                    qdb_path: str) -> str | None:
+    """The file was left in use (a crash): fold the journal in, or say why not."""
+    try:
+        journal_counter, records = read_journal(path)
+    except JournalError as error:
+        return f"the QDB file was left in use without a usable journal ({error})"
+    if journal_counter > contents.save_counter:
+        return "the journal is newer than the QDB file (an older QDB file was restored?)"
+    by_generation = {b.generation: [b] for b in bitmaps.values()}
+    groups: dict[int, list[DirtyBitmap]] = {}
+    if journal_counter == contents.save_counter:
+        # Group records name the bitmaps recording in this very save. An older
+        # journal (a crash between a save and the journal's reset) is already
+        # folded into the newer save.
+        for bitmap in bitmaps.values():
+            if bitmap.recording:
+                groups.setdefault(bitmap.granularity_bits, []).append(bitmap)
+    applied = 0
+    for record in records:
+        if record.generation:
+            targets = by_generation.get(record.generation, [])
+        else:
+            targets = groups.get(record.granularity_bits, [])
+        # No target: a bitmap cleared or removed since, whose old records are moot.
+        stop = record.first_granule + record.granules
+        for bitmap in targets:
+            if stop > len(bitmap.bitmap) or record.granules == 0:
+                return f"journal record for {bitmap.name!r} lies outside the bitmap"
+            bitmap.bitmap.set_granules(record.first_granule, stop)
+        applied += 1
+    log.info("recovered bitmaps of %s after an unclean stop: %d journal records replayed",
+             qdb_path, applied)
+    return None
