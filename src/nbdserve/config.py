@@ -18,6 +18,8 @@ from nbdserve.values import (
     parse_size,
 )
 
+HANDSHAKE_TIMEOUT = 10.0  # seconds a client may spend haggling before GO
+POLL_MAX_US = 50  # longest busy-polling window (see server/polling.py); 0: never
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -76,8 +78,8 @@ class ServeConfig:
     control: str | None = None
     metrics: tuple[str, int] | None = None
     max_connections: int = 0
-    handshake_timeout: float = 10.0
-    poll_max_us: int = 50
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    poll_max_us: int = POLL_MAX_US
     log_level: str = "info"
     log_format: str = "text"
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -227,10 +229,10 @@ def parse_config(data: dict) -> ServeConfig:
     max_connections = _get(data, "max-connections", int, "", 0)
     if max_connections < 0:
         raise ConfigError("max-connections: must be 0 (unlimited) or more")
-    timeout = _get(data, "handshake-timeout", float, "", 10.0)
+    timeout = _get(data, "handshake-timeout", float, "", HANDSHAKE_TIMEOUT)
     if timeout <= 0:
         raise ConfigError("handshake-timeout: must be positive")
-    poll_max_us = _get(data, "poll-max-us", int, "", 50)
+    poll_max_us = _get(data, "poll-max-us", int, "", POLL_MAX_US)
     if not 0 <= poll_max_us <= 10_000:
         raise ConfigError("poll-max-us: must be between 0 (off) and 10000")
     log_level = _get(data, "log-level", str, "", "info")

@@ -41,6 +41,17 @@ class DirtyTracker(Protocol):
         """Lengths of alternating runs from offset (at most limit), and whether the
         first is dirty. Raises OSError (EINVAL) for a context that went away."""
 
+    def describe(self) -> dict:
+        """What status and the control socket report of this export."""
+        return {
+            "name": self.name,
+            "image": self.image.path,
+            "size": self.size,
+            "read-only": self.read_only,
+            "connections": self.connections,
+            "bitmaps": self.tracker.query() if self.tracker is not None else [],
+        }
+
     def hold(self, contexts: Iterable[str]) -> list[str]: ...
 
     def release(self, names: Iterable[str]) -> None: ...
@@ -224,6 +235,17 @@ class Export:
                 return alternating_descriptors(lengths, c.NBD_STATE_DIRTY, 0)
             return alternating_descriptors(lengths, 0, c.NBD_STATE_DIRTY)
         raise RequestError(errno.EINVAL, f"no metadata context {context!r}")
+
+    def describe(self) -> dict:
+        """What status and the control socket report of this export."""
+        return {
+            "name": self.name,
+            "image": self.image.path,
+            "size": self.size,
+            "read-only": self.read_only,
+            "connections": self.connections,
+            "bitmaps": self.tracker.query() if self.tracker is not None else [],
+        }
 
     def hold(self, contexts: Iterable[str]) -> list[str]:
         """A connection starts exporting these contexts: its bitmaps become busy."""

@@ -22,7 +22,7 @@ from concurrent.futures import Executor
 from nbdserve import __version__
 from nbdserve.bitmaps.policy import BitmapError
 from nbdserve.bitmaps.store import ACTIONS, BitmapStore
-from nbdserve.export import Export, ExportCatalog
+from nbdserve.export import ExportCatalog
 
 log = logging.getLogger("nbdserve.control")
 
@@ -108,7 +108,7 @@ class ControlServer:
         if command == "query-status" and self.status is not None:
             return self.status()
         if command == "query-exports":
-            return [self.describe(export) for export in self.catalog]
+            return [export.describe() for export in self.catalog]
         if command in ("query-bitmaps", "bitmap-list"):
             return self.store(arguments.pop("export", None)).query()
         if command in ACTIONS:
@@ -149,17 +149,6 @@ class ControlServer:
         if export.tracker is None:
             raise CommandError(f"export {export_name!r} has no bitmaps enabled")
         return export.tracker
-
-    @staticmethod
-    def describe(export: Export) -> dict:
-        return {
-            "name": export.name,
-            "image": export.image.path,
-            "size": export.size,
-            "read-only": export.read_only,
-            "connections": export.connections,
-            "bitmaps": export.tracker.query() if export.tracker is not None else [],
-        }
 
 
 def _error(error_class: str, desc: str) -> dict:

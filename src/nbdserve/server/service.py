@@ -130,7 +130,7 @@ class Service:
         if new.tls != server.tls:
             server.set_tls(new.tls)
         logging.getLogger().setLevel(new.log_level.upper())
-        server.handshake_timeout = new.handshake_timeout
+        server.connections.handshake_timeout = new.handshake_timeout
         server.census.set_poll_max(new.poll_max_us * 1000)
         for key in ("listen", "control", "metrics", "max_connections"):
             if getattr(new, key) != getattr(self.config, key):

@@ -1,0 +1,243 @@
+"""Connections: from accept, through the handshake, to the end of transmission.
+
+``Connections`` greets each client (or queues it while the connection limit is
+reached), runs its handshake under a deadline, then its transmission phase, and keeps
+the book-keeping shutdown and status need: the live connections, the slots they hold,
+the queue of waiting clients. Listening sockets and the server's life are
+lifecycle.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from nbdserve.config import HANDSHAKE_TIMEOUT
+from nbdserve.export import ExportCatalog
+from nbdserve.protocol.options import GREETING, OptionNegotiator, Session
+from nbdserve.server.handshake import Handshake
+from nbdserve.server.polling import Census, Poller
+from nbdserve.server.stream import NbdStream
+from nbdserve.server.transmission import Transmission
+from nbdserve.tls import TlsConfig
+
+log = logging.getLogger("nbdserve.server")
+
+
+class Connection:
+    """Book-keeping for one client, so shutdown and status can find it."""
+
+    def __init__(self, stream: NbdStream, peer: str, sock: socket.socket | None) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.sock = sock  # uvloop builds a new socket object per lookup: keep this one
+        self.session: Session | None = None
+        self.features: list[str] = []
+        self.transmission: Transmission | None = None
+        self.task: asyncio.Task | None = None  # the transmission phase, once it starts
+        self.handshake: Handshake | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the handshake's deadline
+        self.has_slot = False  # counted against max_connections
+        self.lost: asyncio.Future | None = None  # set when the client is gone
+        self.poller: Poller | None = None  # busy-polling its socket (polling.py)
+
+    def wait_lost(self) -> asyncio.Future:
+        if self.lost is None:
+            self.lost = asyncio.get_running_loop().create_future()
+        return self.lost
+
+    def describe(self) -> dict:
+        state = "handshake" if self.has_slot else "waiting"  # for a connection slot
+        entry = {"peer": self.peer, "export": None, "state": state}
+        if self.session is not None and self.transmission is not None:
+            entry.update({
+                "export": self.session.export.name, "state": "transmission",
+                "features": self.features,
+                "in_flight": len(self.transmission.tasks),
+                "requests": self.transmission.requests,
+            })
+        return entry
+
+
+class Connections:
+    def __init__(self, catalog: ExportCatalog, executor: Executor, census: Census, *,
+                 max_connections: int = 0, handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 tls: TlsConfig, ssl_context: ssl.SSLContext | None,
+                 on_change: Callable[[], None]) -> None:
+        self.catalog = catalog
+        self.executor = executor
+        self.census = census
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.tls = tls  # replaced together with ssl_context on reload
+        self.ssl_context = ssl_context
+        self.on_change = on_change  # a connection entered or left transmission
+        self.live: set[Connection] = set()
+        self.active = 0  # connections holding a slot (handshake or transmission)
+        self.waiting: collections.deque[Connection] = collections.deque()
+        self.accepted = 0
+        self.stopping = False
+
+    def __iter__(self):
+        return iter(list(self.live))
+
+    def is_stopping(self) -> bool:
+        return self.stopping
+
+    def stop(self) -> None:
+        """Shutdown begins: requests from now on earn ESHUTDOWN, options ERR_SHUTDOWN."""
+        self.stopping = True
+        for conn in self.live:
+            if conn.transmission is not None:
+                conn.transmission.stop()
+
+    def inflight(self) -> list[asyncio.Task]:
+        return [task for conn in self.live if conn.transmission
+                for task in conn.transmission.tasks]
+
+    def using(self, export) -> list[Connection]:
+        return [conn for conn in self.live
+                if conn.transmission is not None and conn.transmission.export is export]
+
+    # -- accepting ------------------------------------------------------------------------------
+
+    def connection_made(self, stream: NbdStream) -> None:
+        """A client connected: greet it (or queue it for a slot), then register it."""
+        greeted = not self.stopping and not (self.max_connections
+                                             and self.active >= self.max_connections)
+        if greeted:
+            stream.write(GREETING)  # first: the client waits for nothing else
+        sock = stream.get_extra_info("socket")
+        self.accepted += 1
+        family = sock.family if sock is not None else socket.AF_UNIX
+        if family in (socket.AF_INET, socket.AF_INET6):
+            host, port = stream.get_extra_info("peername")[:2]
+            peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            peer = f"unix#{self.accepted}"
+        connection = Connection(stream, peer, sock)
+        self.live.add(connection)
+        stream.on_lost = functools.partial(self.connection_lost, connection)
+        if greeted:
+            self.begin_handshake(connection, greeted=True)
+        elif self.stopping:
+            stream.close()
+        else:
+            # Like qemu-nbd -e: a client over the limit waits, as if in the backlog.
+            stream.transport.pause_reading()
+            self.waiting.append(connection)
+
+    def connection_lost(self, connection: Connection) -> None:
+        if connection.timer is not None:
+            connection.timer.cancel()
+        if connection.handshake is not None:
+            log.debug("%s: client left during the handshake", connection.peer)
+            connection.handshake.abandon()
+            connection.handshake = None
+            self.census.handshaking -= 1
+        self.live.discard(connection)
+        if connection.lost is not None and not connection.lost.done():
+            connection.lost.set_result(None)
+        if connection.has_slot:
+            connection.has_slot = False
+            self.active -= 1
+            while self.waiting and not self.stopping:
+                waiting = self.waiting.popleft()
+                if not waiting.stream.transport.is_closing():
+                    waiting.stream.transport.resume_reading()
+                    self.begin_handshake(waiting)
+                    break
+        elif connection in self.waiting:
+            self.waiting.remove(connection)
+
+    # -- the handshake --------------------------------------------------------------------------
+
+    def begin_handshake(self, connection: Connection, greeted: bool = False) -> None:
+        self.active += 1
+        connection.has_slot = True
+        negotiator = OptionNegotiator(self.catalog, shutting_down=self.is_stopping,
+                                      tls_mode=self.tls.mode)
+        sock = connection.sock
+        if self.census.poll_max_ns and sock is not None:
+            connection.poller = Poller(sock.fileno(), self.census)
+        self.census.handshaking += 1
+        connection.handshake = Handshake(
+            connection.stream, negotiator, connection.peer,
+            functools.partial(self.handshake_done, connection), self.tls, self.ssl_context,
+            connection.poller)
+        connection.timer = connection.stream.loop.call_later(
+            self.handshake_timeout, self.handshake_expired, connection)
+        connection.handshake.start(greeted)
+
+    def handshake_expired(self, connection: Connection) -> None:
+        log.warning("%s: handshake not finished in %.0f s; disconnecting", connection.peer,
+                    self.handshake_timeout)
+        connection.stream.close()
+
+    def handshake_done(self, connection: Connection, session: Session | None) -> None:
+        connection.timer.cancel()
+        connection.handshake = None
+        self.census.handshaking -= 1
+        if session is None:
+            connection.stream.close()
+            return
+        connection.task = connection.stream.loop.create_task(
+            self.serve_transmission(connection, session))
+
+    # -- transmission ----------------------------------------------------------------------------
+
+    async def serve_transmission(self, connection: Connection, session: Session) -> None:
+        stream = connection.stream
+        try:
+            await self.transmission_phase(connection, session)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("%s: connection failed", connection.peer)
+        finally:
+            stream.close()
+            stream.release_buffers()
+            with contextlib.suppress(Exception):
+                await stream.wait_closed()
+
+    async def transmission_phase(self, connection: Connection, session: Session) -> None:
+        peer = connection.peer
+        stream = connection.stream
+        export = session.export
+        features = ["tls"] if session.tls else []
+        features += ["structured-replies"] if session.structured_replies else []
+        features += list(session.meta_contexts.values())
+        connection.session = session
+        connection.features = features
+        log.info("%s: connected to export %r (flags 0x%04x%s)", peer, export.name,
+                 session.transmission_flags,
+                 "; " + ", ".join(features) if features else "")
+        transmission = Transmission(stream, session, self.executor, peer,
+                                    stopping=self.stopping, sock=connection.sock,
+                                    poller=connection.poller)
+        connection.transmission = transmission
+        export.connections += 1
+        self.census.transmitting += 1
+        self.on_change()
+        held = export.hold(session.meta_contexts.values())
+        try:
+            await transmission.run()
+            if transmission.transport.get_write_buffer_size():
+                with contextlib.suppress(ConnectionError):
+                    await stream.drain()
+        finally:
+            export.release(held)
+            export.connections -= 1
+            self.census.transmitting -= 1
+            self.on_change()
+            log.info("%s: disconnected from export %r after %d requests", peer, export.name,
+                     transmission.requests)
