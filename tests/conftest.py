@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -14,6 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+
+from nbdserve.config import ExportConfig
+from nbdserve.export import Export, ExportCatalog
+from nbdserve.image import RawImage
+from nbdserve.server.lifecycle import Server
+from nbdserve.server.listener import bind_unix
 
 NBDSERVE = [sys.executable, "-m", "nbdserve"]
 REQUIRED_TOOLS = ["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo", "nbdcopy", "nbdsh", "nbdkit",
@@ -118,6 +125,52 @@ class NbdServe(ServerProcess):
         return {"unix": str(self.unix)} if self.unix else {"host": self.host, "port": self.port}
 
 
+class BlockingFlushExport(Export):
+    """An export whose FLUSH waits for the test, to hold a request in flight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def flush(self):
+        self.entered.set()
+        self.release.wait(10)
+        super().flush()
+
+    async def flush_entered(self) -> None:
+        assert await asyncio.get_running_loop().run_in_executor(None, self.entered.wait, 5)
+
+
+@pytest.fixture
+async def blocking_flush_server(image: Path, tmp_path: Path):
+    """In-process: a Server on a Unix socket whose export's FLUSH blocks until
+    `export.release` is set. Yields (server, export, socket path)."""
+    export = BlockingFlushExport(ExportConfig("", str(image)), RawImage(str(image)))
+    path = str(tmp_path / "inprocess.sock")
+    server = Server(ExportCatalog([export]), [bind_unix(path)])
+    await server.start()
+    yield server, export, path
+    export.release.set()
+    if not server.connections.stopping:
+        await asyncio.wait_for(server.shutdown(), 30)
+
+
+async def wait_until(condition, timeout: float = 10, what: str = "condition") -> None:
+    """Poll an (async or plain) condition until it holds: for states the test can
+    only observe, never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
     """A 64 MiB sparse raw image."""
@@ -153,6 +206,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def flagged_ranges(nbd, context: str, flag: int = 1) -> list[tuple[int, int]]:
+    """Walk BLOCK_STATUS over the whole export with our client: (offset, length) of
+    every run of extents with ``flag`` set (NBD_STATE_DIRTY for bitmaps), merged."""
+    ranges: list[tuple[int, int]] = []
+    offset = 0
+    while offset < nbd.size:
+        for length, flags in (await nbd.block_status(offset, nbd.size - offset))[context]:
+            if flags & flag:
+                if ranges and ranges[-1][0] + ranges[-1][1] == offset:
+                    ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+                else:
+                    ranges.append((offset, length))
+            offset += length
+    return ranges
 
 
 def run(*argv: str, check: bool = True, timeout: float = 120,

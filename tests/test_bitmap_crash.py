@@ -13,6 +13,7 @@ import signal
 
 import pytest
 
+from conftest import flagged_ranges
 from nbdserve.client import NbdClient
 from nbdserve.protocol import constants as c
 
@@ -50,19 +51,19 @@ async def dirty_granules(server, name: str) -> tuple[set[int], int]:
     granularity = GRANULARITIES[name]
     async with await NbdClient.connect(unix=str(server.unix), meta_contexts=[context]) as nbd:
         assert nbd.contexts, f"{context} is not offered: the bitmap is inconsistent"
-        dirty, offset = set(), 0
-        while offset < nbd.size:
-            for length, flags in (await nbd.block_status(offset, nbd.size - offset))[context]:
-                if flags & c.NBD_STATE_DIRTY:
-                    dirty.update(range(offset // granularity,
-                                       (offset + length - 1) // granularity + 1))
-                offset += length
+        dirty = set()
+        for offset, length in await flagged_ranges(nbd, context, c.NBD_STATE_DIRTY):
+            dirty.update(range(offset // granularity, (offset + length - 1) // granularity + 1))
         return dirty, nbd.size
 
 
 @pytest.mark.slow
 async def test_sigkill_under_load_loses_no_acknowledged_write(image, start_server, tmp_path):
-    rng = random.Random(int.from_bytes(os.urandom(4), "big"))
+    # A fresh seed each run, printed (pytest shows it on failure) and settable with
+    # NBDSERVE_SEED to replay a failing run.
+    seed = int(os.environ.get("NBDSERVE_SEED") or int.from_bytes(os.urandom(4), "big"))
+    print(f"crash test seed: NBDSERVE_SEED={seed}")
+    rng = random.Random(seed)
     control = tmp_path / "ctl.sock"
     args = ["--bitmap", "coarse", "--bitmap", "fine,granularity=4K", "--control", str(control)]
     server = start_server(image, *args)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import traceback
 from pathlib import Path
 
 import pytest
@@ -28,10 +30,20 @@ def open_store(raw, *requests, **kwargs) -> BitmapStore:
                             requests=[BitmapRequest(*r) for r in requests], **kwargs)
 
 
-def crash(store: BitmapStore) -> None:
-    """What kill -9 leaves: no save, the journal as written, the lock released."""
-    store.journal.close()
-    store._unlock()
+def killed_after(work) -> None:
+    """Run work in a child process that is then killed with SIGKILL: what it leaves is
+    exactly what a crash leaves (no save, the journal as written; the kernel closes
+    its files and drops its lock)."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            work()
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        os.kill(os.getpid(), signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL, "the work before the kill failed"
 
 
 def info(store, name):
@@ -63,10 +75,11 @@ def test_marks_survive_a_clean_restart(raw):
 
 
 def test_crash_recovers_from_the_journal(raw):
-    store = open_store(raw, ("b0",), ("fine", 512))
-    store.mark_dirty(0, 1)
-    store.mark_dirty(63 * MiB, MiB)
-    crash(store)
+    def work():
+        store = open_store(raw, ("b0",), ("fine", 512))
+        store.mark_dirty(0, 1)
+        store.mark_dirty(63 * MiB, MiB)
+    killed_after(work)
     assert read_qdb(raw.path + ".qdb").in_use
     store = open_store(raw)
     assert not info(store, "b0")["inconsistent"]
@@ -76,9 +89,7 @@ def test_crash_recovers_from_the_journal(raw):
 
 
 def test_crash_without_journal_is_inconsistent(raw, caplog):
-    store = open_store(raw, ("b0",))
-    store.mark_dirty(0, 1)
-    crash(store)
+    killed_after(lambda: open_store(raw, ("b0",)).mark_dirty(0, 1))
     os.unlink(raw.path + ".qdb.journal")
     store = open_store(raw)
     assert info(store, "b0")["inconsistent"]
@@ -204,7 +215,6 @@ def test_a_full_disk_during_a_save_keeps_the_previous_file(raw, monkeypatch, fai
     store.mark_dirty(0, 1)
     store.close()
     before = Path(raw.path + ".qdb").read_bytes()
-    store = open_store(raw)
     real = getattr(os, failing)
 
     def no_space(fd, *args):
@@ -212,20 +222,23 @@ def test_a_full_disk_during_a_save_keeps_the_previous_file(raw, monkeypatch, fai
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, *args)
 
-    monkeypatch.setattr(os, failing, no_space)
-    with pytest.raises(OSError, match="No space"):
-        store.transaction([("bitmap-add", {"name": "new"}), ("bitmap-clear", {"name": "b0"}),
-                           ("bitmap-disable", {"name": "b0"})])
-    monkeypatch.undo()
-    # Not persisted, so not done: the bitmaps are exactly as before.
-    assert [(b["name"], b["count"], b["recording"]) for b in store.query()] == \
-        [("b0", 65536, True)]
-    store.mark_dirty(MiB, 1)  # and still recording, through the journal
-    assert info(store, "b0")["count"] == 2 * 65536
-    # The file on disk is the last good save (in use), and no temporary file is left.
-    assert read_qdb(raw.path + ".qdb").bitmaps[0].name == "b0"
-    assert not [n for n in os.listdir(os.path.dirname(raw.path)) if ".tmp" in n]
-    crash(store)
+    def work():  # in a child, killed at the end
+        store = open_store(raw)
+        monkeypatch.setattr(os, failing, no_space)
+        with pytest.raises(OSError, match="No space"):
+            store.transaction([("bitmap-add", {"name": "new"}),
+                               ("bitmap-clear", {"name": "b0"}),
+                               ("bitmap-disable", {"name": "b0"})])
+        monkeypatch.undo()
+        # Not persisted, so not done: the bitmaps are exactly as before.
+        assert [(b["name"], b["count"], b["recording"]) for b in store.query()] == \
+            [("b0", 65536, True)]
+        store.mark_dirty(MiB, 1)  # and still recording, through the journal
+        assert info(store, "b0")["count"] == 2 * 65536
+        # The file on disk is the last good save (in use), and no temporary file is left.
+        assert read_qdb(raw.path + ".qdb").bitmaps[0].name == "b0"
+        assert not [n for n in os.listdir(os.path.dirname(raw.path)) if ".tmp" in n]
+    killed_after(work)
     store = open_store(raw)
     assert info(store, "b0")["count"] == 2 * 65536 and not info(store, "b0")["inconsistent"]
     store.close()
@@ -259,10 +272,11 @@ def test_a_write_racing_with_a_reset_is_recorded_in_the_new_epoch(raw, action):
 
 
 def test_group_records_replay_onto_the_recording_bitmaps_of_their_granularity(raw):
-    store = open_store(raw, ("b0",), ("fine", 4096), ("frozen",))
-    store.execute("bitmap-disable", {"name": "frozen"})
-    store.mark_dirty(3 * MiB, 100)  # one group record per granularity
-    crash(store)
+    def work():
+        store = open_store(raw, ("b0",), ("fine", 4096), ("frozen",))
+        store.execute("bitmap-disable", {"name": "frozen"})
+        store.mark_dirty(3 * MiB, 100)  # one group record per granularity
+    killed_after(work)
     store = open_store(raw)
     dirty = {b["name"]: b["count"] for b in store.query()}
     assert dirty == {"b0": 65536, "fine": 4096, "frozen": 0}

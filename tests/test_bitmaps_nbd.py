@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NBDSERVE, run
+from conftest import NBDSERVE, flagged_ranges, run
 from nbdserve.client import NbdClient
 from nbdserve.protocol import constants as c
 
@@ -215,13 +215,7 @@ async def test_full_and_incremental_backups_restore_byte_identical(image, start_
                                            meta_contexts=contexts) as nbd:
             ranges = [(0, nbd.size)]
             if context:
-                ranges, offset = [], 0
-                while offset < nbd.size:
-                    status = await nbd.block_status(offset, nbd.size - offset)
-                    for length, flags in status[context]:
-                        if flags & c.NBD_STATE_DIRTY:
-                            ranges.append((offset, length))
-                        offset += length
+                ranges = await flagged_ranges(nbd, context, c.NBD_STATE_DIRTY)
             with open(backup, "r+b") as out:
                 for offset, length in ranges:
                     for start in range(offset, offset + length, 4 * MiB):

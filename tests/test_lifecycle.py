@@ -6,18 +6,12 @@ import asyncio
 import os
 import signal
 import socket
-import threading
 
 import pytest
 
-from conftest import NBDSERVE, run
+from conftest import NBDSERVE, run, wait_until
 from nbdserve.client import NbdClient, NbdError, OptionRefused
-from nbdserve.config import ExportConfig
-from nbdserve.export import Export, ExportCatalog
-from nbdserve.image import RawImage
 from nbdserve.protocol import constants as c
-from nbdserve.server.lifecycle import Server
-from nbdserve.server.listener import bind_unix
 
 
 def test_help_and_version():
@@ -74,12 +68,20 @@ def test_keeps_serving_after_clients_leave(server):
     assert server.image.read_bytes()[:512] == b"\x03" * 512
 
 
-async def test_connection_limit_makes_extra_clients_wait(image, start_server):
-    server = start_server(image, "-e", "1")
+def connection_states(control) -> list[str]:
+    from nbdserve.control.client import ControlClient
+    with ControlClient(str(control)) as client:
+        return sorted(conn["state"] for conn in client.execute("query-status")["connections"])
+
+
+async def test_connection_limit_makes_extra_clients_wait(image, start_server, tmp_path):
+    control = tmp_path / "ctl.sock"
+    server = start_server(image, "-e", "1", "--control", str(control))
     first = await NbdClient.connect(**server.client_args())
     assert not first.flags & c.NBD_FLAG_CAN_MULTI_CONN
     second = asyncio.ensure_future(NbdClient.connect(**server.client_args()))
-    await asyncio.sleep(0.5)
+    await wait_until(lambda: connection_states(control) == ["transmission", "waiting"],
+                     what="the second client to be queued")
     assert not second.done()  # waiting, as in qemu-nbd's backlog
     await first.disconnect()
     client = await asyncio.wait_for(second, 5)
@@ -88,7 +90,8 @@ async def test_connection_limit_makes_extra_clients_wait(image, start_server):
     gives_up = socket.socket(socket.AF_UNIX if server.unix else socket.AF_INET)
     gives_up.connect(str(server.unix) if server.unix else (server.host, server.port))
     third = asyncio.ensure_future(NbdClient.connect(**server.client_args()))
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: connection_states(control) ==
+                     ["transmission", "waiting", "waiting"], what="two clients queued")
     gives_up.close()
     await client.disconnect()
     client = await asyncio.wait_for(third, 5)
@@ -142,32 +145,16 @@ async def test_signal_finishes_inflight_requests_and_exits_zero(image, start_ser
     assert "stopped" in server.log
 
 
-class BlockingFlushExport(Export):
-    """An export whose FLUSH waits for the test, to hold a request in flight."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.release = threading.Event()
-        self.entered = threading.Event()
-
-    def flush(self):
-        self.entered.set()
-        self.release.wait(10)
-        super().flush()
-
-
-async def test_during_shutdown_options_get_err_shutdown_and_requests_eshutdown(image, tmp_path):
+async def test_during_shutdown_options_get_err_shutdown_and_requests_eshutdown(
+        blocking_flush_server):
     """In-process: hold a FLUSH in flight so the shutdown window stays open."""
-    export = BlockingFlushExport(ExportConfig("", str(image)), RawImage(str(image)))
-    path = str(tmp_path / "s.sock")
-    server = Server(ExportCatalog([export]), [bind_unix(path)])
-    await server.start()
+    server, export, path = blocking_flush_server
     busy = await NbdClient.connect(unix=path)
     haggling = await NbdClient.open_handshake(unix=path)
     flush = asyncio.ensure_future(busy.flush())
-    await asyncio.get_running_loop().run_in_executor(None, export.entered.wait, 5)
+    await export.flush_entered()
     stopping = asyncio.ensure_future(server.shutdown())
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: server.connections.stopping, what="shutdown to begin")
     with pytest.raises(OptionRefused) as refused:
         await haggling.list_exports()
     assert refused.value.reply_type == c.NBD_REP_ERR_SHUTDOWN

@@ -10,6 +10,7 @@ import struct
 
 import pytest
 
+from conftest import flagged_ranges
 from nbdserve.client import NbdClient, NbdError
 from nbdserve.protocol import constants as c
 
@@ -42,8 +43,8 @@ async def test_pipelined_large_and_small_writes_keep_their_order(any_server, ima
     client = await NbdClient.connect(**any_server.client_args())
     big, small = os.urandom(2 * MiB), os.urandom(4096)
     # The small write lands inside the big one and is sent after it: it must win.
-    futures = [client._submit(c.NBD_CMD_WRITE, MiB, len(big), 0, big),
-               client._submit(c.NBD_CMD_WRITE, MiB + 8192, len(small), 0, small)]
+    futures = [client.submit(c.NBD_CMD_WRITE, MiB, len(big), 0, big),
+               client.submit(c.NBD_CMD_WRITE, MiB + 8192, len(small), 0, small)]
     for future in futures:
         await future
     await client.disconnect()
@@ -58,12 +59,7 @@ async def test_spliced_writes_are_recorded_in_bitmaps(image, start_server):
     client = await NbdClient.connect(**server.client_args(),
                                      meta_contexts=["qemu:dirty-bitmap:b0"])
     await client.write(5 * MiB, os.urandom(2 * MiB))
-    descriptors = (await client.block_status(0, 16 * MiB))["qemu:dirty-bitmap:b0"]
-    dirty, position = [], 0
-    for length, flags in descriptors:
-        if flags & 1:
-            dirty.append((position, length))
-        position += length
+    dirty = await flagged_ranges(client, "qemu:dirty-bitmap:b0", c.NBD_STATE_DIRTY)
     assert dirty == [(5 * MiB, 2 * MiB)]
     await client.disconnect()
 

@@ -55,7 +55,7 @@ async def test_payload_received_whole_is_a_view_of_the_buffer():
     receive(stream, b"h" * 28 + payload + b"next")
     assert await stream.readexactly(28) == b"h" * 28
     (view,) = await stream.read_payload(4096)
-    assert view.obj is stream._buf  # no copy
+    assert view.obj is stream.unread().obj  # a view of the receive buffer: no copy
     assert bytes(view) == payload
     assert await stream.readexactly(4) == b"next"
 
@@ -113,7 +113,7 @@ async def test_large_payload_gets_its_own_buffer():
     feeder = asyncio.create_task(feed())
     (got,) = await stream.read_payload(len(big))
     assert bytes(got) == big
-    assert got.obj is not stream._spare
+    assert len(got.obj) == len(big)  # a buffer of its own, not the (smaller) spare
     await feeder
 
 
@@ -127,7 +127,7 @@ async def test_buffer_can_grow_while_a_payload_view_is_held():
     # not fail because a view of the old buffer is alive (bytearray.extend would).
     backlog = os.urandom(3 * stream_module.BUFFER_SIZE)
     receive(stream, backlog)
-    assert len(stream._buf) > stream_module.BUFFER_SIZE
+    assert stream.receive_buffer_size > stream_module.BUFFER_SIZE
     del held
     assert await stream.readexactly(len(backlog)) == backlog
 
@@ -152,7 +152,7 @@ async def test_a_reader_that_falls_behind_pauses_receiving_instead_of_growing():
     requests = os.urandom(stream_module.HIGH_WATER + 4096)
     receive(stream, requests, step=16384)
     assert not transport.reading  # the event loop would otherwise keep reading
-    assert len(stream._buf) == stream_module.BUFFER_SIZE
+    assert stream.receive_buffer_size == stream_module.BUFFER_SIZE
     taken = 0
     while transport.reading is False:
         assert await stream.readexactly(28) == requests[taken:taken + 28]

@@ -252,8 +252,11 @@ class NbdClient:
     def flags(self) -> int:
         return self.export.flags
 
-    def _submit(self, command: int, offset: int, length: int, flags: int = 0,
-                payload: bytes | None = None) -> asyncio.Future:
+    def submit(self, command: int, offset: int, length: int, flags: int = 0,
+               payload: bytes | None = None) -> asyncio.Future:
+        """Send a request now, without waiting: requests go out in the order submitted
+        (pipelining); the future completes with the reply, in whatever order the
+        server answers."""
         if self._closed_error is not None:
             raise ConnectionError("connection closed") from self._closed_error
         cookie = next(self._cookies)
@@ -271,7 +274,7 @@ class NbdClient:
         return future
 
     async def _request(self, command, offset, length, flags=0, payload=None):
-        future = self._submit(command, offset, length, flags, payload)
+        future = self.submit(command, offset, length, flags, payload)
         await self.writer.drain()
         return await future
 

@@ -193,6 +193,10 @@ class NbdStream(asyncio.BufferedProtocol):
         self._buf, self._other = bytearray(HANDSHAKE_BUFFER), None
         self._start = self._end = 0
 
+    @property
+    def receive_buffer_size(self) -> int:
+        return len(self._buf)
+
     def available(self) -> int:
         """Bytes received and not yet read: what can be read without waiting."""
         return self._end - self._start
