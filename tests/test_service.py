@@ -101,12 +101,27 @@ def test_three_exports_on_tcp_and_unix_listeners(three_exports):
     ('max-connections = -1\n[[export]]\nimage = "x"', "max-connections: must be 0"),
     ('poll-max-us = -1\n[[export]]\nimage = "x"', "poll-max-us: must be between 0"),
     ('poll-max-us = 2.5\n[[export]]\nimage = "x"', "poll-max-us: expected int, got float"),
+    ('[[export]]\nimage = "x"\nbitmaps = ["a,gran=4K"]',
+     "export[0].bitmaps[0]: unknown bitmap option 'gran'"),
     ("", "no export"),
 ])
 def test_invalid_configuration_names_the_key(text, message):
     import tomllib
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config(tomllib.loads(text))
+
+
+def test_a_bitmap_string_reads_the_same_on_the_command_line_and_in_the_file(image, tmp_path):
+    """'NAME,granularity=BYTES' sets the granularity both ways; a misspelt option is
+    an error both ways (exit 2), never a bitmap named after the typo."""
+    from nbdserve.config import BitmapRequest, parse_bitmap
+    assert parse_bitmap("a,granularity=4K", "x") == BitmapRequest("a", 4096)
+    assert parse_bitmap("with,comma", "x") == BitmapRequest("with,comma", None)
+    result = run(*NBDSERVE, "serve", str(image), "-k", str(tmp_path / "s"),
+                 "--bitmap", "a,gran=4K", check=False)
+    assert result.returncode == 2
+    assert "unknown bitmap option 'gran'" in result.stderr
+    assert not (tmp_path / "s").exists() and not Path(str(image) + ".qdb").exists()
 
 
 def test_invalid_file_is_refused_at_start(tmp_path):

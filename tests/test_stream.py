@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 
 import pytest
 
@@ -49,22 +50,28 @@ async def open_stream() -> NbdStream:
     return stream
 
 
+async def read_bytes(stream: NbdStream, n: int) -> bytes:
+    """The next n bytes, read the way the request loop reads headers."""
+    (data,) = await stream.read_struct(struct.Struct(f"{n}s"))
+    return data
+
+
 async def test_payload_received_whole_is_a_view_of_the_buffer():
     stream = await open_stream()
     payload = os.urandom(4096)
     receive(stream, b"h" * 28 + payload + b"next")
-    assert await stream.readexactly(28) == b"h" * 28
+    assert await read_bytes(stream, 28) == b"h" * 28
     (view,) = await stream.read_payload(4096)
     assert view.obj is stream.unread().obj  # a view of the receive buffer: no copy
     assert bytes(view) == payload
-    assert await stream.readexactly(4) == b"next"
+    assert await read_bytes(stream, 4) == b"next"
 
 
 async def test_payload_split_across_receives_is_not_copied_or_overwritten():
     stream = await open_stream()
     first, second = os.urandom(300_000), os.urandom(200_000)
     receive(stream, b"h" * 28 + first[:1000])
-    await stream.readexactly(28)
+    await read_bytes(stream, 28)
 
     async def feed() -> None:
         await asyncio.sleep(0)
@@ -78,7 +85,7 @@ async def test_payload_split_across_receives_is_not_copied_or_overwritten():
     head, rest = await stream.read_payload(len(first))
     await asyncio.sleep(0)  # the event loop runs before the caller uses the payload
     assert bytes(head) + bytes(rest) == first
-    assert await stream.readexactly(28) == b"H" * 28
+    assert await read_bytes(stream, 28) == b"H" * 28
     parts = await stream.read_payload(len(second))
     assert b"".join(bytes(part) for part in parts) == second
     await feeder
@@ -129,7 +136,7 @@ async def test_buffer_can_grow_while_a_payload_view_is_held():
     receive(stream, backlog)
     assert stream.receive_buffer_size > stream_module.BUFFER_SIZE
     del held
-    assert await stream.readexactly(len(backlog)) == backlog
+    assert await read_bytes(stream, len(backlog)) == backlog
 
 
 async def test_eof_in_the_middle_of_a_payload():
@@ -155,10 +162,10 @@ async def test_a_reader_that_falls_behind_pauses_receiving_instead_of_growing():
     assert stream.receive_buffer_size == stream_module.BUFFER_SIZE
     taken = 0
     while transport.reading is False:
-        assert await stream.readexactly(28) == requests[taken:taken + 28]
+        assert await read_bytes(stream, 28) == requests[taken:taken + 28]
         taken += 28
     assert len(requests) - taken < stream_module.LOW_WATER  # resumed once caught up
-    assert await stream.readexactly(len(requests) - taken) == requests[taken:]
+    assert await read_bytes(stream, len(requests) - taken) == requests[taken:]
 
 
 async def test_no_pause_while_the_reader_needs_more_than_has_arrived():
@@ -170,6 +177,6 @@ async def test_no_pause_while_the_reader_needs_more_than_has_arrived():
         receive(stream, big, step=16384)
 
     feeder = asyncio.create_task(feed())
-    assert await stream.readexactly(len(big)) == big  # the buffer grows for it
+    assert await read_bytes(stream, len(big)) == big  # the buffer grows for it
     assert stream.transport.reading
     await feeder

@@ -1,7 +1,9 @@
 """Command line: `nbdserve serve IMAGE` and friends.
 
-Options follow qemu-nbd's where the meaning is the same. Every value is checked here,
-at the edge; the server receives valid configuration only.
+Options follow qemu-nbd's where the meaning is the same. The CLI only maps options onto
+the configuration's types (config.py checks every value, for the file and the command
+line alike) and onto the bitmap and control commands; the server receives valid
+configuration only.
 """
 
 from __future__ import annotations
@@ -68,30 +70,35 @@ def install_event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-class BitmapParam(click.ParamType):
-    """NAME[,granularity=BYTES], read as the configuration file reads it."""
+class _Param(click.ParamType):
+    """A click type from a parsing function that raises ValueError."""
 
-    name = "BITMAP"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, BitmapRequest):
-            return value
-        try:
-            return parse_bitmap(value, "--bitmap")
-        except ConfigError as exc:
-            self.fail(str(exc).removeprefix("--bitmap: "), param, ctx)
-
-
-class SizeParam(click.ParamType):
-    name = "SIZE"
+    def __init__(self, name: str, kind: type, parse) -> None:
+        self.name, self.kind, self.parse = name, kind, parse
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int):
+        if isinstance(value, self.kind):
             return value
         try:
-            return parse_size(value)
+            return self.parse(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+
+
+def _bitmap_option(text: str) -> BitmapRequest:
+    """NAME[,granularity=BYTES], read as the configuration file reads it."""
+    try:
+        return parse_bitmap(text, "--bitmap")
+    except ConfigError as exc:
+        raise ValueError(str(exc).removeprefix("--bitmap: ")) from None
+
+
+def BitmapParam() -> _Param:  # noqa: N802 (a click type, used like a class)
+    return _Param("BITMAP", BitmapRequest, _bitmap_option)
+
+
+def SizeParam() -> _Param:  # noqa: N802
+    return _Param("SIZE", int, parse_size)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

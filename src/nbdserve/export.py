@@ -41,17 +41,6 @@ class DirtyTracker(Protocol):
         """Lengths of alternating runs from offset (at most limit), and whether the
         first is dirty. Raises OSError (EINVAL) for a context that went away."""
 
-    def describe(self) -> dict:
-        """What status and the control socket report of this export."""
-        return {
-            "name": self.name,
-            "image": self.image.path,
-            "size": self.size,
-            "read-only": self.read_only,
-            "connections": self.connections,
-            "bitmaps": self.tracker.query() if self.tracker is not None else [],
-        }
-
     def hold(self, contexts: Iterable[str]) -> list[str]: ...
 
     def release(self, names: Iterable[str]) -> None: ...

@@ -112,15 +112,23 @@ def decode_string(raw: bytes, what: str) -> str:
         raise OptionError(c.NBD_REP_ERR_INVALID, f"{what} is not valid UTF-8") from None
 
 
-def parse_info_request(payload: bytes) -> tuple[str, list[int]]:
-    """INFO and GO: u32 name length, name, u16 count, count x u16 info types."""
-    if len(payload) < 6:
+def _export_name_prefix(payload: bytes, rest: int) -> tuple[str, int]:
+    """The u32-length-prefixed export name that starts INFO, GO, LIST_META_CONTEXT and
+    SET_META_CONTEXT requests, followed by at least `rest` more bytes. Returns the name
+    and the offset after it."""
+    if len(payload) < 4 + rest:
         raise OptionError(c.NBD_REP_ERR_INVALID, "request too short")
     (name_length,) = struct.unpack_from(">I", payload, 0)
-    if name_length > len(payload) - 6:
+    if name_length > len(payload) - 4 - rest:
         raise OptionError(c.NBD_REP_ERR_INVALID, "name length exceeds the request")
-    name = decode_string(payload[4 : 4 + name_length], "export name")
-    (count,) = struct.unpack_from(">H", payload, 4 + name_length)
+    return decode_string(payload[4 : 4 + name_length], "export name"), 4 + name_length
+
+
+def parse_info_request(payload: bytes) -> tuple[str, list[int]]:
+    """INFO and GO: u32 name length, name, u16 count, count x u16 info types."""
+    name, position = _export_name_prefix(payload, 2)
+    name_length = position - 4
+    (count,) = struct.unpack_from(">H", payload, position)
     if len(payload) != 6 + name_length + 2 * count:
         raise OptionError(c.NBD_REP_ERR_INVALID, "information request count does not match")
     infos = list(struct.unpack_from(f">{count}H", payload, 6 + name_length))
@@ -129,13 +137,7 @@ def parse_info_request(payload: bytes) -> tuple[str, list[int]]:
 
 def parse_meta_request(payload: bytes) -> tuple[str, list[str]]:
     """LIST and SET_META_CONTEXT: u32 name length, name, u32 count, count x (u32, query)."""
-    if len(payload) < 8:
-        raise OptionError(c.NBD_REP_ERR_INVALID, "request too short")
-    (name_length,) = struct.unpack_from(">I", payload, 0)
-    if name_length > len(payload) - 8:
-        raise OptionError(c.NBD_REP_ERR_INVALID, "name length exceeds the request")
-    name = decode_string(payload[4 : 4 + name_length], "export name")
-    position = 4 + name_length
+    name, position = _export_name_prefix(payload, 4)
     (count,) = struct.unpack_from(">I", payload, position)
     position += 4
     queries = []

@@ -27,11 +27,20 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    except OSError:
+        sock.close()
+        raise
+    return _listen(sock, address, f"{host}:{port}")
+
+
+def _listen(sock: socket.socket, address, where: str) -> socket.socket:
+    """Bind and listen, non-blocking; the socket is closed if that fails."""
+    try:
         sock.bind(address)
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise ListenError(f"cannot listen on {where}: {exc.strerror}") from None
     sock.setblocking(False)
     return sock
 
@@ -53,15 +62,7 @@ def bind_unix(path: str) -> socket.socket:
             raise ListenError(f"{path} is in use by a running server")
         finally:
             probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        raise ListenError(f"cannot listen on {path}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
+    return _listen(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), path, path)
 
 
 def bind(address: ListenAddress) -> socket.socket:

@@ -1,5 +1,5 @@
 """One connection's byte stream: an asyncio.BufferedProtocol with a small reader and
-writer surface (readexactly, read_struct, read_payload, write, drain, start_tls).
+writer surface (read_struct, read_payload, write, drain, start_tls).
 
 asyncio's StreamReader copies every received chunk into its buffer and again out of
 it; profiling 1 MiB writes showed three quarters of the server's time there. Here the
@@ -228,13 +228,6 @@ class NbdStream(asyncio.BufferedProtocol):
         self._consume(n)
         return view
 
-    async def readexactly(self, n: int) -> bytes:
-        if self._end - self._start < n:
-            await self._fill(n)
-        data = bytes(self._buf[self._start:self._start + n])
-        self._consume(n)
-        return data
-
     async def read_struct(self, layout: struct.Struct) -> tuple:
         """Unpack the next fixed-size record in place (the per-request header)."""
         if self._end - self._start < layout.size:
@@ -291,9 +284,6 @@ class NbdStream(asyncio.BufferedProtocol):
 
     def write(self, data) -> None:
         self.transport.write(data)
-
-    def writelines(self, chunks) -> None:
-        self.transport.writelines(chunks)
 
     async def drain(self) -> None:
         if self._closed is not None:
