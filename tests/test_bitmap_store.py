@@ -265,7 +265,7 @@ def test_a_write_racing_with_a_reset_is_recorded_in_the_new_epoch(raw, action):
         write(offset, buffers)
 
     raw.pwritev = reset_then_write
-    export.write(4096, (bytes(4096),))
+    export.write(4096, 4096, (bytes(4096),))
     name = "b0" if action == "bitmap-clear" else "b1"  # the new bitmap records it
     assert store.dirty_runs(f"qemu:dirty-bitmap:{name}", 0, 65536, 10) == ([65536], True)
     store.close()

@@ -426,3 +426,62 @@ def test_per_export_connection_limit():
     full.connections = 1
     assert negotiator(full).handle_option(c.NBD_OPT_GO, info_payload(b"busy")).outcome is \
         Outcome.TRANSMISSION
+
+
+# -- HandshakeFraming: client flags and option headers, with the phase -------------------
+
+def framing(*exports, **kwargs):
+    from nbdserve.protocol.handshake import HandshakeFraming
+    catalog = FakeCatalog(*(exports or (FakeExport(""),)))
+    return HandshakeFraming(OptionNegotiator(catalog), **kwargs)
+
+
+def test_framing_waits_for_whole_messages_and_moves_through_its_phases():
+    from nbdserve.protocol.handshake import Phase
+    f = framing()
+    assert f.phase is Phase.CLIENT_FLAGS and f.step(b"\0\0\0") == (0, None)
+    consumed, result = f.step(bytes.fromhex("00000003") + b"extra")
+    assert consumed == 4 and result.replies == b"" and f.phase is Phase.OPTIONS
+    go = bytes.fromhex("49484156454f5054" "00000007" "00000006" "00000000" "0000")
+    assert f.step(go[:-1]) == (0, None)  # the payload is not all here yet
+    consumed, result = f.step(go + b"next")
+    assert consumed == len(go) and result.outcome is Outcome.TRANSMISSION
+    assert f.phase is Phase.TRANSMISSION and not f.reading
+    with pytest.raises(RuntimeError):
+        f.step(b"more")  # nothing is read after GO
+
+
+@pytest.mark.parametrize("message, note", [
+    (bytes.fromhex("00000004"), "client flags 0x4 set unknown bits"),
+])
+def test_framing_closes_on_bad_client_flags(message, note):
+    from nbdserve.protocol.handshake import Phase
+    f = framing()
+    consumed, result = f.step(message)
+    assert (consumed, result.outcome, result.note) == (4, Outcome.DISCONNECT, note)
+    assert f.phase is Phase.CLOSED
+
+
+@pytest.mark.parametrize("header, note", [
+    (bytes.fromhex("49484156454f5055" "00000001" "00000000"), "bad option magic"),
+    (bytes.fromhex("49484156454f5054" "00000001" "02000001"), "option payload of 33554433"),
+])
+def test_framing_closes_on_a_bad_option_header(header, note):
+    from nbdserve.protocol.handshake import Phase
+    f = framing()
+    f.step(bytes.fromhex("00000003"))
+    consumed, result = f.step(header)
+    assert result.outcome is Outcome.DISCONNECT and note in result.note
+    assert consumed == 0 and f.phase is Phase.CLOSED
+
+
+def test_framing_after_starttls_expects_the_tls_handshake_then_options_again():
+    from nbdserve.protocol.handshake import Phase
+    catalog = FakeCatalog(FakeExport(""))
+    from nbdserve.protocol.handshake import HandshakeFraming
+    f = HandshakeFraming(OptionNegotiator(catalog, tls_mode="require"))
+    f.step(bytes.fromhex("00000003"))
+    consumed, result = f.step(bytes.fromhex("49484156454f5054" "00000005" "00000000"))
+    assert result.outcome is Outcome.STARTTLS and f.phase is Phase.TLS and not f.reading
+    f.tls_started()
+    assert f.phase is Phase.OPTIONS

@@ -166,3 +166,43 @@ def test_enotsup_and_eoverflow_only_with_the_flag_that_asks_for_them():
 
 def test_non_os_errors_become_eio():
     assert nbd_error(RuntimeError("boom")) == c.NBD_EIO
+
+
+# -- TransmissionRules: framing and the phase -------------------------------------------------
+
+def rules(stopping=False):
+    from nbdserve.protocol.transmission import TransmissionRules
+    return TransmissionRules(validator(), stopping)
+
+
+def test_frame_says_how_many_payload_bytes_follow():
+    r = rules()
+    assert r.frame(c.NBD_REQUEST_MAGIC, c.NBD_CMD_WRITE, 4096) == 4096
+    assert r.frame(c.NBD_REQUEST_MAGIC, c.NBD_CMD_WRITE, c.MAX_PAYLOAD) == c.MAX_PAYLOAD
+    assert r.frame(c.NBD_REQUEST_MAGIC, c.NBD_CMD_READ, 1 << 30) == 0  # no payload
+
+
+@pytest.mark.parametrize("magic, command, length", [
+    (0x25609514, c.NBD_CMD_READ, 512),  # one bit off
+    (c.NBD_REQUEST_MAGIC, c.NBD_CMD_WRITE, c.MAX_PAYLOAD + 1),  # cannot be read to stay in step
+])
+def test_frame_hangs_up_when_the_stream_cannot_stay_in_step(magic, command, length):
+    from nbdserve.protocol import ProtocolViolation
+    from nbdserve.protocol.transmission import Phase
+    r = rules()
+    with pytest.raises(ProtocolViolation):
+        r.frame(magic, command, length)
+    assert r.phase is Phase.CLOSED
+
+
+def test_disc_closes_and_stopping_answers_eshutdown():
+    from nbdserve.protocol.transmission import DISCONNECT, Phase
+    r = rules()
+    assert r.check(c.NBD_CMD_READ, 0, 0, 512) == (0, "")
+    r.stop()
+    assert r.phase is Phase.STOPPING
+    assert r.check(c.NBD_CMD_READ, 0, 0, 512)[0] == c.NBD_ESHUTDOWN
+    assert r.check(42, 0, 0, 0)[0] == c.NBD_ESHUTDOWN  # even what would be EINVAL
+    assert rules(stopping=True).check(c.NBD_CMD_FLUSH, 0, 0, 0)[0] == c.NBD_ESHUTDOWN
+    assert r.frame(c.NBD_REQUEST_MAGIC, c.NBD_CMD_DISC, 0) == DISCONNECT
+    assert r.phase is Phase.CLOSED

@@ -1,9 +1,9 @@
 """An export: one image shared by every connection that names it.
 
 This is the layer between the transmission phase and the image. It has one verb per
-operation (read, write, write_streamed, zero, trim, flush, cache, block_status), and
-every verb that changes the image runs inside ``recording()``, so dirty bitmaps are
-marked for every WRITE, WRITE_ZEROES and TRIM before the reply goes out. It encodes
+operation (read, write, write_from_pipe, zero, trim, flush, cache, block_status), and
+every verb that changes the image runs its change through ``_record``, so dirty bitmaps
+are marked for every WRITE, WRITE_ZEROES and TRIM before the reply goes out. It encodes
 each metadata context's extents as BLOCK_STATUS descriptors.
 """
 
@@ -24,13 +24,19 @@ from nbdserve.protocol.transmission import alternating_descriptors, encode_words
 log = logging.getLogger(__name__)
 
 
-class DirtyTracker(Protocol):
-    """What the export needs from the bitmaps (nbdserve.bitmaps implements it)."""
+class ChangeRecorder(Protocol):
+    """Marks changes in the recording bitmaps (nbdserve.bitmaps.tracking.Recorder)."""
 
     epoch: int  # changes whenever bits may have been reset (clear, checkpoint, ...)
 
     def mark_dirty(self, offset: int, length: int) -> int:
         """Record a change; returns `epoch` as it was before the marking."""
+
+
+class DirtyTracker(Protocol):
+    """What the export needs from the bitmaps (nbdserve.bitmaps implements it)."""
+
+    recorder: ChangeRecorder
 
     def make_durable(self) -> None: ...
 
@@ -48,58 +54,6 @@ class DirtyTracker(Protocol):
     def close(self) -> None: ...
 
 
-class _Recording:
-    """The one place where a change to the image is recorded: entered before the
-    image changes, left after (whether or not the change succeeded).
-
-    On entry the bitmaps are marked, so a crash between marking and the data can only
-    over-report; a failed change still marks (over-reporting is always safe). On exit,
-    if bitmaps were reset meanwhile (a clear or a checkpoint racing with this change),
-    the change is marked again in the new epoch; without that, the new bitmap could
-    miss a write that landed after it was made. Copy-before-write and migration
-    tracking hook in here too, so no change can go around them.
-    """
-
-    __slots__ = ("tracker", "offset", "length", "epoch")
-
-    def __init__(self, tracker: DirtyTracker, offset: int, length: int) -> None:
-        self.tracker = tracker
-        self.offset = offset
-        self.length = length
-
-    def __enter__(self) -> None:
-        self.epoch = self.tracker.mark_dirty(self.offset, self.length)
-
-    def __exit__(self, *exc_info) -> None:
-        tracker = self.tracker
-        if tracker.epoch != self.epoch and self.length:
-            tracker.mark_dirty(self.offset, self.length)
-
-
-class _NotRecording:
-    """An export without bitmaps: nothing to record (and nothing allocated)."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        pass
-
-    def __exit__(self, *exc_info) -> None:
-        pass
-
-
-_NOT_RECORDING = _NotRecording()
-
-
-class PayloadSource(Protocol):
-    """Where a streamed WRITE's payload comes from (server/splice.py's SocketSplicer):
-    it moves the next length bytes into sink, consuming them even after an error."""
-
-    async def receive(self, sink: Callable[[int, int, int], tuple[int, OSError | None]],
-                      offset: int, length: int, error: OSError | None = None
-                      ) -> OSError | None: ...
-
-
 class Export:
     def __init__(self, config: ExportConfig, image: RawImage,
                  tracker: DirtyTracker | None = None) -> None:
@@ -115,6 +69,7 @@ class Export:
         # where a multi-connection client would wait forever for its second socket.
         self.multi_conn = config.max_connections != 1
         self.tracker = tracker
+        self.recorder = tracker.recorder if tracker is not None else None
         self.connections = 0
         self.stats = ExportStats()
 
@@ -126,54 +81,61 @@ class Export:
             names.extend(self.tracker.contexts())
         return names
 
-    # -- changes: one verb per operation, each inside recording() ---------------------
+    # -- changes: one verb per operation, each recorded by _record ---------------------
 
-    def recording(self, offset: int, length: int) -> _Recording | _NotRecording:
-        """Wrap every change to [offset, offset+length) of the image (see _Recording)."""
-        tracker = self.tracker
-        if tracker is None:
-            return _NOT_RECORDING
-        return _Recording(tracker, offset, length)
+    def _record(self, offset: int, length: int, change: Callable, *args):
+        """The one place where a change to [offset, offset+length) of the image is
+        recorded: every verb below runs its change through here.
 
-    def write(self, offset: int, payload: Sequence[bytes | bytearray | memoryview]) -> None:
-        """WRITE: the payload's buffers, back to back, at offset."""
-        with self.recording(offset, sum(map(len, payload)) if len(payload) > 1
-                            else len(payload[0])):
-            self.image.pwritev(offset, payload)
+        The bitmaps are marked before the image changes, so a crash between the two
+        can only over-report; a failed change stays marked (over-reporting is always
+        safe). If bitmaps were reset meanwhile (a clear or a checkpoint racing with
+        this change), the change is marked again in the new epoch; without that, the
+        new bitmap could miss a write that landed after it was made. Copy-before-write
+        and migration tracking hook in here too, so no change can go around them.
+        """
+        recorder = self.recorder
+        if recorder is None:
+            return change(*args)
+        epoch = recorder.mark_dirty(offset, length)
+        try:
+            return change(*args)
+        finally:
+            if recorder.epoch != epoch:
+                recorder.mark_dirty(offset, length)
 
-    async def write_streamed(self, offset: int, length: int, head: memoryview,
-                             source: PayloadSource) -> OSError | None:
-        """WRITE whose payload is mostly still on its way: head (the part already
-        received) is written at once, then source moves the rest straight into the
-        image (RawImage.write_from_pipe). Returns the first error; the payload is
-        consumed either way, so the connection stays in step."""
-        with self.recording(offset, length):
-            error: OSError | None = None
-            try:
-                self.image.pwrite(offset, head)  # before any await: head is borrowed
-            except OSError as exc:
-                error = exc
-            return await source.receive(self.image.write_from_pipe, offset + len(head),
-                                        length - len(head), error)
+    def write(self, offset: int, length: int,
+              payload: Sequence[bytes | bytearray | memoryview]) -> None:
+        """WRITE: the payload's buffers (length bytes in all), back to back, at offset."""
+        self._record(offset, length, self.image.pwritev, offset, payload)
+
+    def write_from_pipe(self, pipe_fd: int, offset: int,
+                        count: int) -> tuple[int, OSError | None]:
+        """Part of a WRITE whose payload is spliced from the socket (server/splice.py):
+        count bytes waiting in a pipe go to offset. Each part is recorded before its
+        data lands, so the parts together record the whole write. Returns the bytes
+        moved and the error that stopped it, if any (RawImage.write_from_pipe)."""
+        return self._record(offset, count, self.image.write_from_pipe, pipe_fd, offset, count)
 
     def zero(self, offset: int, length: int, *, may_punch: bool = True,
              fast_only: bool = False) -> None:
         """WRITE_ZEROES: punched where allowed (not NO_HOLE), else zeroed in place.
         With ``fast_only`` (FAST_ZERO), fail with ENOTSUP rather than write zeros."""
+        self._record(offset, length, self._zero, offset, length, may_punch, fast_only)
+
+    def _zero(self, offset: int, length: int, may_punch: bool, fast_only: bool) -> None:
         image = self.image
-        with self.recording(offset, length):
-            if may_punch and image.punch_hole(offset, length):
-                return
-            if image.zero_range(offset, length):
-                return
-            if fast_only:
-                raise RequestError(errno.ENOTSUP, "zeroing this range would mean writing data")
-            image.write_zeroes_slowly(offset, length)
+        if may_punch and image.punch_hole(offset, length):
+            return
+        if image.zero_range(offset, length):
+            return
+        if fast_only:
+            raise RequestError(errno.ENOTSUP, "zeroing this range would mean writing data")
+        image.write_zeroes_slowly(offset, length)
 
     def trim(self, offset: int, length: int) -> None:
         """TRIM: a hint, but punching changes what reads return, hence the recording."""
-        with self.recording(offset, length):
-            self.image.punch_hole(offset, length)
+        self._record(offset, length, self.image.punch_hole, offset, length)
 
     def flush(self) -> None:
         """Make every acknowledged write durable: bitmaps' journal first, then data."""

@@ -93,8 +93,10 @@ class Bitmap:
     # -- reading bits ----------------------------------------------------------------------------
 
     def is_set(self, offset: int, length: int) -> bool:
-        """Whether every granule that [offset, offset+length) overlaps is set."""
-        first, stop = self.granules(offset, length)
+        """Whether every granule that [offset, offset+length) overlaps is set. (On the
+        per-write path: kept to one call.)"""
+        shift = self.granularity_bits
+        first, stop = offset >> shift, ((offset + length - 1) >> shift) + 1
         if stop - first == 1:
             return bool(self._bits[first])
         return not self._bits.count(0, first, stop)

@@ -69,16 +69,11 @@ class BitmapStore:
         self.lock = threading.RLock()
         self.journal = Journal(qdb_path + ".journal")
         self.recorder = Recorder(self.journal, self.lock)
-        self.mark_dirty = self.recorder.mark_dirty  # the per-write call, bound once
+        self.mark_dirty = self.recorder.mark_dirty
         self.save_counter = 0
         self._lock_fd = -1
         self._unreadable = ""  # why the QDB file could not be read, when it could not
         self.closed = False
-
-    @property
-    def epoch(self) -> int:
-        """Changes whenever bits may have been reset (see Recorder.mark_dirty)."""
-        return self.recorder.epoch
 
     # -- opening ------------------------------------------------------------------------
 
@@ -95,7 +90,7 @@ class BitmapStore:
             store._unreadable = recovered.unreadable
             for request in requests:
                 store._apply_request(request)
-            store.recorder.refresh(store.bitmaps.values())
+            store._refresh()
             if not read_only:
                 store._save(in_use=True)  # from here on, the journal is authoritative
         except BaseException:
@@ -124,7 +119,11 @@ class BitmapStore:
                 bitmap.recording = True
                 log.info("enabled bitmap %r", bitmap.name)
 
-    # -- the export's DirtyTracker (mark_dirty is the Recorder's) -------------------------
+    def _refresh(self) -> None:
+        """After anything that changes which bitmaps record or resets bits."""
+        self.recorder.refresh(self.bitmaps.values())
+
+    # -- the export's DirtyTracker (marking is the recorder's) ------------------------------
 
     def make_durable(self) -> None:
         with self.lock:
@@ -188,14 +187,14 @@ class BitmapStore:
             undo = Undo(self.bitmaps, actions)
             for step in steps:
                 step()
-            self.recorder.refresh(self.bitmaps.values())
+            self._refresh()
             try:
                 self._save(in_use=True)
             except OSError:
                 # Not persisted, so not done: the caller hears of the failure and the
                 # bitmaps are exactly as before.
                 self.bitmaps = undo.restore()
-                self.recorder.refresh(self.bitmaps.values())
+                self._refresh()
                 raise
             for action, arguments in actions:
                 log.info("bitmap %s %s", action.removeprefix("bitmap-"),

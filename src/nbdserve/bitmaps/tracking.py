@@ -51,7 +51,7 @@ class Recorder:
 
         Racing with a clear or a checkpoint (which reset bits, then bump `epoch`) is
         the caller's to settle: it marks again if the epoch changed by the time its
-        data is written (Export.recording).
+        data is written (Export._record).
         """
         epoch = self.epoch
         if not length:

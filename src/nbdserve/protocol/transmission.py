@@ -99,11 +99,17 @@ DISCONNECT = -1  # what frame() returns for NBD_CMD_DISC
 class TransmissionRules:
     """Framing and validation of one connection's requests, with its phase."""
 
-    __slots__ = ("validator", "phase")
+    __slots__ = ("validator", "phase", "check")
 
     def __init__(self, validator: RequestValidator, stopping: bool = False) -> None:
         self.validator = validator
-        self.phase = Phase.STOPPING if stopping else Phase.SERVING
+        self.phase = Phase.SERVING
+        # check(command, flags, offset, length) -> (0, "") or (NBD error, reason): the
+        # validator's while serving, ESHUTDOWN for everything once stopping. Bound
+        # per phase, so the per-request call is the rule itself.
+        self.check = validator.check
+        if stopping:
+            self.stop()
 
     def frame(self, magic: int, command: int, length: int) -> int:
         """Payload bytes that follow this header (a WRITE's length, else 0), or
@@ -124,18 +130,18 @@ class TransmissionRules:
             return DISCONNECT
         return 0
 
-    def check(self, command: int, flags: int, offset: int, length: int) -> tuple[int, str]:
-        """(0, "") for a request to carry out, else (NBD error, short reason)."""
-        if self.phase is Phase.STOPPING:
-            # Spec: once ESHUTDOWN is sent the client must disconnect; in-flight
-            # requests still complete.
-            return c.NBD_ESHUTDOWN, "server is shutting down"
-        return self.validator.check(command, flags, offset, length)
+    @staticmethod
+    def _shutting_down(command: int, flags: int, offset: int,
+                       length: int) -> tuple[int, str]:
+        # Spec: once ESHUTDOWN is sent the client must disconnect; requests already
+        # accepted still complete.
+        return c.NBD_ESHUTDOWN, "server is shutting down"
 
     def stop(self) -> None:
         """The server is shutting down: from now on every request earns ESHUTDOWN."""
         if self.phase is Phase.SERVING:
             self.phase = Phase.STOPPING
+            self.check = self._shutting_down
 
 
 def simple_reply(cookie: int, error: int = 0) -> bytes:

@@ -25,7 +25,8 @@ PIPE_SIZE = 1 << 20  # the largest pipe an unprivileged process gets by default
 SPLICE_F_MOVE = 1
 SPLICE_F_NONBLOCK = 2
 
-# Where a pipe's bytes go: (pipe fd, offset, count) -> (bytes moved, error or None).
+# Where a pipe's bytes go (Export.write_from_pipe):
+# (pipe fd, offset, count) -> (bytes moved, error or None).
 PipeSink = Callable[[int, int, int], "tuple[int, OSError | None]"]
 
 

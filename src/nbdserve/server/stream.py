@@ -228,6 +228,15 @@ class NbdStream(asyncio.BufferedProtocol):
         self._consume(n)
         return view
 
+    def take_struct(self, layout: struct.Struct) -> tuple | None:
+        """The next fixed-size record if it has arrived (consumed), else None: the
+        request loop's fast path, with no coroutine when requests are pipelined."""
+        if self._end - self._start < layout.size:
+            return None
+        values = layout.unpack_from(self._buf, self._start)
+        self._consume(layout.size)
+        return values
+
     async def read_struct(self, layout: struct.Struct) -> tuple:
         """Unpack the next fixed-size record in place (the per-request header)."""
         if self._end - self._start < layout.size:

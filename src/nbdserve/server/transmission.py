@@ -88,9 +88,13 @@ class Transmission:
         stats = self.export.stats
         requests = stats.requests
         clock = time.perf_counter
+        take_header = self.take_header
         try:
             while True:
-                magic, flags, command, cookie, offset, length = await self.receive_header()
+                header = take_header()
+                if header is None:
+                    header = await self.receive_header()
+                magic, flags, command, cookie, offset, length = header
                 if rules.frame(magic, command, length) == DISCONNECT:
                     log.debug("%s: client disconnected (DISC)", self.peer)
                     await self.hang_up()
@@ -100,7 +104,7 @@ class Transmission:
                 requests[command if command < OTHER else OTHER] += 1
                 started = clock() if stats.timing else 0.0
                 if command == c.NBD_CMD_WRITE:
-                    if not error and self.splice_worthy(length):
+                    if not error and length >= SPLICE_MIN and self.splice_worthy(length):
                         await self.write_spliced(flags, cookie, offset, length, started)
                         continue
                     payload = await stream.read_payload(length)
@@ -123,6 +127,17 @@ class Transmission:
             await self.finish_inflight()
             if self.splicer is not None:
                 self.splicer.close()
+
+    def take_header(self) -> tuple | None:
+        """The next request header if it is already here and nothing asks the loop to
+        wait first (pipelined requests: no coroutine per request); else None."""
+        replies = self.replies
+        if not self.room.is_set() or \
+                self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+            return None
+        if len(replies.out) > BATCH_MAX:
+            replies.flush()
+        return self.stream.take_struct(REQUEST_HEADER)
 
     async def receive_header(self) -> tuple:
         """The next request header. Replies go out first whenever the loop would
@@ -178,11 +193,14 @@ class Transmission:
         if command == c.NBD_CMD_WRITE:
             export.stats.bytes_written += length
             try:
-                export.write(offset, payload)
+                export.write(offset, length, payload)
             except OSError as exc:
                 replies.fail(command, cookie, flags, exc)
                 return True
-            return self.written(flags, cookie, started)
+            if flags & c.NBD_CMD_FLAG_FUA:
+                return self.in_thread(command, cookie, flags, export.flush, started)
+            replies.ok(cookie)
+            return True
         if command == c.NBD_CMD_WRITE_ZEROES:
             may_punch = not flags & c.NBD_CMD_FLAG_NO_HOLE
             fast_only = bool(flags & c.NBD_CMD_FLAG_FAST_ZERO)
@@ -211,13 +229,6 @@ class Transmission:
             return True
         raise AssertionError(f"command {command} passed validation")  # pragma: no cover
 
-    def written(self, flags: int, cookie: int, started: float) -> bool:
-        """A WRITE's data is in: reply now, or make it durable first (FUA)."""
-        if flags & c.NBD_CMD_FLAG_FUA:
-            return self.in_thread(c.NBD_CMD_WRITE, cookie, flags, self.export.flush, started)
-        self.replies.ok(cookie)
-        return True
-
     # -- WRITE payloads spliced from the socket ----------------------------------------------
 
     def splice_worthy(self, length: int) -> bool:
@@ -231,21 +242,31 @@ class Transmission:
 
     async def write_spliced(self, flags: int, cookie: int, offset: int, length: int,
                             started: float) -> None:
-        """A valid WRITE whose payload moves socket -> pipe -> image (splice.py)."""
+        """A valid WRITE whose payload moves socket -> pipe -> image (splice.py); the
+        export records each part before it lands (Export.write_from_pipe)."""
         stream = self.stream
         self.export.stats.bytes_written += length
         if self.splicer is None:
             self.splicer = SocketSplicer(self.sockfd, self.loop)
         head = stream.take_view(min(length, stream.available()))
+        error: OSError | None = None
+        try:
+            self.export.write(offset, len(head), (head,))  # now: head is borrowed
+        except OSError as exc:
+            error = exc  # the rest is still read off the socket, and discarded
         stream.pause_reading()  # the splicer reads the socket meanwhile
         try:
-            error = await self.export.write_streamed(offset, length, head, self.splicer)
+            error = await self.splicer.receive(self.export.write_from_pipe,
+                                               offset + len(head), length - len(head), error)
         finally:
             stream.resume_reading()
         if error is not None:
             self.replies.fail(c.NBD_CMD_WRITE, cookie, flags, error)
-        elif not self.written(flags, cookie, started):
+        elif flags & c.NBD_CMD_FLAG_FUA:
+            self.in_thread(c.NBD_CMD_WRITE, cookie, flags, self.export.flush, started)
             return
+        else:
+            self.replies.ok(cookie)
         if started:
             self.export.stats.observe(time.perf_counter() - started)
 
