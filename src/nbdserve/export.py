@@ -70,6 +70,9 @@ class Export:
         self.multi_conn = config.max_connections != 1
         self.tracker = tracker
         self.recorder = tracker.recorder if tracker is not None else None
+        # READ is read planning, which is the image's: bound here, so the per-request
+        # call costs nothing more for going through the export.
+        self.read = image.read_pieces
         self.connections = 0
         self.stats = ExportStats()
 
@@ -144,12 +147,6 @@ class Export:
         self.image.flush()
 
     # -- reads and block status ---------------------------------------------------------
-
-    def read(self, offset: int, length: int, sparse: bool,
-             nowait: bool = False) -> list[tuple[int, int, bytes | bytearray | None]] | None:
-        """READ: data and (when sparse) hole pieces covering the range; with nowait,
-        None unless every byte is in the page cache (see RawImage.read_pieces)."""
-        return self.image.read_pieces(offset, length, sparse, nowait)
 
     def is_cached(self, offset: int, length: int) -> bool:
         return self.image.is_cached(offset, length)

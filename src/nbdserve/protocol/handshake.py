@@ -26,13 +26,13 @@ class Phase(enum.Enum):
     CLOSED = "closed"  # ABORT, a violation, or a refusal that ends the connection
 
 
-_NEXT_PHASE = {
-    Outcome.CONTINUE: Phase.OPTIONS,
-    Outcome.STARTTLS: Phase.TLS,
-    Outcome.TRANSMISSION: Phase.TRANSMISSION,
-    Outcome.ABORT: Phase.CLOSED,
-    Outcome.DISCONNECT: Phase.CLOSED,
-}
+_FLAGS_ACCEPTED = OptionResult(b"")  # the client's flags need no reply
+
+# Members bound once: on Python 3.11 every `Phase.X` goes through EnumType's attribute
+# hooks (about three times a plain attribute), and these run per option.
+_CLIENT_FLAGS, _OPTIONS, _TLS = Phase.CLIENT_FLAGS, Phase.OPTIONS, Phase.TLS
+_TRANSMISSION, _CLOSED = Phase.TRANSMISSION, Phase.CLOSED
+_CONTINUE, _GO, _STARTTLS = Outcome.CONTINUE, Outcome.TRANSMISSION, Outcome.STARTTLS
 
 
 def _closing(note: str) -> OptionResult:
@@ -42,18 +42,20 @@ def _closing(note: str) -> OptionResult:
 class HandshakeFraming:
     """One connection's handshake: bytes in, option results out."""
 
-    __slots__ = ("negotiator", "phase", "max_option_length")
+    __slots__ = ("negotiator", "phase", "reading", "max_option_length")
 
     def __init__(self, negotiator: OptionNegotiator,
                  max_option_length: int = c.MAX_OPTION_LENGTH) -> None:
         self.negotiator = negotiator
-        self.phase = Phase.CLIENT_FLAGS
         self.max_option_length = max_option_length
+        self.phase = _CLIENT_FLAGS
+        self.reading = True
 
-    @property
-    def reading(self) -> bool:
-        """Whether bytes from the client are expected now."""
-        return self.phase in (Phase.CLIENT_FLAGS, Phase.OPTIONS)
+    def _enter(self, phase: Phase) -> None:
+        self.phase = phase
+        # Whether bytes from the client are expected now (a plain attribute: the
+        # adapter asks after every message).
+        self.reading = phase is _CLIENT_FLAGS or phase is _OPTIONS
 
     def step(self, unread: memoryview | bytes) -> tuple[int, OptionResult | None]:
         """Handle the first complete message in ``unread``.
@@ -62,39 +64,48 @@ class HandshakeFraming:
         and more bytes are needed. A result's outcome moves the phase on; replies in it
         go to the client first.
         """
-        if self.phase is Phase.CLIENT_FLAGS:
+        if self.phase is _CLIENT_FLAGS:
             if len(unread) < CLIENT_FLAGS.size:
                 return 0, None
             try:
                 self.negotiator.handle_client_flags(bytes(unread[:CLIENT_FLAGS.size]))
             except ProtocolViolation as error:
-                self.phase = Phase.CLOSED
+                self._enter(_CLOSED)
                 return CLIENT_FLAGS.size, _closing(str(error))
-            self.phase = Phase.OPTIONS
-            return CLIENT_FLAGS.size, OptionResult(b"")
-        if self.phase is not Phase.OPTIONS:
+            self.phase = _OPTIONS  # (reading stays True)
+            return CLIENT_FLAGS.size, _FLAGS_ACCEPTED
+        if self.phase is not _OPTIONS:
             raise RuntimeError(f"no client bytes are expected in the {self.phase.value} phase")
         if len(unread) < OPTION_HEADER.size:
             return 0, None
         magic, option, length = OPTION_HEADER.unpack_from(unread)
         if magic != c.IHAVEOPT:
-            self.phase = Phase.CLOSED
+            self._enter(_CLOSED)
             return 0, _closing(f"bad option magic 0x{magic:x}")
         if length > self.max_option_length:
             # Spec: a server may treat an absurd length as hostile and hang up.
-            self.phase = Phase.CLOSED
+            self._enter(_CLOSED)
             return 0, _closing(f"option payload of {length} bytes")
         end = OPTION_HEADER.size + length
         if len(unread) < end:
             return 0, None
         payload = bytes(unread[OPTION_HEADER.size:end]) if length else b""
         result = self.negotiator.handle_option(option, payload)
-        self.phase = _NEXT_PHASE[result.outcome]
+        # Per option of every connection, so written out: identity tests, not a dict
+        # (an Enum's __hash__ is Python code), and the phase set in place.
+        outcome = result.outcome
+        if outcome is not _CONTINUE:
+            if outcome is _GO:
+                self.phase, self.reading = _TRANSMISSION, False
+            elif outcome is _STARTTLS:
+                self._enter(_TLS)
+            else:  # ABORT, DISCONNECT
+                self._enter(_CLOSED)
         return end, result
 
     def tls_started(self) -> None:
         """The TLS handshake succeeded: haggling starts over, encrypted."""
-        if self.phase is not Phase.TLS:
+        if self.phase is not _TLS:
             raise RuntimeError("TLS started outside STARTTLS")
         self.negotiator.tls_started()
-        self.phase = Phase.OPTIONS
+        self._enter(_OPTIONS)

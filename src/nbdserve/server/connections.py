@@ -34,10 +34,12 @@ log = logging.getLogger("nbdserve.server")
 class Connection:
     """Book-keeping for one client, so shutdown and status can find it."""
 
-    def __init__(self, stream: NbdStream, peer: str, sock: socket.socket | None) -> None:
+    def __init__(self, stream: NbdStream, peer: str, sock: socket.socket | None,
+                 unix: bool) -> None:
         self.stream = stream
         self.peer = peer
         self.sock = sock  # uvloop builds a new socket object per lookup: keep this one
+        self.unix = unix
         self.session: Session | None = None
         self.features: list[str] = []
         self.transmission: Transmission | None = None
@@ -124,7 +126,7 @@ class Connections:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         else:
             peer = f"unix#{self.accepted}"
-        connection = Connection(stream, peer, sock)
+        connection = Connection(stream, peer, sock, family == socket.AF_UNIX)
         self.live.add(connection)
         stream.on_lost = functools.partial(self.connection_lost, connection)
         if greeted:
@@ -223,7 +225,7 @@ class Connections:
                  "; " + ", ".join(features) if features else "")
         transmission = Transmission(stream, session, self.executor, peer,
                                     stopping=self.stopping, sock=connection.sock,
-                                    poller=connection.poller)
+                                    unix=connection.unix, poller=connection.poller)
         connection.transmission = transmission
         export.connections += 1
         self.census.transmitting += 1

@@ -23,6 +23,10 @@ from nbdserve.tls import TlsConfig, subject_allowed, subject_string
 
 log = logging.getLogger("nbdserve.handshake")
 
+# Bound once: Enum member access is slow on 3.11 (see protocol/handshake.py).
+_OPTIONS, _TLS, _TRANSMISSION = Phase.OPTIONS, Phase.TLS, Phase.TRANSMISSION
+_ABORT = Outcome.ABORT
+
 class Handshake:
     """The newstyle handshake of one connection. ``on_done`` receives the agreed
     session, or None when the connection is to be closed."""
@@ -77,15 +81,15 @@ class Handshake:
             if result.replies:
                 stream.write(result.replies)
             phase = framing.phase
-            if phase is Phase.OPTIONS:
+            if phase is _OPTIONS:
                 continue
-            if phase is Phase.TLS:
+            if phase is _TLS:
                 stream.on_data = None
                 self.poller = None  # TLS may hold bytes the socket does not show
                 self.tls_task = asyncio.get_running_loop().create_task(self._start_tls())
-            elif phase is Phase.TRANSMISSION:
+            elif phase is _TRANSMISSION:
                 self.finish(result.session)
-            elif result.outcome is Outcome.ABORT:
+            elif result.outcome is _ABORT:
                 log.debug("%s: client aborted the handshake", self.peer)
                 self.finish(None)
             else:

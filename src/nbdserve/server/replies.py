@@ -37,7 +37,7 @@ Pieces = list[tuple[int, int, "bytes | bytearray | None"]]
 
 class ReplyWriter:
     def __init__(self, transport, export: Export, structured: bool, peer: str,
-                 sock: socket.socket | None) -> None:
+                 sock: socket.socket | None, unix: bool = False) -> None:
         self.transport = transport
         self.export = export
         self.structured = structured
@@ -52,7 +52,7 @@ class ReplyWriter:
         # nbdcopy read (256 KiB): sendfile(2) would stop part-way and the rest be
         # copied. It is enlarged before the first large read (not at accept: the
         # call costs a few microseconds of every handshake).
-        self.unix_sock = sock if sock is not None and sock.family == socket.AF_UNIX else None
+        self.unix_sock = sock if unix else None
 
     # -- the queue ----------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ BATCH_MAX = 64  # replies queued before they are flushed even mid-burst
 class Transmission:
     def __init__(self, stream: NbdStream, session: Session, executor: Executor, peer: str,
                  *, stopping: bool = False, sock: socket.socket | None = None,
-                 poller: Poller | None = None) -> None:
+                 unix: bool = False, poller: Poller | None = None) -> None:
         self.stream = stream
         stream.use_transmission_buffer()
         self.transport = stream.transport
@@ -60,14 +60,16 @@ class Transmission:
             bool(session.meta_contexts)), stopping)
         # Under TLS the socket's bytes are ciphertext: no sendfile, splice or polling.
         plain = sock if sock is not None and not session.tls else None
-        self.replies = ReplyWriter(self.transport, self.export, self.structured, peer, plain)
+        self.replies = ReplyWriter(self.transport, self.export, self.structured, peer, plain,
+                                   unix)
         self.executor = executor
         self.peer = peer
         self.loop = stream.loop
         self.tasks: set[asyncio.Task] = set()
         self.inflight_bytes = 0
-        self.room = asyncio.Event()
+        self.room = asyncio.Event()  # set while inflight_bytes is under the limit...
         self.room.set()
+        self.held_up = False  # ...and this is its opposite, read per request for less
         self.requests = 0
         # Busy-polling before sleeping (see polling.py); plain sockets only, as TLS
         # may hold decrypted bytes the socket does not show.
@@ -88,16 +90,27 @@ class Transmission:
         stats = self.export.stats
         requests = stats.requests
         clock = time.perf_counter
-        take_header = self.take_header
+        take_struct, read_struct = stream.take_struct, stream.read_struct
+        write_buffer_size = self.transport.get_write_buffer_size
+        replies = self.replies
         try:
             while True:
-                header = take_header()
-                if header is None:
-                    header = await self.receive_header()
+                if self.held_up or write_buffer_size() > WRITE_BUFFER_HIGH:
+                    await self.wait_for_client()  # our own backlog first
+                # Pipelined requests are already here: no coroutine for those.
+                header = take_struct(REQUEST_HEADER)
+                if header is None:  # not here yet: send what is ready, then wait
+                    polled_from = self.prepare_to_wait()
+                    header = await read_struct(REQUEST_HEADER)
+                    if polled_from:
+                        self.poller.adapt(time.perf_counter_ns() - polled_from)
+                elif len(replies.out) > BATCH_MAX:
+                    replies.flush()
                 magic, flags, command, cookie, offset, length = header
                 if rules.frame(magic, command, length) == DISCONNECT:
                     log.debug("%s: client disconnected (DISC)", self.peer)
-                    await self.hang_up()
+                    if self.hang_up():
+                        await asyncio.sleep(0)  # let the loop close it before the rest
                     return
                 error, reason = rules.check(command, flags, offset, length)
                 self.requests += 1
@@ -128,41 +141,30 @@ class Transmission:
             if self.splicer is not None:
                 self.splicer.close()
 
-    def take_header(self) -> tuple | None:
-        """The next request header if it is already here and nothing asks the loop to
-        wait first (pipelined requests: no coroutine per request); else None."""
+    def prepare_to_wait(self) -> int:
+        """Before waiting for the client: send the queued replies, and let a lone busy
+        connection busy-poll its socket briefly. Returns when polling started (ns, for
+        Poller.adapt), or 0 if it did not."""
         replies = self.replies
-        if not self.room.is_set() or \
-                self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
-            return None
-        if len(replies.out) > BATCH_MAX:
+        if replies.out:
             replies.flush()
-        return self.stream.take_struct(REQUEST_HEADER)
-
-    async def receive_header(self) -> tuple:
-        """The next request header. Replies go out first whenever the loop would
-        wait for the client (or too many are queued, or the socket is backed up); a
-        lone busy connection busy-polls its socket briefly before sleeping."""
-        stream = self.stream
-        replies = self.replies
-        if self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
-            replies.flush()
-            await stream.drain()  # the client reads its replies slower than it asks
-        available = stream.available()
-        if replies.out and (available < REQUEST_HEADER.size or len(replies.out) > BATCH_MAX):
-            replies.flush()
-        if not self.room.is_set():
-            replies.flush()
-            await self.room.wait()
         poller = self.poller
-        if poller is not None and available < REQUEST_HEADER.size and \
+        if poller is not None and \
                 poller.allowed(bool(self.tasks) or self.transport.get_write_buffer_size()):
             polled_from = time.perf_counter_ns()
             poller.spin(polled_from)
-            header = await stream.read_struct(REQUEST_HEADER)
-            poller.adapt(time.perf_counter_ns() - polled_from)
-            return header
-        return await stream.read_struct(REQUEST_HEADER)
+            return polled_from
+        return 0
+
+    async def wait_for_client(self) -> None:
+        """Our backlog: too much payload held by unanswered requests (wait for some to
+        finish), or replies the client reads slower than it asks (wait for the socket
+        to drain)."""
+        self.replies.flush()
+        if not self.room.is_set():
+            await self.room.wait()
+        if self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
+            await self.stream.drain()
 
     def handle(self, command: int, flags: int, cookie: int, offset: int, length: int,
                payload: tuple[memoryview, ...] | None, started: float) -> bool:
@@ -276,6 +278,7 @@ class Transmission:
         self.inflight_bytes += held_bytes
         if self.inflight_bytes > MAX_INFLIGHT_BYTES:
             self.room.clear()  # backpressure: stop reading requests until some finish
+            self.held_up = True
         task = self.loop.create_task(coroutine)
         self.tasks.add(task)
 
@@ -286,6 +289,7 @@ class Transmission:
             self.inflight_bytes -= held_bytes
             if self.inflight_bytes <= MAX_INFLIGHT_BYTES:
                 self.room.set()
+                self.held_up = False
         task.add_done_callback(done)
 
     def in_thread(self, command: int, cookie: int, flags: int, work: Callable[[], None],
@@ -326,13 +330,14 @@ class Transmission:
 
     # -- end of the connection ---------------------------------------------------------------------
 
-    async def hang_up(self) -> None:
+    def hang_up(self) -> bool:
         """DISC: with nothing left to answer, hang up now (queued replies still go out
-        first), not after the book-keeping; clients wait for it."""
-        if not self.tasks:
-            self.replies.flush()
-            self.transport.close()
-            await asyncio.sleep(0)  # let the loop close it before the rest
+        first), not after the book-keeping; clients wait for it. True if it did."""
+        if self.tasks:
+            return False
+        self.replies.flush()
+        self.transport.close()
+        return True
 
     async def finish_inflight(self) -> None:
         """Let every accepted request complete and its reply be queued."""
