@@ -165,3 +165,52 @@ async def test_during_shutdown_options_get_err_shutdown_and_requests_eshutdown(
     await flush  # the in-flight request completed normally
     await asyncio.wait_for(stopping, 10)
     assert export.image.fd == -1
+
+
+def test_control_socket_in_a_missing_directory_is_one_usage_line(image, tmp_path):
+    """Refused before anything is opened: exit 2, one line, no traceback, and no QDB
+    file left marked in use."""
+    result = run(*NBDSERVE, "serve", str(image), "-k", str(tmp_path / "s"), "--bitmap", "b",
+                 "--control", str(tmp_path / "missing" / "ctl.sock"), check=False)
+    assert result.returncode == 2, result.stderr
+    assert "control:" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "disk.img.qdb").exists()
+
+
+def test_a_port_in_use_fails_before_the_bitmaps_are_touched(image, tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        result = run(*NBDSERVE, "serve", str(image), "-p", str(port), "--bitmap", "b",
+                     check=False)
+    finally:
+        busy.close()
+    assert result.returncode == 1, result.stderr
+    assert "cannot listen" in result.stderr
+    assert "saved" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "disk.img.qdb").exists()  # nothing was created or saved
+
+
+def test_sigterm_as_soon_as_the_socket_exists_stops_gracefully(image, tmp_path):
+    """A supervisor may signal us the moment the listener exists, before the event loop
+    runs: the stop must still be graceful (bitmaps saved, not left in use)."""
+    import subprocess
+    import time
+
+    from nbdserve.bitmaps.qdb import read_qdb
+
+    sock = tmp_path / "s.sock"
+    proc = subprocess.Popen([*NBDSERVE, "serve", str(image), "-k", str(sock), "--bitmap", "b"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "stopped" in stderr and "Traceback" not in stderr
+    assert not read_qdb(str(image) + ".qdb").in_use

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 
 import click
@@ -26,6 +27,7 @@ from nbdserve.config import (
     ConfigError,
     ListenAddress,
     ServeConfig,
+    check_socket_directories,
     load_config,
     make_export,
     parse_bitmap,
@@ -33,6 +35,7 @@ from nbdserve.config import (
     with_overrides,
 )
 from nbdserve.image import ImageError
+from nbdserve.server.lifecycle import HANDLED_SIGNALS
 from nbdserve.server.service import Service, ServiceError
 from nbdserve.tls import TLS_MODES, TLS_OFF, TlsConfig, TlsConfigError
 from nbdserve.values import parse_size
@@ -203,11 +206,16 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, read
 
     try:
         config = build()
+        check_socket_directories(config)
         if config.tls.mode != TLS_OFF:
             config.tls.server_context()  # fail now, not at the first client
     except (ConfigError, TlsConfigError) as exc:
         raise click.UsageError(str(exc)) from None
     setup_logging(config.log_level, config.log_format)
+    # From the moment a listener exists a supervisor may signal us: hold SIGTERM, SIGINT
+    # and SIGHUP until Server.run has its handlers (it unblocks them), so a stop that
+    # early is graceful too, never the default action with the bitmaps left in use.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     service = Service(config, reload_config=build if config_path else None)
     try:
         server = service.open()
@@ -215,9 +223,11 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, read
         raise click.ClickException(str(exc)) from None
     install_event_loop()
     try:
-        asyncio.run(server.run())
+        status = asyncio.run(server.run())
     finally:
         service.cleanup()
+    if status:
+        sys.exit(status)
 
 
 def config_from_options(base: ServeConfig, *, image, export_name, bind_address, port,

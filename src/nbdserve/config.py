@@ -6,6 +6,7 @@ The keys are documented in docs/configuration.md, with examples/nbdserve.toml.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field, replace
 
@@ -98,6 +99,26 @@ class ServeConfig:
         if self.tls.mode == TLS_OFF and any(e.tls_required for e in self.exports):
             raise ConfigError("export tls-required needs tls.mode = \"optional\" or "
                               "\"require\"")
+
+
+
+def check_socket_directories(config: ServeConfig) -> None:
+    """Before serving (not part of validate(): a file may be checked on another
+    machine): the directories of the Unix sockets to create must exist and be
+    writable, or the error would come after the images and bitmaps were opened."""
+    if config.control is not None:
+        _check_socket_directory(config.control, "control")
+    for address in config.listen:
+        if address.path is not None:
+            _check_socket_directory(address.path, "listen")
+
+
+def _check_socket_directory(path: str, key: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{key}: {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: {path}: directory {directory} is not writable")
 
 
 # -- parsing helpers ------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from nbdserve.tls import TLS_OFF, TlsConfig
 
 log = logging.getLogger("nbdserve.server")
 
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 SHUTDOWN_GRACE = 30.0  # seconds in-flight requests get to finish on SIGTERM
 STATUS_INTERVAL = 1.0  # seconds between STATUS= updates to systemd
 SHUTDOWN_LINGER = 2.0  # seconds clients get to read ESHUTDOWN and disconnect themselves
@@ -88,19 +89,29 @@ class Server:
                          export.image.path, export.size,
                          ", read-only" if export.read_only else "", describe(sock))
 
-    async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    async def run(self) -> int:
+        """Serve until SIGTERM or SIGINT, then shut down gracefully. Returns the exit
+        status: 0, or 1 when the server could not start (exports closed cleanly)."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signum)
         if self.on_reload is not None:
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-        await self.start()
+        # Signals that arrived while the service was being opened (blocked until now,
+        # see cli.serve) are delivered here, to the handlers.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        try:
+            await self.start()
+        except OSError as exc:
+            log.error("cannot start: %s", exc)
+            await self.shutdown()
+            return 1
         log.info("ready (pid %d)", os.getpid())
         systemd.notify("READY=1", self.status_line())
         await self.stop_requested.wait()
         systemd.notify("STOPPING=1")
         await self.shutdown()
+        return 0
 
     def request_reload(self) -> None:
         log.info("received SIGHUP, reloading the configuration")

@@ -77,15 +77,20 @@ class Service:
         self.socket_paths: list[str] = []
 
     def open(self) -> Server:
+        # Listeners first: a port in use must fail before any image or QDB file is
+        # touched (nothing to undo, no bitmaps marked in use and saved again).
+        sockets, self.socket_paths = listening_sockets(self.config)
         exports = []
         try:
             for settings in self.config.exports:
                 exports.append(open_export(settings, with_control=bool(self.config.control)))
                 self.settings[settings.name] = settings
-            sockets, self.socket_paths = listening_sockets(self.config)
         except ServiceError:
             for export in exports:
                 export.close()
+            for sock in sockets:
+                sock.close()
+            self.cleanup()
             raise
         config = self.config
         self.server = Server(ExportCatalog(exports), sockets,
