@@ -214,3 +214,114 @@ def test_sigterm_as_soon_as_the_socket_exists_stops_gracefully(image, tmp_path):
     assert proc.returncode == 0, stderr
     assert "stopped" in stderr and "Traceback" not in stderr
     assert not read_qdb(str(image) + ".qdb").in_use
+
+
+def handshake_raw(sock: socket.socket) -> None:
+    """Fixed newstyle, GO on the default export, no structured replies."""
+    import struct
+    stream = sock.makefile("rb")
+    assert len(stream.read(18)) == 18
+    sock.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 7, 6)
+                 + struct.pack(">IH", 0, 0))
+    while True:
+        _magic, _option, reply_type, length = struct.unpack(">QIII", stream.read(20))
+        stream.read(length)
+        if reply_type == 1:
+            return
+
+
+@pytest.mark.parametrize("unix", [True, False])
+def test_a_burst_then_an_abrupt_hang_up_leaves_no_traceback(image, start_server, unix):
+    """A client that sends a receive buffer's worth of requests and resets at once:
+    the replies have nowhere to go, and that is not an error of ours."""
+    import struct
+    server = start_server(image, unix=unix)
+    for _ in range(10):
+        if unix:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(server.unix))
+        else:
+            sock = socket.create_connection((server.host, server.port))
+        handshake_raw(sock)
+        # Exactly one receive buffer's worth (the last request cut short).
+        burst = b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, 0, 4096)
+                         for i in range((256 << 10) // 28 + 1))[:256 << 10]
+        sock.sendall(burst)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    run("nbdinfo", server.uri())  # still serving
+    assert "Traceback" not in server.log and "ERROR" not in server.log, server.log
+
+
+def test_tcp_connect_then_reset_costs_one_debug_line_at_most(image, start_server):
+    import struct
+    server = start_server(image, unix=False)
+    for _ in range(50):
+        sock = socket.create_connection((server.host, server.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST at once, perhaps before the server's accept runs
+    run("nbdinfo", server.uri())
+    assert "Traceback" not in server.log and "ERROR" not in server.log, server.log
+
+
+def test_deeply_nested_json_on_the_control_socket_gets_an_error_reply(image, start_server,
+                                                                      tmp_path):
+    import json
+    control = tmp_path / "ctl.sock"
+    server = start_server(image, "--control", str(control))
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(control))
+    replies = sock.makefile("rb")
+    replies.readline()  # greeting
+    sock.sendall(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    reply = json.loads(replies.readline())
+    assert reply["error"]["class"] == "GenericError" and "nested" in reply["error"]["desc"]
+    sock.sendall(b'{"execute": "query-status"}\n')  # the connection still works
+    assert "exports" in json.loads(replies.readline())["return"]
+    sock.close()
+    assert "Traceback" not in server.log, server.log
+
+
+def test_sigterm_with_a_control_client_connected_is_clean(image, start_server, tmp_path):
+    control = tmp_path / "ctl.sock"
+    server = start_server(image, "--control", str(control))
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(control))
+    sock.makefile("rb").readline()  # greeting: the client is being served
+    assert server.stop() == 0
+    sock.close()
+    assert "stopped" in server.log
+    assert "Traceback" not in server.log and "ERROR" not in server.log, server.log
+
+
+async def test_the_queue_behind_a_connection_limit_is_bounded(image, start_server, tmp_path):
+    from nbdserve.server.connections import WAITING_MAX
+    control = tmp_path / "ctl.sock"
+    server = start_server(image, "-e", "1", "--control", str(control))
+    first = await NbdClient.connect(**server.client_args())
+    extra = []
+    for _ in range(WAITING_MAX + 3):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(server.unix))
+        extra.append(sock)
+    await wait_until(lambda: connection_states(control).count("waiting") == WAITING_MAX
+                     and len(connection_states(control)) == WAITING_MAX + 1,
+                     what="the queue to fill")
+    for sock in extra:
+        sock.setblocking(False)
+
+    def hung_up() -> int:
+        count = 0
+        for sock in extra:
+            try:
+                count += sock.recv(1, socket.MSG_PEEK) == b""
+            except BlockingIOError:
+                pass  # still waiting, as it should
+        return count
+
+    await wait_until(lambda: hung_up() >= 3, what="the extra clients to be hung up on")
+    assert hung_up() == 3
+    for sock in extra:
+        sock.close()
+    assert "clients already wait for a connection slot" in server.log
+    await first.disconnect()

@@ -46,6 +46,7 @@ class ControlServer:
         self.path = path
         self.executor = executor
         self.server: asyncio.AbstractServer | None = None
+        self.clients: set[asyncio.Task] = set()  # handlers of connected clients
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -59,12 +60,20 @@ class ControlServer:
         log.info("control socket on %s", self.path)
 
     async def close(self) -> None:
+        """Stop listening and hang up on connected clients (a command under way
+        finishes first: it runs in a worker thread, and its transaction is atomic)."""
         if self.server is not None:
             self.server.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+        for task in list(self.clients):
+            task.cancel()
+        if self.clients:
+            await asyncio.wait(list(self.clients), timeout=5)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self.clients.add(task)
         greeting = {"QMP": {"version": {"nbdserve": __version__}, "capabilities": []}}
         writer.write(json.dumps(greeting).encode() + b"\n")
         try:
@@ -74,9 +83,10 @@ class ControlServer:
                 await writer.drain()
         except (ValueError, asyncio.LimitOverrunError):
             writer.write(json.dumps(_error("GenericError", "line too long")).encode() + b"\n")
-        except ConnectionError:
-            pass
+        except (ConnectionError, asyncio.CancelledError):
+            pass  # the client left, or the server is stopping: hang up quietly
         finally:
+            self.clients.discard(task)
             writer.close()
 
     async def respond(self, line: bytes) -> dict:
@@ -84,6 +94,8 @@ class ControlServer:
             request = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return _error("GenericError", f"invalid JSON: {exc}")
+        except RecursionError:
+            return _error("GenericError", "invalid JSON: nested too deeply")
         if not isinstance(request, dict) or not isinstance(request.get("execute"), str):
             return _error("GenericError", "expected an object with \"execute\"")
         reply_id = {"id": request["id"]} if "id" in request else {}

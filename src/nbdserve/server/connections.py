@@ -30,6 +30,11 @@ from nbdserve.tls import TlsConfig
 
 log = logging.getLogger("nbdserve.server")
 
+# Clients queued behind a connection limit (-e), at most: each holds a descriptor, and
+# an unbounded queue lets anyone exhaust them. 128 is the listen backlog we ask for,
+# the queue qemu-nbd's waiting clients sit in. Beyond it a client is hung up on at once.
+WAITING_MAX = 128
+
 
 class Connection:
     """Book-keeping for one client, so shutdown and status can find it."""
@@ -120,8 +125,12 @@ class Connections:
         self.accepted += 1
         family = sock.family if sock is not None else socket.AF_UNIX
         if family in (socket.AF_INET, socket.AF_INET6):
-            host, port = stream.get_extra_info("peername")[:2]
-            peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            address = stream.get_extra_info("peername")
+            if address is None:  # reset before we looked: the peer is already gone
+                peer = f"tcp#{self.accepted}"
+            else:
+                host, port = address[:2]
+                peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         else:
@@ -132,6 +141,10 @@ class Connections:
         if greeted:
             self.begin_handshake(connection, greeted=True)
         elif self.stopping:
+            stream.close()
+        elif len(self.waiting) >= WAITING_MAX:
+            log.warning("%s: %d clients already wait for a connection slot; disconnecting",
+                        peer, WAITING_MAX)
             stream.close()
         else:
             # Like qemu-nbd -e: a client over the limit waits, as if in the backlog.

@@ -62,7 +62,8 @@ class ReplyWriter:
         wait for the client; replies finished in tasks flush at once."""
         if self.out:
             out, self.out = self.out, []
-            self.transport.writelines(out)
+            if not self.transport.is_closing():  # a client that hung up gets nothing
+                self.transport.writelines(out)
 
     # -- framing --------------------------------------------------------------------------------
 
