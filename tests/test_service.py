@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import textwrap
+import time
 import urllib.request
 from pathlib import Path
 
@@ -255,6 +256,58 @@ def test_a_bad_reload_keeps_the_running_configuration(three_exports):
         assert set(listed(f"nbd://127.0.0.1:{port}/")) == {"a", "b", "c"}
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("damage", ["missing image", "odd size"])
+async def test_a_reload_that_cannot_be_applied_changes_nothing(three_exports, damage):
+    """All of it or none of it: a new export that would be fine, and a changed one
+    whose image cannot be served; the running exports and their clients stay."""
+    config, port, tmp = three_exports
+    server = serve_config(config)
+    try:
+        client = await NbdClient.connect(port=port, export="c")
+        bad = tmp / "bad.img"
+        if damage == "odd size":
+            bad.write_bytes(b"x" * 1000)
+        text = config.read_text().replace(str(tmp / "c.img"), str(bad))
+        text += f'[[export]]\nname = "d"\nimage = "{make_image(tmp / "d.img")}"\n'
+        config.write_text(text)
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for_log("reload refused, keeping the running configuration: export 'c'")
+        assert set(listed(f"nbd://127.0.0.1:{port}/")) == {"a", "b", "c"}
+        await client.write(0, b"still here")  # c's client was never disconnected
+        assert await client.read(0, 10) == b"still here"
+        await client.disconnect()
+    finally:
+        assert server.stop() == 0
+    assert "Traceback" not in server.log
+
+
+def test_sighups_close_together_reload_one_after_the_other(three_exports):
+    config, port, tmp = three_exports
+    server = serve_config(config)
+    try:
+        text = config.read_text()
+        for n in range(3):
+            text += f'[[export]]\nname = "n{n}"\nimage = "{make_image(tmp / f"n{n}.img")}"\n'
+        text = text.replace('description = "first"', 'description = "changed"')
+        config.write_text(text)
+        for _ in range(3):  # close together: a reload may still run when the next comes
+            server.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.002)
+        # Signals may coalesce; every one received must give one whole reload.
+        deadline = time.monotonic() + 20
+        while (server.log.count("configuration reloaded") == 0 or
+               server.log.count("configuration reloaded") <
+               server.log.count("received SIGHUP")):
+            assert time.monotonic() < deadline, server.log
+            time.sleep(0.05)
+        exports = listed(f"nbd://127.0.0.1:{port}/")
+        assert set(exports) == {"a", "b", "c", "n0", "n1", "n2"}
+        assert exports["a"]["description"] == "changed"
+    finally:
+        assert server.stop() == 0
+    assert "Traceback" not in server.log and "KeyError" not in server.log
 
 
 async def test_status_shows_exports_connections_and_bitmaps(three_exports):

@@ -3,6 +3,7 @@ the server, and reload the configuration on SIGHUP."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -48,6 +49,19 @@ def open_export(settings: ExportConfig, *, with_control: bool) -> Export:
     return Export(settings, image, tracker=store)
 
 
+def check_image(settings: ExportConfig) -> None:
+    """Would this export's image open? (Exists, or can be created; a file or block
+    device; a size that is a multiple of 512.) Raises ServiceError."""
+    if settings.create is not None and not os.path.exists(settings.image):
+        if not os.access(os.path.dirname(os.path.abspath(settings.image)), os.W_OK):
+            raise ServiceError(f"cannot create {settings.image}: directory not writable")
+        return
+    try:
+        RawImage(settings.image, read_only=True).close()
+    except ImageError as exc:
+        raise ServiceError(str(exc)) from None
+
+
 def listening_sockets(config: ServeConfig) -> tuple[list[socket.socket], list[str]]:
     """Sockets inherited from systemd when there are any, else the configured ones.
     Returns the sockets and the Unix socket paths we created (removed at exit)."""
@@ -75,6 +89,8 @@ class Service:
         self.settings: dict[str, ExportConfig] = {}
         self.server: Server | None = None
         self.socket_paths: list[str] = []
+        self.reloading = asyncio.Lock()  # one reload at a time
+        self._previous: dict[str, ExportConfig] = {}  # what a failed reopen puts back
 
     def open(self) -> Server:
         # Listeners first: a port in use must fail before any image or QDB file is
@@ -85,6 +101,7 @@ class Service:
             for settings in self.config.exports:
                 exports.append(open_export(settings, with_control=bool(self.config.control)))
                 self.settings[settings.name] = settings
+            self._previous = dict(self.settings)
         except ServiceError:
             for export in exports:
                 export.close()
@@ -108,8 +125,18 @@ class Service:
                 os.unlink(path)
 
     async def reload(self) -> None:
-        """SIGHUP: read the configuration again. Exports whose settings did not change
-        keep their clients; changed and removed ones are closed; new ones are opened."""
+        """SIGHUP: read the configuration again and apply all of it, or none of it.
+
+        Reloads run one at a time (a second SIGHUP waits for the first). Every export
+        to add or change is checked, its image opened, before anything changes; if one
+        fails, the running configuration stays as it was. Exports whose settings did
+        not change keep their clients; changed and removed ones are closed; new ones
+        are opened.
+        """
+        async with self.reloading:
+            await self._reload()
+
+    async def _reload(self) -> None:
         server = self.server
         try:
             new = self.reload_config()
@@ -117,21 +144,42 @@ class Service:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
         wanted = {s.name: s for s in new.exports}
-        for name, settings in list(self.settings.items()):
-            if wanted.get(name) != settings:
-                await server.remove_export(name)
-                del self.settings[name]
-        for name, settings in wanted.items():
-            if name in self.settings:
-                continue
+        changed = [name for name, settings in self.settings.items()
+                   if name in wanted and wanted[name] != settings]
+        removed = [name for name in self.settings if name not in wanted]
+        added = [name for name in wanted if name not in self.settings]
+        # Check first. A new export is opened now and kept; a changed one can only be
+        # checked (its QDB file is still locked by the running export), then reopened.
+        opened: dict[str, Export] = {}
+        try:
+            for name in added:
+                opened[name] = open_export(wanted[name], with_control=bool(new.control))
+            for name in changed:
+                check_image(wanted[name])
+        except ServiceError as exc:
+            for export in opened.values():
+                export.close()
+            log.error("reload refused, keeping the running configuration: export %r: %s",
+                      name, exc)
+            return
+        for name in removed + changed:
+            await server.remove_export(name)
+            del self.settings[name]
+        for name in changed:
             try:
-                export = open_export(settings, with_control=bool(new.control))
+                opened[name] = open_export(wanted[name], with_control=bool(new.control))
             except ServiceError as exc:
-                log.error("reload: export %r not added: %s", name, exc)
-                continue
+                # Checked a moment ago; if it fails now, put the old export back.
+                log.error("reload: export %r could not be reopened (%s); keeping its "
+                          "previous settings", name, exc)
+                wanted[name] = self._previous[name]
+                opened[name] = open_export(wanted[name], with_control=bool(new.control))
+        for name, export in opened.items():
             server.catalog.add(export)
-            self.settings[name] = settings
-            log.info("reload: export %r added (%s)", name, settings.image)
+            self.settings[name] = wanted[name]
+            log.info("reload: export %r %s (%s)", name,
+                     "changed" if name in changed else "added", wanted[name].image)
+        self._previous = dict(self.settings)
         if new.tls != server.tls:
             server.set_tls(new.tls)
         logging.getLogger().setLevel(new.log_level.upper())
