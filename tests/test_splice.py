@@ -120,3 +120,70 @@ async def test_refused_large_writes_are_read_off_the_wire(case, image, start_ser
     assert await client.read(0, 4096) == bytes(4096)
     await client.disconnect()
     assert image.read_bytes() == bytes(64 * MiB)
+
+
+@pytest.mark.parametrize("size", [4096, 2 * MiB])  # received whole, and spliced
+async def test_a_journal_that_cannot_grow_fails_the_write_with_enospc(image, tmp_path, size):
+    """Marking comes first; when the crash journal cannot record (a full disk), the
+    write is refused with ENOSPC, nothing reaches the image, and the connection goes
+    on, whichever path the payload took."""
+    import errno
+
+    from nbdserve.bitmaps.store import BitmapStore
+    from nbdserve.config import BitmapRequest, ExportConfig
+    from nbdserve.export import Export, ExportCatalog
+    from nbdserve.image import RawImage
+    from nbdserve.server.lifecycle import Server
+    from nbdserve.server.listener import bind_unix
+
+    raw = RawImage(str(image))
+    store = BitmapStore.open(str(image) + ".qdb", raw.size, raw.identity,
+                             requests=[BitmapRequest("b0", 4096)])
+
+    def full(records: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store.journal.append = full
+    path = str(tmp_path / "s.sock")
+    server = Server(ExportCatalog([Export(ExportConfig("", str(image)), raw, store)]),
+                    [bind_unix(path)])
+    await server.start()
+    try:
+        async with await NbdClient.connect(unix=path) as nbd:
+            with pytest.raises(NbdError) as refused:
+                await nbd.write(MiB, os.urandom(size))
+            assert refused.value.error == c.NBD_ENOSPC
+            assert await nbd.read(MiB, size) == bytes(size)  # in step, nothing written
+    finally:
+        await server.shutdown()
+
+
+def test_a_failed_marking_of_a_spliced_part_is_returned_not_raised(image):
+    """The splicer empties the pipe by what the sink says it moved: a marking that
+    fails (the journal cannot grow) must come back as (0, error), never as an exception
+    that leaves the payload in the pipe and the stream out of step."""
+    import errno
+
+    from nbdserve.bitmaps.store import BitmapStore
+    from nbdserve.config import BitmapRequest, ExportConfig
+    from nbdserve.export import Export
+    from nbdserve.image import RawImage
+
+    raw = RawImage(str(image))
+    store = BitmapStore.open(str(image) + ".qdb", raw.size, raw.identity,
+                             requests=[BitmapRequest("b0")])
+
+    def full(records: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store.journal.append = full
+    export = Export(ExportConfig("", str(image)), raw, store)
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"x" * 4096)
+    moved, error = export.write_from_pipe(read_end, 0, 4096)
+    assert (moved, error.errno) == (0, errno.ENOSPC)
+    assert raw.pread(0, 4096) == bytes(4096)
+    os.close(read_end)
+    os.close(write_end)
+    store.close()
+    raw.close()

@@ -118,7 +118,13 @@ class Export:
         count bytes waiting in a pipe go to offset. Each part is recorded before its
         data lands, so the parts together record the whole write. Returns the bytes
         moved and the error that stopped it, if any (RawImage.write_from_pipe)."""
-        return self._record(offset, count, self.image.write_from_pipe, pipe_fd, offset, count)
+        try:
+            return self._record(offset, count, self.image.write_from_pipe, pipe_fd, offset,
+                                count)
+        except OSError as exc:
+            # The image returns its errors, so this is the marking (the crash journal
+            # cannot grow): nothing moved, and the splicer must hear it as a result.
+            return 0, exc
 
     def zero(self, offset: int, length: int, *, may_punch: bool = True,
              fast_only: bool = False) -> None:
