@@ -278,3 +278,29 @@ def test_qdb_info_and_dump(image, start_server):
     garbage.write_bytes(b"nope" * 64)
     bad = run(*NBDSERVE, "qdb", "check", str(garbage), check=False)
     assert bad.returncode == 1 and "bad magic" in bad.stderr
+
+
+def test_qdb_commands_refuse_a_file_a_running_server_holds(image, start_server):
+    """What is on disk is older than the server's bitmaps: say so, exit 1."""
+    server = start_server(image, "--bitmap", "b0")
+    run("qemu-io", "-f", "raw", "-c", "write 0 64k", server.qemu_uri)
+    for command in ("info", "dump", "check"):
+        result = run(*NBDSERVE, "qdb", command, f"{image}.qdb", check=False)
+        assert result.returncode == 1, (command, result.stdout)
+        assert "in use by a running server" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_qdb_info_and_dump_of_a_crashed_file_include_its_journal(image, start_server):
+    import signal
+    server = start_server(image, "--bitmap", "b0")
+    run("qemu-io", "-f", "raw", "-c", "write 1M 64k", server.qemu_uri)
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    qdb = f"{image}.qdb"
+    info = json.loads(run(*NBDSERVE, "qdb", "info", "--json", qdb).stdout)
+    assert info["in_use"] is True and "journal replayed" in info["note"]
+    assert info["bitmaps"][0]["dirty_bytes"] == 65536  # the file alone says 0
+    dump = json.loads(run(*NBDSERVE, "qdb", "dump", "--json", qdb).stdout)
+    assert dump[0]["dirty"] == [{"offset": MiB, "length": 65536}]
+    assert "journal replayed" in run(*NBDSERVE, "qdb", "info", qdb).stdout

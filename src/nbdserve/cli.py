@@ -448,9 +448,12 @@ def qdb() -> None:
 
 
 def _read_qdb(path: str):
-    from nbdserve.bitmaps.qdb import QdbError, read_qdb
+    """(contents, note): as a server starting now would read them (see inspection)."""
+    from nbdserve.bitmaps.qdb import QdbError
     try:
-        return read_qdb(path)
+        return inspection.read_for_inspection(path)
+    except inspection.InUse as exc:
+        raise click.ClickException(str(exc)) from None
     except (QdbError, OSError) as exc:
         raise click.ClickException(f"{path}: {exc}") from None
 
@@ -460,7 +463,7 @@ def _read_qdb(path: str):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def qdb_info(file, as_json) -> None:
     """Header and bitmaps of FILE."""
-    info = inspection.describe(_read_qdb(file))
+    info = inspection.describe(*_read_qdb(file))
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -468,6 +471,8 @@ def qdb_info(file, as_json) -> None:
                f"image size: {info['image_size']}\n"
                f"in use: {'yes' if info['in_use'] else 'no'}\n"
                f"save counter: {info['save_counter']}\nbitmaps: {len(info['bitmaps'])}")
+    if info["note"]:
+        click.echo(f"note: {info['note']}")
     for b in info["bitmaps"]:
         state = "recording" if b["recording"] else "disabled"
         if b["inconsistent"]:
@@ -482,14 +487,13 @@ def qdb_info(file, as_json) -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 def qdb_check(file) -> None:
     """Validate FILE completely; exit status 1 and a precise message on any damage."""
-    contents = _read_qdb(file)
+    contents, note = _read_qdb(file)
     problems = inspection.damage(contents)
     for problem in problems:
         click.echo(f"{file}: {problem}", err=True)
     if problems:
         sys.exit(1)
-    note = " (in use by a server, or left in use by a crash)" if contents.in_use else ""
-    click.echo(f"{file}: OK, {len(contents.bitmaps)} bitmaps{note}")
+    click.echo(f"{file}: OK, {len(contents.bitmaps)} bitmaps" + (f" ({note})" if note else ""))
 
 
 @qdb.command("dump")
@@ -499,7 +503,8 @@ def qdb_check(file) -> None:
 def qdb_dump(file, names, as_json) -> None:
     """Dirty extents (offset, length) of each bitmap in FILE."""
     try:
-        out = inspection.dump(_read_qdb(file), tuple(names))
+        contents, note = _read_qdb(file)
+        out = inspection.dump(contents, tuple(names))
     except LookupError as exc:
         raise click.ClickException(f"{exc.args[0]} in {file}") from None
     except ValueError as exc:
@@ -507,6 +512,8 @@ def qdb_dump(file, names, as_json) -> None:
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
+    if note:
+        click.echo(f"# {file}: {note}")
     for b in out:
         click.echo(f"{b['name']} (granularity {b['granularity']}):")
         for run in b["dirty"]:

@@ -1,12 +1,65 @@
 """What `nbdserve qdb info|check|dump` report about a QDB file, as data.
 
-The file is read as it is on disk; nothing is locked, repaired or written.
+Nothing is repaired or written. A file held by a running server is refused (what is
+on disk is older than the server's bitmaps: ask the server). A file left in use by a
+crash is read as the next server start would read it: its journal folded in, in
+memory, and the report says so.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+
 from nbdserve.bitmaps.bitmap import Bitmap
-from nbdserve.bitmaps.qdb import QdbContents, StoredBitmap
+from nbdserve.bitmaps.qdb import QdbContents, StoredBitmap, read_qdb
+from nbdserve.bitmaps.recovery import bitmap_from_stored, replay_journal
+
+
+class InUse(Exception):
+    """A running server holds the file; the message says what to do instead."""
+
+
+def held_by(qdb_path: str) -> str | None:
+    """The pid (as text) of the process holding QDB.lock, or None if none does."""
+    try:
+        fd = os.open(qdb_path + ".lock", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)  # closing drops the probe's own lock, if it got one
+    return None
+
+
+def read_for_inspection(qdb_path: str) -> tuple[QdbContents, str]:
+    """The file's contents as a server starting now would see them, and a note:
+    "" for a cleanly saved file, else what was done about the crash. Raises InUse,
+    QdbError or OSError."""
+    holder = held_by(qdb_path)
+    if holder is not None:
+        raise InUse(f"{qdb_path} is in use by a running server (pid {holder}); what it "
+                    "holds is newer than the file: use nbdserve bitmap list --control")
+    contents = read_qdb(qdb_path)
+    if not contents.in_use:
+        return contents, ""
+    size = contents.identity.size
+    bitmaps = {b.name: bitmap_from_stored(b, size) for b in contents.bitmaps if b.bits is not None}
+    reason = replay_journal(qdb_path + ".journal", contents, bitmaps, qdb_path)
+    for stored in contents.bitmaps:
+        named = bitmaps.get(stored.name)
+        if named is None:
+            continue
+        if reason is not None:
+            stored.inconsistent, stored.problem = True, reason
+        else:
+            stored.bits = named.bitmap.serialise()
+    if reason is not None:
+        return contents, f"left in use by a crash; its bitmaps cannot be trusted: {reason}"
+    return contents, "left in use by a crash: journal replayed, as the next start will"
 
 
 def dirty_ranges(stored: StoredBitmap, image_size: int) -> list[tuple[int, int]]:
@@ -14,7 +67,7 @@ def dirty_ranges(stored: StoredBitmap, image_size: int) -> list[tuple[int, int]]
     return list(Bitmap(image_size, stored.granularity_bits, stored.bits).set_ranges())
 
 
-def describe(contents: QdbContents) -> dict:
+def describe(contents: QdbContents, note: str = "") -> dict:
     """The header and every bitmap's state and dirty byte count (None if unreadable)."""
     size = contents.identity.size
     bitmaps = []
@@ -27,7 +80,7 @@ def describe(contents: QdbContents) -> dict:
                         "generation": f"{b.generation:016x}", "problem": b.problem})
     return {"version": 1, "cluster_size": 1 << contents.cluster_bits,
             "image_size": size, "in_use": contents.in_use,
-            "save_counter": contents.save_counter, "bitmaps": bitmaps}
+            "save_counter": contents.save_counter, "note": note, "bitmaps": bitmaps}
 
 
 def damage(contents: QdbContents) -> list[str]:

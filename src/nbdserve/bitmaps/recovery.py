@@ -50,11 +50,11 @@ def recover(qdb_path: str, journal: Journal, image_size: int,
         return Recovered(unreadable=str(error))
     recovered = Recovered(save_counter=contents.save_counter)
     for stored in contents.bitmaps:
-        bitmap = _from_stored(stored, image_size)
+        bitmap = bitmap_from_stored(stored, image_size)
         recovered.bitmaps[bitmap.name] = bitmap
     reason = _identity_problem(contents, identity())
     if reason is None and contents.in_use:
-        reason = _replay_journal(journal.path, contents, recovered.bitmaps, qdb_path)
+        reason = replay_journal(journal.path, contents, recovered.bitmaps, qdb_path)
     if reason is not None:
         log.warning("bitmaps of %s are inconsistent: %s", qdb_path, reason)
         for bitmap in recovered.bitmaps.values():
@@ -62,7 +62,7 @@ def recover(qdb_path: str, journal: Journal, image_size: int,
     return recovered
 
 
-def _from_stored(stored: StoredBitmap, image_size: int) -> DirtyBitmap:
+def bitmap_from_stored(stored: StoredBitmap, image_size: int) -> DirtyBitmap:
     gbits = stored.granularity_bits
     if stored.bits is None or len(stored.bits) != granule_count(image_size, gbits):
         bitmap = Bitmap(image_size, gbits)
@@ -95,7 +95,7 @@ def _identity_problem(contents: QdbContents, now: ImageIdentity) -> str | None:
     return None
 
 
-def _replay_journal(path: str, contents: QdbContents, bitmaps: dict[str, DirtyBitmap],
+def replay_journal(path: str, contents: QdbContents, bitmaps: dict[str, DirtyBitmap],
                     qdb_path: str) -> str | None:
     """The file was left in use (a crash): fold the journal in, or say why not."""
     try:
