@@ -266,3 +266,25 @@ def test_tls_session_ends_with_close_notify(image, start_server, pki, ending):
     # A clean TLS shutdown reads as end of stream; a bare TCP close raises SSLEOFError.
     assert tls.recv(1) == b""
     tls.close()
+
+
+def test_a_tls_handshake_cut_off_by_the_timeout_is_not_logged_as_established(
+        image, start_server, pki):
+    import struct
+    server = start_server(image, *pki.server_args(), "--handshake-timeout", "0.5",
+                          unix=False)
+    sock = socket.create_connection((server.host, server.port))
+    first_peer = f"127.0.0.1:{sock.getsockname()[1]}:"
+    stream = sock.makefile("rb")
+    stream.read(18)
+    sock.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054,
+                                                    c.NBD_OPT_STARTTLS, 0))
+    stream.read(20)  # the ACK; then no ClientHello: the TLS handshake never ends
+    assert stream.read(1) == b""  # hung up on by the handshake deadline
+    sock.close()
+    server.wait_for_log("handshake not finished")
+    run("nbdinfo", tls_uri(server, pki.client_dir("c")))  # a real client still gets in
+    lines = [line for line in server.lines if first_peer in line]
+    assert lines, server.log
+    assert not any("established" in line for line in lines), lines
+    assert not any(line.rstrip().endswith("TLS handshake failed:") for line in lines), lines

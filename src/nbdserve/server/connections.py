@@ -194,7 +194,7 @@ class Connections:
         connection.handshake.start(greeted)
 
     def handshake_expired(self, connection: Connection) -> None:
-        log.warning("%s: handshake not finished in %.0f s; disconnecting", connection.peer,
+        log.warning("%s: handshake not finished in %g s; disconnecting", connection.peer,
                     self.handshake_timeout)
         connection.stream.close()
 

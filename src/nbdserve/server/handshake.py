@@ -131,15 +131,19 @@ async def start_tls(stream: NbdStream, peer: str, tls: TlsConfig,
     try:
         await stream.start_tls(ssl_context)
     except (ssl.SSLError, ConnectionError, OSError) as exc:
-        log.warning("%s: TLS handshake failed: %s", peer, exc)
+        log.warning("%s: TLS handshake failed: %s", peer, str(exc) or type(exc).__name__)
+        return False
+    ssl_object = stream.get_extra_info("ssl_object")
+    if ssl_object is None or stream.transport.is_closing():
+        # The connection ended during the TLS handshake (the handshake deadline, or the
+        # client went away): nothing was established.
+        log.debug("%s: the connection closed during the TLS handshake", peer)
         return False
     subject = subject_string(stream.get_extra_info("peercert"))
     if not subject_allowed(subject, tls.allow_subjects):
         log.warning("%s: client certificate subject %r is not allowed; disconnecting",
                     peer, subject)
         return False
-    ssl_object = stream.get_extra_info("ssl_object")
-    version = ssl_object.version() if ssl_object is not None else "TLS"
-    log.info("%s: %s established%s", peer, version,
+    log.info("%s: %s established%s", peer, ssl_object.version(),
              f" with client {subject}" if subject else "")
     return True
