@@ -124,7 +124,7 @@ class Transmission:
                 else:
                     payload = None
                 if error:
-                    self.replies.refuse(command, cookie, error, reason)
+                    replies.refuse(command, cookie, error, reason)
                 elif self.handle(command, flags, cookie, offset, length, payload,
                                  started) and started:
                     stats.observe(clock() - started)
