@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 
@@ -325,3 +326,19 @@ async def test_the_queue_behind_a_connection_limit_is_bounded(image, start_serve
         sock.close()
     assert "clients already wait for a connection slot" in server.log
     await first.disconnect()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to try as another user")
+def test_status_on_a_control_socket_the_user_may_not_open_is_a_runtime_error(
+        image, start_server, tmp_path):
+    """Exit 1 with one line, as documented; not click's usage error (exit 2)."""
+    import subprocess
+    control = tmp_path / "ctl.sock"  # mode 0600, owned by root
+    start_server(image, "--control", str(control))
+    os.chmod(tmp_path, 0o755)
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *NBDSERVE,
+         "status", "--control", str(control)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "cannot reach" in result.stderr and "Permission denied" in result.stderr

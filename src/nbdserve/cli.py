@@ -271,7 +271,9 @@ def config_from_options(base: ServeConfig, *, image, export_name, bind_address, 
 
 
 @main.command()
-@click.option("--control", required=True, type=click.Path(),
+# The control socket's path is not checked by click: a socket the user may not open is
+# a runtime error (exit 1) from connecting, not a usage error.
+@click.option("--control", required=True, type=click.Path(readable=False),
               help="Control socket of the running server.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(control, as_json) -> None:
@@ -355,7 +357,7 @@ def bitmap_target_options(function):
     function = click.option("--image", type=click.Path(exists=True, dir_okay=False),
                             help="Act on IMAGE's QDB file directly (no server may hold it).")(
         function)
-    function = click.option("--control", type=click.Path(),
+    function = click.option("--control", type=click.Path(readable=False),
                             help="Control socket of a running server.")(function)
     return function
 
