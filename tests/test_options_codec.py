@@ -485,3 +485,34 @@ def test_framing_after_starttls_expects_the_tls_handshake_then_options_again():
     assert result.outcome is Outcome.STARTTLS and f.phase is Phase.TLS and not f.reading
     f.tls_started()
     assert f.phase is Phase.OPTIONS
+
+
+def test_an_option_larger_than_any_option_needs_is_dropped_as_it_arrives():
+    """Consumed chunk by chunk, never buffered whole, then ERR_TOO_BIG; haggling goes
+    on."""
+    f = framing()
+    f.step(bytes.fromhex("00000003"))
+    length = c.MAX_OPTION_PAYLOAD + 1
+    header = struct.pack(">QII", c.IHAVEOPT, c.NBD_OPT_SET_META_CONTEXT, length)
+    assert f.step(header + b"x" * 100) == (16, None)  # the header only; the rest is data
+    consumed, result = f.step(b"x" * 40_000)
+    assert (consumed, result) == (40_000, None)
+    consumed, result = f.step(b"x" * (length - 40_000) + b"next option")
+    assert consumed == length - 40_000  # not a byte of what follows
+    _magic, option, kind, _length = struct.unpack(">QIII", result.replies[:20])
+    assert (option, kind) == (c.NBD_OPT_SET_META_CONTEXT, c.NBD_REP_ERR_TOO_BIG)
+    assert result.outcome is Outcome.CONTINUE and f.reading
+
+
+@pytest.mark.parametrize("option, expected", [
+    (c.NBD_OPT_INFO, c.NBD_REP_ERR_TLS_REQD),
+    (c.NBD_OPT_STARTTLS, c.NBD_REP_ERR_INVALID),  # takes no data
+    (99, c.NBD_REP_ERR_TLS_REQD),
+])
+def test_before_tls_in_require_mode_no_option_data_is_buffered(option, expected):
+    from nbdserve.protocol.handshake import HandshakeFraming
+    f = HandshakeFraming(OptionNegotiator(FakeCatalog(FakeExport("")), tls_mode="require"))
+    f.step(bytes.fromhex("00000003"))
+    assert f.step(struct.pack(">QII", c.IHAVEOPT, option, 10)) == (16, None)
+    consumed, result = f.step(b"0123456789")
+    assert consumed == 10 and struct.unpack(">I", result.replies[12:16])[0] == expected

@@ -368,3 +368,27 @@ def test_fast_zero_that_cannot_be_fast_is_enotsup_and_changes_nothing(image):
     export.zero(0, 65536)  # slow, but done
     assert raw.pread(0, 65536) == bytes(65536)
     raw.close()
+
+
+def test_an_oversized_option_is_refused_without_being_buffered(server):
+    """8 MiB of option data: ERR_TOO_BIG, the haggling goes on, and the server's memory
+    does not grow by the payload (it used to buffer it, and double its buffer)."""
+    def rss_kib() -> int:
+        from pathlib import Path
+        status = Path(f"/proc/{server.proc.pid}/status").read_text()
+        return int(status.split("VmRSS:")[1].split()[0])
+
+    before = rss_kib()
+    payload = bytes(8 << 20)
+    with raw_socket(server) as sock:
+        recv_exactly(sock, 18)
+        sock.sendall(struct.pack(">I", 3) + struct.pack(
+            ">QII", c.IHAVEOPT, c.NBD_OPT_SET_META_CONTEXT, len(payload)) + payload
+            + struct.pack(">QII", c.IHAVEOPT, c.NBD_OPT_ABORT, 0))
+        _, option, kind, length = struct.unpack(">QIII", recv_exactly(sock, 20))
+        assert (option, kind) == (c.NBD_OPT_SET_META_CONTEXT, c.NBD_REP_ERR_TOO_BIG)
+        recv_exactly(sock, length)
+        _, option, kind, _ = struct.unpack(">QIII", recv_exactly(sock, 20))
+        assert (option, kind) == (c.NBD_OPT_ABORT, c.NBD_REP_ACK)
+        assert_closed(sock)
+    assert rss_kib() - before < 4096, (before, rss_kib())

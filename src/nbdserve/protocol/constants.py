@@ -137,6 +137,10 @@ NBD_STATE_DIRTY = 1 << 0
 # Limits we enforce.
 NBD_MAX_STRING = 4096  # spec: strings MUST be at most 4096 bytes
 MAX_OPTION_LENGTH = 32 * 1024 * 1024  # larger option payloads are treated as hostile
+# The largest option payload that is received and parsed: room for an export name and
+# sixteen meta-context queries of the spec's longest (4096 bytes each). A larger one
+# is consumed unread and refused (ERR_TOO_BIG); see docs/protocol.md.
+MAX_OPTION_PAYLOAD = 64 * 1024
 MAX_OPTIONS_BEFORE_GO = 32  # as nbdkit: a client haggling longer is cut off
 MAX_PAYLOAD = 32 * 1024 * 1024  # the de-facto maximum every client honours
 MIN_BLOCK_SIZE = 1

@@ -42,7 +42,8 @@ def _closing(note: str) -> OptionResult:
 class HandshakeFraming:
     """One connection's handshake: bytes in, option results out."""
 
-    __slots__ = ("negotiator", "phase", "reading", "max_option_length")
+    __slots__ = ("negotiator", "phase", "reading", "max_option_length", "discarding",
+                 "discarded_option", "discarded_length")
 
     def __init__(self, negotiator: OptionNegotiator,
                  max_option_length: int = c.MAX_OPTION_LENGTH) -> None:
@@ -50,6 +51,8 @@ class HandshakeFraming:
         self.max_option_length = max_option_length
         self.phase = _CLIENT_FLAGS
         self.reading = True
+        self.discarding = 0  # bytes of an oversized option's payload still to consume
+        self.discarded_option = self.discarded_length = 0
 
     def _enter(self, phase: Phase) -> None:
         self.phase = phase
@@ -61,9 +64,20 @@ class HandshakeFraming:
         """Handle the first complete message in ``unread``.
 
         Returns (bytes consumed, result); result None means a message is incomplete
-        and more bytes are needed. A result's outcome moves the phase on; replies in it
-        go to the client first.
+        and more bytes are needed (bytes may still have been consumed: the payload of
+        an option too large to receive, which is dropped as it arrives). A result's
+        outcome moves the phase on; replies in it go to the client first.
         """
+        if self.discarding:
+            dropped = min(len(unread), self.discarding)
+            self.discarding -= dropped
+            if self.discarding:
+                return dropped, None
+            result = self.negotiator.refuse_oversized(self.discarded_option,
+                                                      self.discarded_length)
+            if result.outcome is not _CONTINUE:
+                self._enter(_CLOSED)
+            return dropped, result
         if self.phase is _CLIENT_FLAGS:
             if len(unread) < CLIENT_FLAGS.size:
                 return 0, None
@@ -86,6 +100,12 @@ class HandshakeFraming:
             # Spec: a server may treat an absurd length as hostile and hang up.
             self._enter(_CLOSED)
             return 0, _closing(f"option payload of {length} bytes")
+        if length > self.negotiator.payload_limit():
+            # More than any option needs (or any data at all before TLS when TLS is
+            # required): consumed as it arrives, never buffered, then refused.
+            self.discarding = length
+            self.discarded_option, self.discarded_length = option, length
+            return OPTION_HEADER.size, None
         end = OPTION_HEADER.size + length
         if len(unread) < end:
             return 0, None

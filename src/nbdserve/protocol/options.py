@@ -92,6 +92,10 @@ def encode_option_error(option: int, reply_type: int, message: str) -> bytes:
     return encode_option_reply(option, reply_type, message.encode()[: c.MAX_ERROR_MESSAGE])
 
 
+_OPTIONS_WITHOUT_DATA = frozenset((c.NBD_OPT_ABORT, c.NBD_OPT_LIST, c.NBD_OPT_STARTTLS,
+                                   c.NBD_OPT_STRUCTURED_REPLY))
+
+
 def parse_client_flags(data: bytes) -> tuple[bool, bool]:
     """Return (fixed_newstyle, no_zeroes); unknown bits MUST drop the connection."""
     (flags,) = struct.unpack(">I", data)
@@ -205,6 +209,35 @@ class OptionNegotiator:
         # The selection of the last SET_META_CONTEXT and the export it named.
         self.meta_export: str | None = None
         self.meta_contexts: dict[int, str] = {}
+
+    def payload_limit(self) -> int:
+        """The largest option payload worth receiving now. Before TLS in FORCEDTLS
+        mode none is: every option but STARTTLS and ABORT (which take no data) is
+        refused whatever it says, so a client that has not authenticated gets no
+        buffer grown for it."""
+        if self.tls_mode == "require" and not self.tls_active:
+            return 0
+        return c.MAX_OPTION_PAYLOAD
+
+    def refuse_oversized(self, option: int, length: int) -> OptionResult:
+        """An option whose payload (over payload_limit()) was consumed unread."""
+        self.options_seen += 1
+        if self.options_seen > self.max_options:
+            return OptionResult(b"", Outcome.DISCONNECT, note="too many options")
+        if option == c.NBD_OPT_EXPORT_NAME or not self.fixed_newstyle:
+            # No error reply exists for EXPORT_NAME (and a name is at most 4096 bytes).
+            return OptionResult(b"", Outcome.DISCONNECT,
+                                note=f"option {option} with {length} bytes of data")
+        if option in _OPTIONS_WITHOUT_DATA:
+            reply, message = c.NBD_REP_ERR_INVALID, "this option takes no data"
+        elif self.tls_mode == "require" and not self.tls_active:
+            reply, message = c.NBD_REP_ERR_TLS_REQD, "this option needs TLS first"
+        elif option not in self._handlers:
+            reply, message = c.NBD_REP_ERR_UNSUP, f"option {option} unsupported"
+        else:
+            reply, message = (c.NBD_REP_ERR_TOO_BIG,
+                              f"option data of {length} bytes is over the limit")
+        return OptionResult(encode_option_error(option, reply, message))
 
     def handle_client_flags(self, data: bytes) -> None:
         self.fixed_newstyle, self.no_zeroes = parse_client_flags(data)

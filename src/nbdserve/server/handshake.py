@@ -75,9 +75,12 @@ class Handshake:
         framing = self.framing
         while framing.reading and not stream.write_paused:
             consumed, result = framing.step(stream.unread())
+            if consumed:
+                stream.consume(consumed)
             if result is None:
-                return  # incomplete: the receive buffer grows until the message is in
-            stream.consume(consumed)
+                if consumed:
+                    continue  # part of an oversized option was dropped: go on
+                return  # incomplete: the buffer grows (to the payload limit at most)
             if result.replies:
                 stream.write(result.replies)
             phase = framing.phase
