@@ -12,7 +12,12 @@ import pytest
 
 from conftest import NBDSERVE, run, wait_until
 from nbdserve.client import NbdClient, NbdError, OptionRefused
+from nbdserve.config import ExportConfig
+from nbdserve.export import Export, ExportCatalog
+from nbdserve.image import RawImage
 from nbdserve.protocol import constants as c
+from nbdserve.server.lifecycle import Server
+from nbdserve.server.listener import bind_unix
 
 
 def test_help_and_version():
@@ -342,3 +347,33 @@ def test_status_on_a_control_socket_the_user_may_not_open_is_a_runtime_error(
          "status", "--control", str(control)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stderr
     assert "cannot reach" in result.stderr and "Permission denied" in result.stderr
+
+
+async def test_a_connection_that_ends_leaves_nothing_for_the_cycle_collector(image, tmp_path):
+    """Buffers must go when the connection goes, not when the cycle collector next runs
+    (a stream and its callbacks used to keep each other alive)."""
+    import gc
+
+    from nbdserve.server.stream import NbdStream
+
+    path = str(tmp_path / "s.sock")
+    server = Server(ExportCatalog([Export(ExportConfig("", str(image)),
+                                          RawImage(str(image)))]), [bind_unix(path)])
+    await server.start()
+    gc.collect()
+    gc.disable()
+    try:
+        for gives_up_in_transmission in (False, True) * 5:
+            if gives_up_in_transmission:
+                client = await NbdClient.connect(unix=path)
+                await client.disconnect()
+            else:
+                haggling = await NbdClient.open_handshake(unix=path)
+                await haggling.abort()
+        await wait_until(lambda: not list(server.connections), what="all connections gone")
+        await asyncio.sleep(0.05)  # let the last callbacks run
+        alive = [o for o in gc.get_objects() if isinstance(o, NbdStream)]
+        assert alive == [], f"{len(alive)} streams kept alive by reference cycles"
+    finally:
+        gc.enable()
+        await server.shutdown()

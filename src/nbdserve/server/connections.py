@@ -152,6 +152,10 @@ class Connections:
             self.waiting.append(connection)
 
     def connection_lost(self, connection: Connection) -> None:
+        # The stream's callback refers to the connection, which refers to the stream:
+        # break that now, so the buffers go with the connection and not whenever the
+        # cycle collector next runs (issue 12: memory not given back).
+        connection.stream.on_lost = None
         if connection.timer is not None:
             connection.timer.cancel()
         if connection.handshake is not None:
