@@ -180,9 +180,17 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
+def tracebacks(log: str) -> list[str]:
+    """The tracebacks and ERROR lines a server logged."""
+    return [line for line in log.splitlines() if "Traceback" in line or ": ERROR: " in line]
+
+
 @pytest.fixture
-def start_server(tmp_path: Path):
-    """Start nbdserve with the given arguments; every server is stopped at the end."""
+def start_server(tmp_path: Path, request):
+    """Start nbdserve with the given arguments; every server is stopped at the end.
+
+    A test fails if one of its servers logged a traceback or an ERROR line, unless it
+    is marked `server_errors_expected` (tests of failures that must be logged)."""
     servers: list[NbdServe] = []
 
     def start(image: Path, *args: str, unix: bool = True, host: str = "127.0.0.1") -> NbdServe:
@@ -195,6 +203,10 @@ def start_server(tmp_path: Path):
     for server in servers:
         if server.proc.poll() is None:
             server.stop(signal.SIGKILL)
+    if request.node.get_closest_marker("server_errors_expected") is None:
+        for server in servers:
+            logged = tracebacks(server.log)
+            assert not logged, f"the server logged errors: {logged[:5]}\n{server.log}"
 
 
 @pytest.fixture

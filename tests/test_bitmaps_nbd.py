@@ -188,6 +188,7 @@ def test_corrupted_qdb_still_serves_and_reports_the_bitmap(image, start_server, 
     run("qemu-io", "-f", "raw", "-c", "read 0 4k", server.qemu_uri)  # still served
 
 
+@pytest.mark.server_errors_expected  # an unusable QDB file is logged at ERROR
 @pytest.mark.parametrize("garbage", [b"NOTQDB" * 100, b""])
 def test_unreadable_qdb_file_is_kept_aside(image, start_server, garbage):
     Path(f"{image}.qdb").write_bytes(garbage)
