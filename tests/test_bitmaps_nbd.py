@@ -180,6 +180,7 @@ def test_corrupted_qdb_still_serves_and_reports_the_bitmap(image, start_server, 
     result = run(*NBDSERVE, "qdb", "check", qdb, check=False)
     assert result.returncode == 1
     assert "bitmap 'bad'" in result.stderr and "past the end of the file" in result.stderr
+    assert result.stderr.count("bad") == 1, result.stderr  # the prefix, once
     control = tmp_path / "ctl.sock"
     server = start_server(image, "--control", str(control))
     found = listing(control)

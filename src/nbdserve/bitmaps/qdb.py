@@ -103,7 +103,7 @@ class StoredBitmap:
     recording: bool
     inconsistent: bool
     bits: bitarray | None  # None when the data could not be loaded
-    problem: str = ""  # why the bitmap is unusable, when it is
+    problem: str = ""  # why the bitmap is unusable, when it is (without its name)
 
 
 @dataclass(slots=True)
@@ -242,17 +242,20 @@ def decode_qdb(data: bytes) -> QdbContents:
                        "(truncated?)")
     used: dict[int, str] = {0: "the header"}
 
-    def claim(offset: int, size: int, what: str) -> None:
-        """Record the clusters [offset, offset+size) as used by `what`; overlap is damage."""
+    def claim(offset: int, size: int, what: str, owner: str = "") -> None:
+        """Record the clusters [offset, offset+size) as used by `what` (of `owner`, a
+        bitmap); overlap is damage. Messages name the owner once, first."""
+        prefix = f"{owner}: " if owner else ""
         if offset % cluster:
-            raise QdbError(f"{what} at offset {offset} is not cluster-aligned")
+            raise QdbError(f"{prefix}{what} at offset {offset} is not cluster-aligned")
         if offset + size > len(data):
-            raise QdbError(f"{what} at offset {offset} (+{size}) lies past the end of the "
-                           f"file ({len(data)} bytes)")
+            raise QdbError(f"{prefix}{what} at offset {offset} (+{size}) lies past the end "
+                           f"of the file ({len(data)} bytes)")
+        label = f"{what} of {owner}" if owner else what
         for index in range(offset // cluster, (offset + max(size, 1) + cluster - 1) // cluster):
             if index in used:
-                raise QdbError(f"{what} overlaps {used[index]} in cluster {index}")
-            used[index] = what
+                raise QdbError(f"{prefix}{what} overlaps {used[index]} in cluster {index}")
+            used[index] = label
 
     contents = QdbContents(
         identity=ImageIdentity(header.image_size, header.image_mtime_ns, header.image_inode,
@@ -306,8 +309,10 @@ def _decode_entry(data, entry, index, names, claim, cluster, image_size) -> Stor
     try:
         bitmap.bits = _decode_bits(data, entry, where, claim, cluster, image_size)
     except QdbError as error:
-        # Damage confined to this bitmap: the others stay usable.
-        bitmap.problem = str(error)
+        # Damage confined to this bitmap: the others stay usable. The problem is
+        # stored without the "bitmap 'NAME': " prefix: whoever reports it names the
+        # bitmap once.
+        bitmap.problem = str(error).removeprefix(f"{where}: ")
     return bitmap
 
 
@@ -326,7 +331,7 @@ def _decode_bits(data, entry, where, claim, cluster, image_size) -> bitarray:
     if entry.table_entries != (size + cluster - 1) // cluster:
         raise QdbError(f"{where}: table has {entry.table_entries} entries; "
                        f"{(size + cluster - 1) // cluster} expected for the image size")
-    claim(entry.table_offset, entry.table_entries * 8, f"the table of {where}")
+    claim(entry.table_offset, entry.table_entries * 8, "the table", where)
     table = data[entry.table_offset : entry.table_offset + entry.table_entries * 8]
     raw = bytearray(size)
     for i in range(entry.table_entries):
@@ -338,7 +343,7 @@ def _decode_bits(data, entry, where, claim, cluster, image_size) -> bitarray:
         if offset:
             if value & TABLE_ALL_ONES:
                 raise QdbError(f"{where}: table entry {i} has both an offset and all-ones")
-            claim(offset, cluster, f"data cluster {i} of {where}")
+            claim(offset, cluster, f"data cluster {i}", where)
             piece = memoryview(data)[offset : offset + cluster]
             if any(piece[piece_size:]):
                 raise QdbError(f"{where}: non-zero bytes after the end of the bitmap")
