@@ -388,3 +388,17 @@ def test_missing_or_garbage_journal(tmp_path):
     (tmp_path / "g").write_bytes(b"garbage" * 10)
     with pytest.raises(JournalError):
         read_journal(str(tmp_path / "g"))
+
+
+def test_a_complete_check_finds_leaked_clusters_and_dirty_slack():
+    """What reading does not need, a complete check (qdb check) still looks at."""
+    raw = encode_qdb(sample_contents())
+    assert decode_qdb(raw, complete=True).findings == []  # what we write is clean
+    leaked = raw + b"\x01" * 4096
+    assert decode_qdb(leaked).findings == []  # a server loads it...
+    (finding,) = decode_qdb(leaked, complete=True).findings  # ...a check reports it
+    assert "1 clusters are not referenced by anything (cluster 6)" in finding
+    slack = bytearray(raw)
+    slack[200] = 1  # after the 112-byte header, outside its checksum
+    (finding,) = decode_qdb(bytes(slack), complete=True).findings
+    assert finding.startswith("non-zero bytes after the header (offset 112 to 4096)")

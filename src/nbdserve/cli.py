@@ -449,11 +449,11 @@ def qdb() -> None:
     """Inspect QDB files (the on-disk form of an image's bitmaps)."""
 
 
-def _read_qdb(path: str):
+def _read_qdb(path: str, complete: bool = False):
     """(contents, note): as a server starting now would read them (see inspection)."""
     from nbdserve.bitmaps.qdb import QdbError
     try:
-        return inspection.read_for_inspection(path)
+        return inspection.read_for_inspection(path, complete=complete)
     except inspection.InUse as exc:
         raise click.ClickException(str(exc)) from None
     except (QdbError, OSError) as exc:
@@ -489,7 +489,7 @@ def qdb_info(file, as_json) -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 def qdb_check(file) -> None:
     """Validate FILE completely; exit status 1 and a precise message on any damage."""
-    contents, note = _read_qdb(file)
+    contents, note = _read_qdb(file, complete=True)
     problems = inspection.damage(contents)
     for problem in problems:
         click.echo(f"{file}: {problem}", err=True)

@@ -35,7 +35,7 @@ def held_by(qdb_path: str) -> str | None:
     return None
 
 
-def read_for_inspection(qdb_path: str) -> tuple[QdbContents, str]:
+def read_for_inspection(qdb_path: str, *, complete: bool = False) -> tuple[QdbContents, str]:
     """The file's contents as a server starting now would see them, and a note:
     "" for a cleanly saved file, else what was done about the crash. Raises InUse,
     QdbError or OSError."""
@@ -43,7 +43,7 @@ def read_for_inspection(qdb_path: str) -> tuple[QdbContents, str]:
     if holder is not None:
         raise InUse(f"{qdb_path} is in use by a running server (pid {holder}); what it "
                     "holds is newer than the file: use nbdserve bitmap list --control")
-    contents = read_qdb(qdb_path)
+    contents = read_qdb(qdb_path, complete=complete)
     if not contents.in_use:
         return contents, ""
     size = contents.identity.size
@@ -84,8 +84,10 @@ def describe(contents: QdbContents, note: str = "") -> dict:
 
 
 def damage(contents: QdbContents) -> list[str]:
-    """One line for each bitmap whose data could not be read."""
-    return [f"bitmap '{b.name}': {b.problem}" for b in contents.bitmaps if b.bits is None]
+    """One line for each bitmap whose data could not be read, then each finding of a
+    complete check (read_for_inspection(..., complete=True))."""
+    return [f"bitmap '{b.name}': {b.problem}" for b in contents.bitmaps
+            if b.bits is None] + contents.findings
 
 
 def dump(contents: QdbContents, names: tuple[str, ...] = ()) -> list[dict]:

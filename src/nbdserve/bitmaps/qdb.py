@@ -113,6 +113,7 @@ class QdbContents:
     save_counter: int = 0
     cluster_bits: int = DEFAULT_CLUSTER_BITS
     bitmaps: list[StoredBitmap] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)  # decode_qdb(complete=True)
 
 
 def _crc(data: bytes | bytearray | memoryview) -> int:
@@ -204,15 +205,20 @@ def write_qdb(path: str, contents: QdbContents) -> None:
 
 # -- reading ------------------------------------------------------------------------------
 
-def read_qdb(path: str) -> QdbContents:
+def read_qdb(path: str, *, complete: bool = False) -> QdbContents:
     with open(path, "rb") as f:
         data = f.read()
-    return decode_qdb(data)
+    return decode_qdb(data, complete=complete)
 
 
-def decode_qdb(data: bytes) -> QdbContents:
+def decode_qdb(data: bytes, *, complete: bool = False) -> QdbContents:
     """Parse and validate; file-level damage raises QdbError, damage confined to one
-    bitmap marks that bitmap unusable (``bits`` None, ``problem`` set)."""
+    bitmap marks that bitmap unusable (``bits`` None, ``problem`` set).
+
+    With ``complete`` (what `qdb check` asks for), also look at what a reader does not
+    need: clusters nothing refers to, and non-zero bytes in the unused ends of the
+    header's, the directory's and the tables' clusters. Those are listed in
+    ``findings``; they do not make a bitmap unusable, so a server loads such a file."""
     if len(data) < HEADER_SIZE:
         raise QdbError(f"file is {len(data)} bytes, shorter than the {HEADER_SIZE}-byte header")
     header = QdbHeader.parse(data)
@@ -241,6 +247,7 @@ def decode_qdb(data: bytes) -> QdbContents:
         raise QdbError(f"file size {len(data)} is not a multiple of the cluster size {cluster} "
                        "(truncated?)")
     used: dict[int, str] = {0: "the header"}
+    regions: list[tuple[int, int, str]] = [(0, HEADER_SIZE, "the header")]
 
     def claim(offset: int, size: int, what: str, owner: str = "") -> None:
         """Record the clusters [offset, offset+size) as used by `what` (of `owner`, a
@@ -252,6 +259,8 @@ def decode_qdb(data: bytes) -> QdbContents:
             raise QdbError(f"{prefix}{what} at offset {offset} (+{size}) lies past the end "
                            f"of the file ({len(data)} bytes)")
         label = f"{what} of {owner}" if owner else what
+        if not what.startswith("data cluster"):  # data clusters' slack is checked on read
+            regions.append((offset, size, label))
         for index in range(offset // cluster, (offset + max(size, 1) + cluster - 1) // cluster):
             if index in used:
                 raise QdbError(f"{prefix}{what} overlaps {used[index]} in cluster {index}")
@@ -267,6 +276,8 @@ def decode_qdb(data: bytes) -> QdbContents:
     if header.nb_bitmaps == 0:
         if header.directory_offset or header.directory_size:
             raise QdbError("no bitmaps, but a directory is recorded")
+        if complete:
+            contents.findings = _slack_findings(data, cluster, used, regions, contents)
         return contents
     claim(header.directory_offset, header.directory_size, "the bitmap directory")
     directory = bytes(memoryview(data)[header.directory_offset :
@@ -286,7 +297,28 @@ def decode_qdb(data: bytes) -> QdbContents:
     if position != len(directory):
         raise QdbError(f"directory has {len(directory) - position} bytes after its "
                        f"{header.nb_bitmaps} entries")
+    if complete:
+        contents.findings = _slack_findings(data, cluster, used, regions, contents)
     return contents
+
+
+def _slack_findings(data, cluster: int, used: dict[int, str],
+                    regions: list[tuple[int, int, str]], contents: QdbContents) -> list[str]:
+    """What a complete check finds beyond what reading needs (see decode_qdb)."""
+    findings = []
+    for offset, size, what in regions:
+        end = -(-(offset + size) // cluster) * cluster
+        if any(memoryview(data)[offset + size : end]):
+            findings.append(f"non-zero bytes after {what} (offset {offset + size} to {end})")
+    if any(b.bits is None for b in contents.bitmaps):
+        return findings  # a damaged bitmap's clusters were not all claimed: no leak report
+    unused = [index for index in range(len(data) // cluster) if index not in used]
+    if unused:
+        shown = ", ".join(str(index) for index in unused[:8])
+        more = f" and {len(unused) - 8} more" if len(unused) > 8 else ""
+        findings.append(f"{len(unused)} clusters are not referenced by anything "
+                        f"(cluster {shown}{more})")
+    return findings
 
 
 def _decode_entry(data, entry, index, names, claim, cluster, image_size) -> StoredBitmap:
