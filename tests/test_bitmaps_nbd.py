@@ -319,3 +319,77 @@ def test_qdb_check_validates_completely(image, start_server):
     assert result.returncode == 1 and "not referenced by anything" in result.stderr
     server = start_server(image, "--bitmap", "b0")  # still loads: a leak is not damage
     assert "inconsistent" not in server.log
+
+
+def written_and_stopped(image: Path, start_server) -> None:
+    server = start_server(image, "--bitmap", "b0")
+    run("qemu-io", "-f", "raw", "-c", "write 1M 64k", server.qemu_uri)
+    assert server.stop() == 0
+
+
+def test_a_copy_of_an_image_is_adopted_by_the_operator(image, start_server, tmp_path):
+    import shutil
+    written_and_stopped(image, start_server)
+    elsewhere = tmp_path / "restored"
+    elsewhere.mkdir()
+    copy = elsewhere / "disk.img"
+    shutil.copyfile(image, copy)  # a new inode: the bitmaps would be inconsistent
+    shutil.copyfile(f"{image}.qdb", f"{copy}.qdb")
+    result = run(*NBDSERVE, "qdb", "adopt", str(copy))
+    assert "adopted 1 bitmaps" in result.stdout and "vouches" in result.stdout
+    server = start_server(copy, "--bitmap", "b0")
+    assert "inconsistent" not in server.log
+    assert dirty_map(server, "b0") == [(MiB, 65536)]
+
+
+def test_without_adopt_a_copy_has_inconsistent_bitmaps(image, start_server, tmp_path):
+    """The negative control of the test above."""
+    import shutil
+    written_and_stopped(image, start_server)
+    copy = tmp_path / "copy.img"
+    shutil.copyfile(image, copy)
+    shutil.copyfile(f"{image}.qdb", f"{copy}.qdb")
+    server = start_server(copy, "--bitmap", "b0")
+    assert "inconsistent" in server.log
+
+
+def other_file_system(tmp_path: Path) -> Path | None:
+    import tempfile
+    if os.path.isdir("/dev/shm") and os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev:
+        return Path(tempfile.mkdtemp(dir="/dev/shm", prefix="nbdserve-test-"))
+    return None
+
+
+@pytest.mark.parametrize("across", [False, True])
+def test_qdb_move_takes_the_bitmaps_along(image, start_server, tmp_path, across):
+    import shutil
+    written_and_stopped(image, start_server)
+    directory = tmp_path / "moved"
+    directory.mkdir()
+    if across:
+        directory = other_file_system(tmp_path)
+        if directory is None:
+            pytest.skip("no second file system (/dev/shm) to move across")
+    try:
+        target = directory / "disk.img"
+        result = run(*NBDSERVE, "qdb", "move", str(image), str(target))
+        assert ("copied" if across else "renamed") in result.stdout
+        assert not image.exists() and not Path(f"{image}.qdb").exists()
+        server = start_server(target, "--bitmap", "b0")
+        assert "inconsistent" not in server.log
+        assert dirty_map(server, "b0") == [(MiB, 65536)]
+        run("qemu-io", "-f", "raw", "-c", "read -P 0xcd 1M 64k", server.qemu_uri)
+        assert server.stop() == 0
+    finally:
+        if across:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_qdb_move_refuses_an_image_changed_since_its_bitmaps_were_saved(image, start_server,
+                                                                        tmp_path):
+    written_and_stopped(image, start_server)
+    with open(image, "r+b") as f:  # an offline write
+        f.write(b"changed")
+    result = run(*NBDSERVE, "qdb", "move", str(image), str(tmp_path / "t.img"), check=False)
+    assert result.returncode == 1 and "changed since its bitmaps were saved" in result.stderr
+    assert image.exists() and not (tmp_path / "t.img").exists()

@@ -460,6 +460,43 @@ def _read_qdb(path: str, complete: bool = False):
         raise click.ClickException(f"{path}: {exc}") from None
 
 
+@qdb.command("adopt")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.option("--qdb", "qdb_path", type=click.Path(dir_okay=False),
+              help="QDB file holding IMAGE's bitmaps [default: IMAGE.qdb].")
+def qdb_adopt(image, qdb_path) -> None:
+    """Trust IMAGE's bitmaps after a restore or an offline copy: you vouch that IMAGE
+    holds exactly the content its bitmaps were last saved with.
+
+    Without this, an image whose inode, device or modification time changed while no
+    server ran (a copy, a restore) has inconsistent bitmaps at the next start. No
+    server may hold the file; one left in use by a crash is refused.
+    """
+    from nbdserve.bitmaps.offline import MoveError, adopt
+    try:
+        line = adopt(image, qdb_path)
+    except (MoveError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(line)
+
+
+@qdb.command("move")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.argument("target", type=click.Path(dir_okay=False))
+def qdb_move(source, target) -> None:
+    """Move SOURCE and its bitmaps (SOURCE.qdb) to TARGET together.
+
+    A rename where the file system allows it; across file systems a sparse copy whose
+    identity the QDB file then records (no vouching needed: this command made the
+    copy). No server may hold the bitmaps, and SOURCE must be as they were saved.
+    """
+    from nbdserve.bitmaps.offline import MoveError, move
+    try:
+        click.echo(move(source, target))
+    except (MoveError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @qdb.command("info")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
