@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -393,3 +394,44 @@ def test_qdb_move_refuses_an_image_changed_since_its_bitmaps_were_saved(image, s
     result = run(*NBDSERVE, "qdb", "move", str(image), str(tmp_path / "t.img"), check=False)
     assert result.returncode == 1 and "changed since its bitmaps were saved" in result.stderr
     assert image.exists() and not (tmp_path / "t.img").exists()
+
+
+@pytest.fixture
+def full_file_system(tmp_path):
+    """A real 8 MiB tmpfs, mounted for the test (CI runs as root)."""
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small file system")
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.server_errors_expected  # the full disk is reported at ERROR, as it must be
+def test_a_full_disk_at_start_serves_with_inconsistent_bitmaps(full_file_system, tmp_path,
+                                                               start_server):
+    """Issue 12: the export must come up (reads, writes that fit) and the bitmaps must
+    be inconsistent, never silently wrong, when their file cannot be written."""
+    image = full_file_system / "disk.img"
+    image.write_bytes(os.urandom(4 * MiB))  # allocated: overwriting it needs no space
+    filler = full_file_system / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(bytes(65536))
+    server = start_server(image, "--bitmap", "b0")
+    assert "could not be saved at start" in server.log
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x55 0 64k", server.qemu_uri)
+    run("qemu-io", "-f", "raw", "-c", "read -P 0x55 0 64k", server.qemu_uri)
+    filler.unlink()  # space is back by the time the server stops: the save records it
+    assert server.stop() == 0
+    assert "Traceback" not in server.log
+    info = json.loads(run(*NBDSERVE, "qdb", "info", "--json", f"{image}.qdb").stdout)
+    assert info["bitmaps"][0]["inconsistent"]  # not a bitmap that missed the write
+    server = start_server(image, "--bitmap", "b0")
+    contexts = run("nbdinfo", "--list", "--json", server.uri()).stdout
+    assert "qemu:dirty-bitmap:b0" not in contexts  # never offered while inconsistent
+    assert server.stop() == 0

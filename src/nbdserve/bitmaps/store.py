@@ -11,6 +11,7 @@ it runs and cleared on a clean close. Only one process may hold an image's bitma
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -53,8 +54,9 @@ def take_lock(qdb_path: str) -> int:
         os.close(fd)
         raise StoreLocked(f"the bitmaps of this image are in use by another process "
                           f"(pid {holder or '?'}; lock {path})") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with contextlib.suppress(OSError):  # the pid is for messages; a full disk may refuse it
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
@@ -92,11 +94,32 @@ class BitmapStore:
                 store._apply_request(request)
             store._refresh()
             if not read_only:
-                store._save(in_use=True)  # from here on, the journal is authoritative
+                try:
+                    store._save(in_use=True)  # from here on, the journal is authoritative
+                except OSError as exc:
+                    store._cannot_persist(exc)
         except BaseException:
             store._unlock()
             raise
         return store
+
+    def _cannot_persist(self, exc: OSError) -> None:
+        """The QDB file or the journal could not be written at start (a full disk):
+        serve anyway, but nothing could vouch for these bitmaps after a crash, so they
+        are inconsistent from now on (all dirty, not exported, until cleared or
+        removed). No journal is left behind: an empty one would claim nothing changed.
+        After a crash the file is then either the old clean one, whose identity no
+        longer matches the written image, or in use without a journal: inconsistent
+        either way, never silently wrong."""
+        with contextlib.suppress(OSError):
+            self.journal.remove()
+        reason = f"the bitmaps could not be saved at start ({exc.strerror or exc})"
+        for bitmap in self.bitmaps.values():
+            bitmap.bitmap.set_all()
+            bitmap.make_inconsistent(reason)
+        self._refresh()
+        log.error("%s: %s; serving without them: they are inconsistent until cleared or "
+                  "removed", self.qdb_path, reason)
 
     def _apply_request(self, request: BitmapRequest) -> None:
         """`--bitmap NAME[,granularity=BYTES]`: create if absent, enable."""
@@ -227,6 +250,13 @@ class BitmapStore:
                 if not self.read_only:
                     self._save(in_use=False)
                     log.info("saved %d bitmaps to %s", len(self.bitmaps), self.qdb_path)
+            except OSError as exc:
+                # What is on disk stays safe: an in-use file with its journal (replayed
+                # at the next start), or else an identity the image no longer has.
+                log.error("could not save the bitmaps to %s (%s); the next start "
+                          "recovers them from the crash journal, or makes them "
+                          "inconsistent where it cannot", self.qdb_path,
+                          exc.strerror or exc)
             finally:
                 self.journal.close()
                 self._unlock()
