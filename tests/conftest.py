@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -243,6 +244,17 @@ def run(*argv: str, check: bool = True, timeout: float = 120,
         raise AssertionError(f"{argv} exited {result.returncode}\nstdout: {result.stdout}\n"
                              f"stderr: {result.stderr}")
     return result
+
+
+NBDSH = ["/usr/bin/python3", "-m", "nbd"]  # nbdsh: Debian installs libnbd's bindings
+# for its own python3 only, and the nbdsh script runs whichever python3 is first on PATH.
+
+
+def nbdsh(uri: str, script: str, contexts: tuple[str, ...] = ()) -> str:
+    """Run a script in nbdsh with `h` connected to uri (after adding meta contexts)."""
+    prologue = "".join(f"h.add_meta_context({name!r})\n" for name in contexts)
+    prologue += f"h.connect_uri({uri!r})\n"
+    return run(*NBDSH, "-c", prologue + textwrap.dedent(script)).stdout
 
 
 @pytest.fixture

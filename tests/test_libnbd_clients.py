@@ -5,18 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import textwrap
 
-from conftest import run
-
-
-def nbdsh(uri: str, script: str, contexts: tuple[str, ...] = ()) -> str:
-    """Run a script in nbdsh with `h` connected to uri (after adding meta contexts)."""
-    prologue = "".join(f"h.add_meta_context({name!r})\n" for name in contexts)
-    prologue += f"h.connect_uri({uri!r})\n"
-    # nbdsh imports libnbd's bindings, which Debian installs for its own python3 only.
-    return run("/usr/bin/python3", "-m", "nbd", "-c",
-               prologue + textwrap.dedent(script)).stdout
+from conftest import nbdsh, run
 
 
 def test_nbdinfo_shows_size_flags_and_block_sizes(server):

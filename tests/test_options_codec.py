@@ -25,6 +25,7 @@ class FakeExport:
     size: int = 1 << 20
     description: str = ""
     read_only: bool = False
+    discard_only: bool = False
     multi_conn: bool = True
     tls_required: bool = False
     max_connections: int = 0

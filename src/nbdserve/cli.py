@@ -22,6 +22,7 @@ from nbdserve.bitmaps.offline import run_offline
 from nbdserve.bitmaps.policy import BitmapError
 from nbdserve.bitmaps.store import StoreLocked
 from nbdserve.config import (
+    CBW_ERROR_POLICIES,
     DEFAULT_LISTEN,
     BitmapRequest,
     ConfigError,
@@ -139,8 +140,15 @@ def main() -> None:
                    "default 64K), enabled if disabled. Repeatable.")
 @click.option("--qdb", "qdb_path", type=click.Path(dir_okay=False),
               help="QDB file holding IMAGE's bitmaps [default: IMAGE.qdb].")
+@click.option("--scratch-dir", type=click.Path(file_okay=False),
+              help="Where IMAGE's snapshots keep the data they preserve (sparse scratch "
+                   "files, deleted with the snapshot) [default: the QDB file's directory].")
+@click.option("--on-cbw-error", type=click.Choice(CBW_ERROR_POLICIES), default=None,
+              help="When a snapshot cannot preserve data (scratch disk full, EIO): break "
+                   "the snapshot and let the write through, or fail the write and keep "
+                   "the snapshot [default: break-snapshot].")
 @click.option("--control", "control_path", type=click.Path(dir_okay=False),
-              help="Unix socket (mode 0600) for bitmap and status commands.")
+              help="Unix socket (mode 0600) for bitmap, snapshot and status commands.")
 @click.option("--metrics", "metrics_address", metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics.")
 @click.option("--tls", "tls_mode", type=click.Choice(TLS_MODES), default=None,
@@ -171,9 +179,10 @@ def main() -> None:
 @click.option("--log-format", default=None, type=click.Choice(["text", "json"]),
               help="One line per event, as text or JSON objects [default: text].")
 def serve(image, config_path, export_name, bind_address, port, socket_path, read_only,
-          description, shared, create_size, bitmaps, qdb_path, control_path, metrics_address,
-          tls_mode, tls_cert, tls_key, tls_ca, tls_verify_client, tls_allow_subjects,
-          handshake_timeout, poll_max_us, log_level, log_format) -> None:
+          description, shared, create_size, bitmaps, qdb_path, scratch_dir, on_cbw_error,
+          control_path, metrics_address, tls_mode, tls_cert, tls_key, tls_ca,
+          tls_verify_client, tls_allow_subjects, handshake_timeout, poll_max_us, log_level,
+          log_format) -> None:
     """Serve raw images over NBD until stopped (SIGTERM or SIGINT).
 
     Serve IMAGE, or the exports of --config, or both. The server keeps running after
@@ -193,6 +202,7 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, read
     options = dict(image=image, export_name=export_name, bind_address=bind_address, port=port,
                    socket_path=socket_path, read_only=read_only, description=description,
                    shared=shared, create_size=create_size, bitmaps=bitmaps, qdb_path=qdb_path,
+                   scratch_dir=scratch_dir, on_cbw_error=on_cbw_error,
                    control_path=control_path, metrics_address=metrics_address,
                    tls_mode=tls_mode, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
                    tls_verify_client=tls_verify_client,
@@ -232,9 +242,10 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, read
 
 def config_from_options(base: ServeConfig, *, image, export_name, bind_address, port,
                         socket_path, read_only, description, shared, create_size, bitmaps,
-                        qdb_path, control_path, metrics_address, tls_mode, tls_cert, tls_key,
-                        tls_ca, tls_verify_client, tls_allow_subjects, handshake_timeout,
-                        poll_max_us, log_level, log_format) -> ServeConfig:
+                        qdb_path, scratch_dir, on_cbw_error, control_path, metrics_address,
+                        tls_mode, tls_cert, tls_key, tls_ca, tls_verify_client,
+                        tls_allow_subjects, handshake_timeout, poll_max_us, log_level,
+                        log_format) -> ServeConfig:
     """The command line over the file: what is given replaces what the file says."""
     listen = None
     if socket_path:
@@ -258,10 +269,13 @@ def config_from_options(base: ServeConfig, *, image, export_name, bind_address, 
         name = export_name if export_name is not None else ""
         mine = make_export(name=name, image=image, description=description,
                            read_only=read_only, max_connections=shared or 0,
-                           qdb=qdb_path, bitmaps=tuple(bitmaps), create=create_size)
+                           qdb=qdb_path, bitmaps=tuple(bitmaps), create=create_size,
+                           scratch_dir=scratch_dir, on_cbw_error=on_cbw_error)
         exports = tuple(e for e in exports if e.name != name) + (mine,)
-    elif export_name is not None or read_only or bitmaps or create_size or qdb_path:
-        raise ConfigError("-x, -r, --bitmap, --create and --qdb describe IMAGE: give one")
+    elif (export_name is not None or read_only or bitmaps or create_size or qdb_path
+          or scratch_dir or on_cbw_error):
+        raise ConfigError("-x, -r, --bitmap, --create, --qdb, --scratch-dir and "
+                          "--on-cbw-error describe IMAGE: give one")
     config = with_overrides(base, listen=listen, exports=exports, control=control_path,
                             metrics=metrics, max_connections=shared,
                             handshake_timeout=handshake_timeout, poll_max_us=poll_max_us,
@@ -307,6 +321,9 @@ def status(control, as_json) -> None:
         click.echo("")
         _table(["EXPORT", "BITMAP", "GRANULARITY", "DIRTY", "RECORDING", "BUSY",
                 "INCONSISTENT"], bitmaps)
+    if state.get("snapshots"):
+        click.echo("")
+        _snapshot_table(state["snapshots"])
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:
@@ -436,10 +453,99 @@ def bitmap_merge(target, sources, control, image, qdb, export) -> None:
 @click.argument("old")
 @click.argument("new")
 @bitmap_target_options
-def bitmap_checkpoint(old, new, control, image, qdb, export) -> None:
+@click.option("--snapshot", "with_snapshot", is_flag=True,
+              help="At the same instant, export a snapshot of the image as it is then "
+                   "(running server only): back up OLD's dirty extents from it.")
+@click.option("--snapshot-name", metavar="NAME",
+              help="The snapshot's export name [default: EXPORT@OLD].")
+def bitmap_checkpoint(old, new, control, image, qdb, export, with_snapshot,
+                      snapshot_name) -> None:
     """Disable OLD and add a recording NEW atomically: OLD then holds exactly what was
-    written since it was created, and NEW records from this instant on."""
-    _target(control, image, qdb, export).run("bitmap-checkpoint", {"old": old, "new": new})
+    written since it was created, and NEW records from this instant on.
+
+    With --snapshot, a point-in-time export of the image at that instant appears
+    (docs/snapshots.md); its name is printed.
+    """
+    if snapshot_name is not None and not with_snapshot:
+        raise click.UsageError("--snapshot-name goes with --snapshot")
+    arguments = {"old": old, "new": new}
+    if with_snapshot:
+        if image:
+            raise click.UsageError("--snapshot needs a running server (--control): "
+                                   "offline, the image does not change")
+        arguments["snapshot"] = True
+        if snapshot_name is not None:
+            arguments["snapshot-name"] = snapshot_name
+    result = _target(control, image, qdb, export).run("bitmap-checkpoint", arguments)
+    if with_snapshot:
+        click.echo(result["snapshot"])
+
+
+# -- nbdserve snapshot ... --------------------------------------------------------------------
+
+@main.group()
+def snapshot() -> None:
+    """Point-in-time exports of a running server's images (docs/snapshots.md)."""
+
+
+def _control_call(control: str, command: str, arguments: dict):
+    from nbdserve.control.client import ControlClient, ControlError
+    try:
+        with ControlClient(control) as client:
+            return client.execute(command, arguments)
+    except ControlError as exc:
+        raise click.ClickException(exc.desc) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach {control}: {exc}") from None
+
+
+_control_option = click.option("--control", required=True, type=click.Path(readable=False),
+                               help="Control socket of the running server.")
+
+
+@snapshot.command("add")
+@click.argument("name")
+@_control_option
+@click.option("--export", help="The live export, when the server has several.")
+def snapshot_add(name, control, export) -> None:
+    """Export NAME: the image as it is now, all of it (for a full backup)."""
+    arguments = {"name": name} | ({"export": export} if export is not None else {})
+    click.echo(_control_call(control, "snapshot-add", arguments)["name"])
+
+
+@snapshot.command("list")
+@_control_option
+@click.option("--export", help="Only the snapshots of this export.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def snapshot_list(control, export, as_json) -> None:
+    """Snapshots: what they hold, what they preserved, their scratch space, and
+    whether they are broken."""
+    arguments = {"export": export} if export is not None else {}
+    taken = _control_call(control, "query-snapshots", arguments)
+    if as_json:
+        click.echo(json.dumps(taken, indent=2))
+        return
+    if not taken:
+        click.echo("no snapshots")
+        return
+    _snapshot_table(taken)
+
+
+def _snapshot_table(taken: list[dict]) -> None:
+    _table(["SNAPSHOT", "OF", "BITMAP", "HELD", "PRESERVED", "SCRATCH", "CONNECTIONS",
+            "STATE"],
+           [[s["name"], s["export"] or '""', s["bitmap"] or "-", str(s["held-bytes"]),
+             str(s["preserved-bytes"]), str(s["scratch-bytes"]), str(s["connections"]),
+             f"broken: {s['broken']}" if s["broken"] else "ok"] for s in taken])
+
+
+@snapshot.command("remove")
+@click.argument("name")
+@_control_option
+@click.option("--force", is_flag=True, help="Disconnect the snapshot's clients first.")
+def snapshot_remove(name, control, force) -> None:
+    """Remove snapshot NAME and delete its scratch data (refused while in use)."""
+    _control_call(control, "snapshot-remove", {"name": name, "force": force})
 
 
 # -- nbdserve qdb ... -------------------------------------------------------------------------

@@ -23,6 +23,9 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds a client may spend haggling before GO
 POLL_MAX_US = 50  # longest busy-polling window (see server/polling.py); 0: never
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+# What a snapshot's failed copy-before-write does (docs/snapshots.md): break the
+# snapshot and let the write proceed, or fail the write and keep the snapshot.
+CBW_ERROR_POLICIES = ("break-snapshot", "fail-write")
 
 
 class ConfigError(Exception):
@@ -70,6 +73,8 @@ class ExportConfig:
     qdb: str | None = None
     bitmaps: tuple[BitmapRequest, ...] = ()
     create: int | None = None
+    scratch_dir: str | None = None  # snapshots' scratch files [default: beside the QDB]
+    on_cbw_error: str = CBW_ERROR_POLICIES[0]
 
 
 @dataclass(frozen=True)
@@ -212,7 +217,7 @@ def _get(table: dict, key: str, kind, where: str, default=None):
 SERVER_KEYS = {"listen", "control", "metrics", "max-connections", "handshake-timeout",
                "poll-max-us", "log-level", "log-format", "tls", "export"}
 EXPORT_KEYS = {"name", "image", "description", "read-only", "max-connections",
-               "tls-required", "qdb", "bitmaps", "create"}
+               "tls-required", "qdb", "bitmaps", "create", "scratch-dir", "on-cbw-error"}
 TLS_KEYS = {"mode", "cert", "key", "ca", "verify-client", "allow-subjects"}
 
 
@@ -278,6 +283,7 @@ def parse_config(data: dict) -> ServeConfig:
 def make_export(*, name: str, image: str, description: str = "", read_only: bool = False,
                 max_connections: int = 0, tls_required: bool = False, qdb: str | None = None,
                 bitmaps: tuple[BitmapRequest, ...] = (), create: int | None = None,
+                scratch_dir: str | None = None, on_cbw_error: str | None = None,
                 where: str = "") -> ExportConfig:
     """The one place an export's settings are checked (the file and the command line
     both come here); ``where`` prefixes the key in messages."""
@@ -291,9 +297,16 @@ def make_export(*, name: str, image: str, description: str = "", read_only: bool
         raise ConfigError(f"{where}max-connections: must be 0 (unlimited) or more")
     if read_only and bitmaps:
         raise ConfigError(f"{where}bitmaps: a read-only export records no writes")
+    if on_cbw_error is None:
+        on_cbw_error = CBW_ERROR_POLICIES[0]
+    if on_cbw_error not in CBW_ERROR_POLICIES:
+        raise ConfigError(f"{where}on-cbw-error: one of {', '.join(CBW_ERROR_POLICIES)}")
+    if scratch_dir is not None and not scratch_dir:
+        raise ConfigError(f"{where}scratch-dir: empty path")
     return ExportConfig(name=name, image=image, description=description,
                         read_only=read_only, max_connections=max_connections,
-                        tls_required=tls_required, qdb=qdb, bitmaps=bitmaps, create=create)
+                        tls_required=tls_required, qdb=qdb, bitmaps=bitmaps, create=create,
+                        scratch_dir=scratch_dir, on_cbw_error=on_cbw_error)
 
 
 def parse_export(table, index: int) -> ExportConfig:
@@ -315,7 +328,9 @@ def parse_export(table, index: int) -> ExportConfig:
         read_only=_get(table, "read-only", bool, where, False),
         max_connections=_get(table, "max-connections", int, where, 0),
         tls_required=_get(table, "tls-required", bool, where, False),
-        qdb=_get(table, "qdb", str, where), bitmaps=bitmaps, create=create, where=where,
+        qdb=_get(table, "qdb", str, where), bitmaps=bitmaps, create=create,
+        scratch_dir=_get(table, "scratch-dir", str, where),
+        on_cbw_error=_get(table, "on-cbw-error", str, where), where=where,
     )
 
 

@@ -3,15 +3,19 @@
 This is the layer between the transmission phase and the image. It has one verb per
 operation (read, write, write_from_pipe, zero, trim, flush, cache, block_status), and
 every verb that changes the image runs its change through ``_record``, so dirty bitmaps
-are marked for every WRITE, WRITE_ZEROES and TRIM before the reply goes out. It encodes
-each metadata context's extents as BLOCK_STATUS descriptors.
+are marked, and the old data that point-in-time snapshots still need is preserved, for
+every WRITE, WRITE_ZEROES and TRIM before it lands and before the reply goes out. It
+encodes each metadata context's extents as BLOCK_STATUS descriptors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 from nbdserve.config import ExportConfig
@@ -54,7 +58,66 @@ class DirtyTracker(Protocol):
     def close(self) -> None: ...
 
 
+class Preserver(Protocol):
+    """Something that must see a region before it changes: a snapshot's copy-before-
+    write (nbdserve.snapshots.cbw.Snapshot implements it)."""
+
+    def preserve(self, offset: int, length: int) -> None:
+        """Called before [offset, offset+length) of the image changes; raising stops
+        the change (the request then fails with that error)."""
+
+
+class ChangeGate:
+    """Gives a snapshot an instant at which no change to the image is half done.
+
+    Every change enters the gate before its bitmaps are marked and leaves it after its
+    data landed; ``paused`` closes the gate, waits for the changes under way and holds
+    back new ones until the block ends. Entering must be cheap, as every write does
+    it: under the GIL, list.append and list.pop are atomic, so a change counts itself
+    with one append and then tests the flag (in that order: a pause that saw no change
+    under way was seen by any change that counted itself later).
+    """
+
+    def __init__(self) -> None:
+        self.active: list[None] = []  # one item per change under way
+        self.closed = False
+        self._reopened = threading.Condition()
+        self._pausing = threading.Lock()  # one pause at a time
+
+    def wait_open(self) -> None:
+        """A change found the gate closed: uncount, wait for it to open, count again."""
+        active = self.active
+        while self.closed:
+            active.pop()
+            with self._reopened:
+                while self.closed:
+                    self._reopened.wait()
+            active.append(None)
+
+    @contextlib.contextmanager
+    def paused(self, timeout: float = 30.0) -> Iterator[None]:
+        """Hold back every change for the block. Never from the event loop's thread:
+        a change it makes would wait for this pause, and this pause for the loop."""
+        with self._pausing:
+            self.closed = True
+            try:
+                deadline = time.monotonic() + timeout
+                while self.active:  # changes are short: polling costs nothing per write
+                    if time.monotonic() > deadline:
+                        raise OSError(errno.ETIMEDOUT, "changes to the image did not finish "
+                                      f"within {timeout:g} s")
+                    time.sleep(0.0002)
+                yield
+            finally:
+                with self._reopened:
+                    self.closed = False
+                    self._reopened.notify_all()
+
+
 class Export:
+    parent: Export | None = None  # the export a snapshot export was taken of
+    discard_only = False  # a snapshot export: reads, and TRIM to release what was read
+
     def __init__(self, config: ExportConfig, image: RawImage,
                  tracker: DirtyTracker | None = None) -> None:
         self.name = config.name
@@ -75,6 +138,12 @@ class Export:
         self.read = image.read_pieces
         self.connections = 0
         self.stats = ExportStats()
+        self.gate = ChangeGate()
+        # Snapshots taken of this export (nbdserve.snapshots): a tuple, replaced whole,
+        # so _record reads it without a lock.
+        self.preservers: tuple[Preserver, ...] = ()
+        self.scratch_dir = config.scratch_dir
+        self.fail_write_on_cbw_error = config.on_cbw_error == "fail-write"
 
     # -- negotiation ------------------------------------------------------------------
 
@@ -94,18 +163,27 @@ class Export:
         can only over-report; a failed change stays marked (over-reporting is always
         safe). If bitmaps were reset meanwhile (a clear or a checkpoint racing with
         this change), the change is marked again in the new epoch; without that, the
-        new bitmap could miss a write that landed after it was made. Copy-before-write
-        and migration tracking hook in here too, so no change can go around them.
+        new bitmap could miss a write that landed after it was made. Then every
+        snapshot preserves the old data it still needs (copy-before-write), and only
+        then does the change land. The gate lets a snapshot be taken between changes,
+        never during one.
         """
-        recorder = self.recorder
-        if recorder is None:
-            return change(*args)
-        epoch = recorder.mark_dirty(offset, length)
+        active = self.gate.active
+        active.append(None)
         try:
-            return change(*args)
+            if self.gate.closed:
+                self.gate.wait_open()
+            recorder = self.recorder
+            epoch = recorder.mark_dirty(offset, length) if recorder is not None else 0
+            try:
+                for preserver in self.preservers:
+                    preserver.preserve(offset, length)
+                return change(*args)
+            finally:
+                if recorder is not None and recorder.epoch != epoch:
+                    recorder.mark_dirty(offset, length)
         finally:
-            if recorder.epoch != epoch:
-                recorder.mark_dirty(offset, length)
+            active.pop()
 
     def write(self, offset: int, length: int,
               payload: Sequence[bytes | bytearray | memoryview]) -> None:

@@ -70,6 +70,16 @@ def start_metrics_server(host: str, port: int, exports: Callable[[], Iterable],
             dirty = GaugeMetricFamily("nbdserve_bitmap_dirty_bytes",
                                       "Dirty bytes recorded in a bitmap",
                                       labels=["export", "bitmap"])
+            preserved = GaugeMetricFamily(
+                "nbdserve_snapshot_preserved_bytes",
+                "Bytes of the live image a snapshot copied before they were overwritten",
+                labels=["export", "snapshot"])
+            scratch = GaugeMetricFamily("nbdserve_snapshot_scratch_bytes",
+                                        "Disk space a snapshot's scratch file takes",
+                                        labels=["export", "snapshot"])
+            broken = GaugeMetricFamily("nbdserve_snapshot_broken",
+                                       "1 when a snapshot broke (a copy-before-write "
+                                       "failed), else 0", labels=["export", "snapshot"])
             for export in exports():
                 stats = export.stats
                 for index, name in enumerate(COMMANDS):
@@ -90,11 +100,17 @@ def start_metrics_server(host: str, port: int, exports: Callable[[], Iterable],
                 if export.tracker is not None:
                     for bitmap in export.tracker.query():
                         dirty.add_metric([export.name, bitmap["name"]], bitmap["count"])
+                snapshot = getattr(export, "snapshot", None)
+                if snapshot is not None:
+                    labels = [export.parent.name, export.name]
+                    preserved.add_metric(labels, snapshot.preserved_bytes)
+                    scratch.add_metric(labels, snapshot.scratch_bytes())
+                    broken.add_metric(labels, 1 if snapshot.broken else 0)
             accepted_total = CounterMetricFamily("nbdserve_connections_accepted",
                                                  "Connections accepted since start")
             accepted_total.add_metric([], accepted())
             yield from (requests, errors, read, written, latency, connections, dirty,
-                        accepted_total)
+                        preserved, scratch, broken, accepted_total)
 
     registry = CollectorRegistry()
     registry.register(Collector())

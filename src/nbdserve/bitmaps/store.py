@@ -19,6 +19,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
+from nbdserve.bitmaps.bitmap import Bitmap
 from nbdserve.bitmaps.journal import Journal
 from nbdserve.bitmaps.policy import BitmapError, DirtyBitmap
 from nbdserve.bitmaps.qdb import ImageIdentity, QdbContents, StoredBitmap, write_qdb
@@ -194,6 +195,15 @@ class BitmapStore:
     def query(self) -> list[dict]:
         with self.lock:
             return [b.info() for b in self.bitmaps.values()]
+
+    def frozen_copy(self, name: str) -> Bitmap:
+        """A copy of a bitmap's bits as they are now (a snapshot's view of its
+        checkpoint)."""
+        with self.lock:
+            bitmap = self.bitmaps.get(name)
+            if bitmap is None:
+                raise BitmapError(f"Dirty bitmap '{name}' not found", "DeviceNotFound")
+            return bitmap.bitmap.copy()
 
     def execute(self, action: str, arguments: dict) -> None:
         self.transaction([(action, arguments)])

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 
 from nbdserve import __version__
 from nbdserve.bitmaps.policy import BitmapError
 from nbdserve.bitmaps.store import ACTIONS, BitmapStore
-from nbdserve.export import ExportCatalog
+from nbdserve.export import Export, ExportCatalog
+from nbdserve.snapshots import manager as snapshots
 
 log = logging.getLogger("nbdserve.control")
 
@@ -40,9 +42,11 @@ class CommandError(Exception):
 
 class ControlServer:
     def __init__(self, catalog: ExportCatalog, path: str, executor: Executor,
-                 status: Callable[[], dict] | None = None) -> None:
+                 status: Callable[[], dict] | None = None,
+                 remove_export: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.catalog = catalog
         self.status = status
+        self.remove_export = remove_export
         self.path = path
         self.executor = executor
         self.server: asyncio.AbstractServer | None = None
@@ -108,6 +112,8 @@ class ControlServer:
             return _error(error.error_class, error.desc) | reply_id
         except BitmapError as error:
             return _error(error.error_class, str(error)) | reply_id
+        except snapshots.SnapshotError as error:
+            return _error("GenericError", str(error)) | reply_id
         except OSError as error:
             log.error("control command %s failed: %s", request["execute"], error)
             return _error("GenericError", f"I/O error: {error}") | reply_id
@@ -123,6 +129,22 @@ class ControlServer:
             return [export.describe() for export in self.catalog]
         if command in ("query-bitmaps", "bitmap-list"):
             return self.store(arguments.pop("export", None)).query()
+        if command == "bitmap-checkpoint" and arguments.pop("snapshot", False):
+            return await self.checkpoint_with_snapshot(arguments)
+        if command in ("query-snapshots", "snapshot-list"):
+            export_name = arguments.get("export")
+            export = self.live_export(export_name) if export_name is not None else None
+            return snapshots.describe_all(self.catalog, export)
+        if command == "snapshot-add":
+            export = self.live_export(arguments.get("export"))
+            taken = await self.in_thread(snapshots.take_snapshot, self.catalog, export,
+                                         arguments.get("name"))
+            return {"name": taken.name}
+        if command == "snapshot-remove":
+            snapshot = snapshots.find_snapshot(self.catalog, arguments.get("name"))
+            snapshots.check_removable(snapshot, bool(arguments.get("force", False)))
+            await self.remove_export(snapshot.name)
+            return {}
         if command in ACTIONS:
             store = self.store(arguments.pop("export", None))
             await self.in_thread(store.execute, command, arguments)
@@ -148,9 +170,38 @@ class ControlServer:
     async def in_thread(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
+    async def checkpoint_with_snapshot(self, arguments: dict) -> dict:
+        """bitmap-checkpoint with "snapshot": true: the checkpoint and a snapshot
+        export of the image at the same instant (docs/snapshots.md)."""
+        export_name = arguments.get("export")
+        store = self.store(export_name)
+        export = next(e for e in self.catalog if e.tracker is store)
+        old, new = arguments.get("old"), arguments.get("new")
+        if not isinstance(old, str) or not isinstance(new, str):
+            raise CommandError("bitmap-checkpoint needs \"old\" and \"new\" bitmap names")
+        name = arguments.get("snapshot-name")
+        if name is None:
+            name = snapshots.default_name(export, old)
+        taken = await self.in_thread(functools.partial(
+            snapshots.take_snapshot, self.catalog, export, name, checkpoint=(old, new)))
+        return {"snapshot": taken.name}
+
+    def live_export(self, export_name) -> Export:
+        """The export a snapshot command acts on: the one named, or the only live one."""
+        if export_name is None:
+            live = [e for e in self.catalog if e.parent is None]
+            if len(live) != 1:
+                raise CommandError("several exports are served: name one with \"export\"")
+            return live[0]
+        export = self.catalog.find(export_name) if isinstance(export_name, str) else None
+        if export is None or export.parent is not None:
+            raise CommandError(f"export {export_name!r} not found", "DeviceNotFound")
+        return export
+
     def store(self, export_name) -> BitmapStore:
         if export_name is None:
             with_bitmaps = [e for e in self.catalog if e.tracker is not None]
+            # (snapshot exports have no tracker: only live exports are counted)
             if len(with_bitmaps) != 1:
                 raise CommandError("several exports have bitmaps: name one with \"export\""
                                    if with_bitmaps else "no export has bitmaps enabled")

@@ -38,6 +38,7 @@ class ExportView(Protocol):
     tls_required: bool
     max_connections: int  # 0 = unlimited
     connections: int  # in transmission now
+    discard_only: bool  # reads and TRIM only (a snapshot export)
 
     def meta_contexts(self) -> Sequence[str]: ...
 
@@ -175,6 +176,10 @@ def transmission_flags(export: ExportView, structured_replies: bool) -> int:
     )
     if export.read_only:
         flags |= c.NBD_FLAG_READ_ONLY
+    elif export.discard_only:
+        # A snapshot export: read-only but for TRIM, which releases what was backed
+        # up (QEMU's fleecing exports are writable for the same reason).
+        flags |= c.NBD_FLAG_SEND_TRIM
     else:
         flags |= (
             c.NBD_FLAG_SEND_TRIM | c.NBD_FLAG_SEND_WRITE_ZEROES | c.NBD_FLAG_SEND_FAST_ZERO

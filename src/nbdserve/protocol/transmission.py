@@ -39,12 +39,15 @@ class RequestValidator:
     comparisons per request.
     """
 
-    __slots__ = ("size", "read_only", "allowed_flags", "has_contexts")
+    __slots__ = ("size", "read_only", "discard_only", "allowed_flags", "has_contexts")
 
     def __init__(self, size: int, transmission_flags: int, structured_replies: bool,
-                 has_contexts: bool) -> None:
+                 has_contexts: bool, discard_only: bool = False) -> None:
         self.size = size
         self.read_only = bool(transmission_flags & c.NBD_FLAG_READ_ONLY)
+        # A snapshot export: not flagged read-only (TRIM is how a client releases what
+        # it backed up), but WRITE and WRITE_ZEROES earn EPERM all the same.
+        self.discard_only = discard_only
         self.has_contexts = has_contexts
         fua = c.NBD_CMD_FLAG_FUA if transmission_flags & c.NBD_FLAG_SEND_FUA else 0
         # Spec: FUA is valid on any command once SEND_FUA is advertised; every other
@@ -70,6 +73,8 @@ class RequestValidator:
             return c.NBD_EINVAL, f"unknown command {command}"
         if self.read_only and command in _WRITE_COMMANDS:
             return c.NBD_EPERM, "export is read-only"
+        if self.discard_only and command in _WRITE_COMMANDS and command != c.NBD_CMD_TRIM:
+            return c.NBD_EPERM, "a snapshot is read-only (TRIM releases what was backed up)"
         if command not in (c.NBD_CMD_DISC, c.NBD_CMD_FLUSH) and offset + length > self.size:
             # Spec: writes past the end earn ENOSPC, everything else EINVAL.
             if command in (c.NBD_CMD_WRITE, c.NBD_CMD_WRITE_ZEROES):

@@ -22,6 +22,7 @@ from nbdserve.server.connections import Connections
 from nbdserve.server.listener import describe
 from nbdserve.server.polling import Census
 from nbdserve.server.stream import NbdStream
+from nbdserve.snapshots.manager import describe_all as describe_snapshots
 from nbdserve.tls import TLS_OFF, TlsConfig
 
 log = logging.getLogger("nbdserve.server")
@@ -53,7 +54,9 @@ class Server:
         self.stop_requested = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
         self.control = ControlServer(catalog, control_path, self.executor,
-                                     status=self.describe) if control_path else None
+                                     status=self.describe,
+                                     remove_export=self.remove_export) \
+            if control_path else None
         self.metrics = metrics
         self.metrics_server = None
         self.on_reload = on_reload
@@ -137,10 +140,14 @@ class Server:
 
     async def remove_export(self, name: str) -> None:
         """Take an export away: new clients no longer find it, its connections are
-        closed after their in-flight requests, and it is flushed and closed."""
-        export = self.catalog.remove(name)
+        closed after their in-flight requests, and it is flushed and closed. Its
+        snapshots go first."""
+        export = self.catalog.find(name)
         if export is None:
             return
+        for dependent in [e for e in self.catalog if e.parent is export]:
+            await self.remove_export(dependent.name)
+        self.catalog.remove(name)
         users = self.connections.using(export)
         for conn in users:
             await conn.transmission.finish_inflight()
@@ -178,6 +185,7 @@ class Server:
         """What `nbdserve status` and the control socket's query-status show."""
         return {
             "exports": [export.describe() for export in self.catalog],
+            "snapshots": describe_snapshots(self.catalog),
             "connections": [conn.describe() for conn in self.connections],
             "accepted": self.connections.accepted,
             "tls": self.tls.mode,

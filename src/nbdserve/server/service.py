@@ -17,6 +17,7 @@ from nbdserve.export import Export, ExportCatalog
 from nbdserve.image import ImageError, RawImage, create_sparse
 from nbdserve.server import listener
 from nbdserve.server.lifecycle import Server
+from nbdserve.snapshots.manager import remove_stale_scratch
 
 log = logging.getLogger("nbdserve.service")
 
@@ -46,7 +47,12 @@ def open_export(settings: ExportConfig, *, with_control: bool) -> Export:
         except Exception as exc:
             image.close()
             raise ServiceError(f"export {settings.name!r}: bitmaps: {exc}") from None
-    return Export(settings, image, tracker=store)
+    export = Export(settings, image, tracker=store)
+    # Snapshots' scratch files: beside the QDB file unless configured. Whatever a
+    # crash left there is deleted now: snapshots do not outlive the process.
+    export.scratch_dir = settings.scratch_dir or os.path.dirname(os.path.abspath(qdb))
+    remove_stale_scratch(export.scratch_dir, settings.image)
+    return export
 
 
 def check_image(settings: ExportConfig) -> None:

@@ -57,7 +57,7 @@ class Transmission:
         self.contexts = session.meta_contexts
         self.rules = TransmissionRules(RequestValidator(
             self.export.size, session.transmission_flags, session.structured_replies,
-            bool(session.meta_contexts)), stopping)
+            bool(session.meta_contexts), self.export.discard_only), stopping)
         # Under TLS the socket's bytes are ciphertext: no sendfile, splice or polling.
         plain = sock if sock is not None and not session.tls else None
         self.replies = ReplyWriter(self.transport, self.export, self.structured, peer, plain,
