@@ -104,6 +104,8 @@ def test_three_exports_on_tcp_and_unix_listeners(three_exports):
     ('poll-max-us = 2.5\n[[export]]\nimage = "x"', "poll-max-us: expected int, got float"),
     ('[[export]]\nimage = "x"\nbitmaps = ["a,gran=4K"]',
      "export[0].bitmaps[0]: unknown bitmap option 'gran'"),
+    ('[[export]]\nimage = "x"\non-cbw-error = "ignore"', "export[0].on-cbw-error: one of"),
+    ('[[export]]\nimage = "x"\nscratch-dir = ""', "export[0].scratch-dir: empty path"),
     ("", "no export"),
 ])
 def test_invalid_configuration_names_the_key(text, message):

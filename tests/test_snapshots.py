@@ -396,3 +396,71 @@ def test_snapshot_in_use_is_removed_only_by_force(snap_image, start_server, tmp_
     status = json.loads(run(*NBDSERVE, "status", "--json", "--control",
                             str(control)).stdout)
     assert [e["name"] for e in status["exports"]] == [""]
+
+
+def test_on_cbw_error_is_checked_on_the_command_line(snap_image, tmp_path):
+    result = run(*NBDSERVE, "serve", str(snap_image), "-k", str(tmp_path / "s"),
+                 "--on-cbw-error", "ignore", check=False)
+    assert result.returncode == 2 and "--on-cbw-error" in result.stderr
+
+
+def test_concurrent_writers_never_show_through_a_snapshot(tmp_path):
+    """In-process: threads overwrite granules through the export's recording path
+    (inline writes, zeroes and trims alike) while readers read the snapshot with and
+    without the page-cache-only path; every read returns the image as it was."""
+    import random
+    import threading
+
+    from nbdserve.config import ExportConfig
+    from nbdserve.export import Export, ExportCatalog
+    from nbdserve.image import RawImage
+    from nbdserve.snapshots.manager import take_snapshot
+
+    path = tmp_path / "disk.img"
+    initial_image(path)
+    original = path.read_bytes()
+    export = Export(ExportConfig("", str(path)), RawImage(str(path)))
+    export.scratch_dir = str(tmp_path)
+    snapshot = take_snapshot(ExportCatalog([export]), export, "s")
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def write(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            block = rng.randrange(BLOCKS)
+            offset = block * BLOCK + rng.randrange(0, BLOCK, 4096)
+            kind = rng.randrange(3)
+            if kind == 0:
+                export.write(offset, 8192, [b"\xee" * 8192])
+            elif kind == 1:
+                export.zero(offset, 4096)
+            else:
+                export.trim(offset, 4096)
+
+    def read(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            offset = rng.randrange(0, SIZE - 3 * BLOCK, 512)
+            length = rng.choice([512, BLOCK, 3 * BLOCK])
+            pieces = snapshot.read(offset, length, sparse=False, nowait=bool(seed & 1))
+            if pieces is None:
+                continue
+            data = b"".join(p[2] for p in pieces)
+            if data != original[offset:offset + length]:
+                failures.append(f"read at {offset}+{length} saw a later write")
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(3)]
+    threads += [threading.Thread(target=read, args=(10 + i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    import time
+    time.sleep(3)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[:3]
+    assert snapshot.snapshot.preserved_bytes > 0
+    assert path.read_bytes() != original  # the writers did change the live image
+    snapshot.close()
+    export.close()
