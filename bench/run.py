@@ -327,7 +327,7 @@ def print_table(results: list[dict]) -> None:
     print(header)
     print("-" * len(header))
     for r in results:
-        if "cost" in r:  # nbdserve alone, with 0, 1 and 4 recording bitmaps
+        if "cost" in r:  # nbdserve alone, in variants (bitmaps, snapshots)
             parts = [f"{label} {r['servers'][label]['median']:.4g}"
                      + (f" (-{r['cost'][label] * 100:.1f} %)" if r["cost"][label] else "")
                      for label in r["servers"]]
@@ -392,6 +392,12 @@ def main() -> int:
             results += bitmap_workloads(args, images, workdir, sockets, rounds)
         except Exception as exc:  # report what was measured, and say what failed
             print(f"bitmap workloads failed: {exc!r}", file=sys.stderr)
+    if not args.only or "snapshot" in args.only:
+        print("running copy-before-write cost ...", file=sys.stderr)
+        try:
+            results += snapshot_workloads(args, images, sockets, rounds)
+        except Exception as exc:
+            print(f"snapshot workloads failed: {exc!r}", file=sys.stderr)
     report = {"machine": machine(), "mode": "full" if args.full else "quick",
               "transport": "tcp" if args.tcp else "unix", "rounds": rounds,
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -510,6 +516,103 @@ def tls_workloads(args, images, workdir: Path, rounds: int) -> list[dict]:
     finally:
         for server in servers:
             server.stop()
+
+
+GRANULE_WRITES = (
+    "import nbd, random, sys, time\n"
+    "uri, count, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])\n"
+    "granule, depth = 65536, 16\n"
+    "h = nbd.NBD(); h.connect_uri(uri)\n"
+    "order = random.Random(seed).sample(range(h.get_size() // granule), count)\n"
+    "buf = nbd.Buffer.from_bytearray(bytearray(b'\\xab' * 4096))\n"
+    "inflight = 0\n"
+    "def done(*_):\n"
+    "    global inflight\n"
+    "    inflight -= 1\n"
+    "    return 1\n"
+    "start = time.perf_counter()\n"
+    "for g in order:\n"
+    "    while inflight >= depth:\n"
+    "        h.poll(-1)\n"
+    "    h.aio_pwrite(buf, g * granule, completion=done)\n"
+    "    inflight += 1\n"
+    "while inflight:\n"
+    "    h.poll(-1)\n"
+    "print(count / (time.perf_counter() - start))\n"
+)
+
+
+def copy_rate(uri: str) -> float:
+    """GB/s of nbdcopy from a 1 GiB export to null:."""
+    return GiB / timed(["nbdcopy", uri, "null:"]) / 1e9
+
+
+def granule_writes(uri: str, count: int, seed: int) -> float:
+    """IOPS of 4 KiB writes at queue depth 16, each to a different 64 KiB granule in
+    a random order (fio cannot: its block alignment turns off its no-repeat map)."""
+    return float(run([SYSTEM_PYTHON, "-c", GRANULE_WRITES, uri, str(count), str(seed)]))
+
+
+def snapshot_workloads(args, images, sockets: Path, rounds: int) -> list[dict]:
+    """nbdserve only: what copy-before-write costs the live export, and reads of a
+    snapshot against reads of the live export. Each round: 4 KiB writes to distinct
+    granules with no snapshot; the same writes just after `snapshot add` (every one a
+    first touch: 64 KiB copied first); the same writes again (second touch); then
+    random 4 KiB reads and a full copy of the snapshot and of the live export."""
+    nbdserve = str(ROOT / ".venv/bin/nbdserve")
+    control = str(sockets / "snap.ctl")
+    (server,) = make_servers({"nbdserve": images["nbdserve"]}, sockets, args.tcp,
+                             nbdserve_args=["--control", control, "--scratch-dir",
+                                            str(sockets)],
+                             names=("nbdserve",), tag="snap")
+    snapshot_uri = server.uri.replace(":///?", ":///snap?") if not args.tcp else \
+        server.uri + "snap"
+    count = 4000 if not args.full else 8000
+    labels = ("no snapshot", "first touch", "second touch")
+    writes = {label: [] for label in labels}
+    write_cpu = {label: [] for label in labels}
+    reads = {label: [] for label in ("live", "snapshot")}
+    read_cpu = {label: [] for label in reads}
+    copies = {label: [] for label in reads}
+    copy_cpu = {label: [] for label in reads}
+
+    def measured(values, cpu, label, work, function, *args):
+        os.sync()  # no writeback of the previous step's pages during this one
+        before = server.cpu_seconds()
+        values[label].append(function(*args))
+        cpu[label].append((server.cpu_seconds() - before) / work)
+
+    server.start()
+    try:
+        for round_number in range(rounds):
+            seed = round_number + 1
+            measured(writes, write_cpu, "no snapshot", count, granule_writes, server.uri,
+                     count, seed)
+            run([nbdserve, "snapshot", "add", "snap", "--control", control])
+            for label in labels[1:]:
+                measured(writes, write_cpu, label, count, granule_writes, server.uri,
+                         count, seed)
+            order = ("live", "snapshot") if round_number % 2 == 0 else ("snapshot", "live")
+            for label in order:
+                uri = server.uri if label == "live" else snapshot_uri
+                measured(reads, read_cpu, label, 1, fio, uri, "randread", "4k", 16,
+                         args.seconds)
+                measured(copies, copy_cpu, label, 1, copy_rate, uri)
+            run([nbdserve, "snapshot", "remove", "snap", "--control", control])
+    finally:
+        server.stop()
+    results = []
+    for name, unit, values, cpu, base in (
+            ("4k writes to distinct granules", "IOPS", writes, write_cpu, "no snapshot"),
+            ("4k randread qd16, snapshot", "IOPS", reads, read_cpu, "live"),
+            ("nbdcopy 1 GiB to null:, snapshot", "GB/s", copies, copy_cpu, "live")):
+        result = summarise(name, unit, True, values, cpu)
+        # Pair by pair within a round, like every other ratio here.
+        result["cost"] = {label: 1 - statistics.median(
+            v / b for v, b in zip(runs, values[base], strict=True))
+            for label, runs in values.items()}
+        results.append(result)
+    return results
 
 
 def many_connections(args, images, sockets: Path, count: int = 64) -> dict:

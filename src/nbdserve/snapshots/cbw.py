@@ -47,6 +47,7 @@ from nbdserve.image import RawImage
 log = logging.getLogger("nbdserve.snapshots")
 
 COPY_CHUNK = 1 << 20  # bytes copied per read/write pair when preserving
+_ZEROS = bytes(COPY_CHUNK)
 OPTIMISTIC_TRIES = 3  # lock-free read attempts before a read takes the lock
 
 # Where a segment of a read comes from.
@@ -67,7 +68,7 @@ class Snapshot:
         self.bitmap = bitmap  # the checkpoint's frozen bitmap, when there is one
         self.dirty = dirty  # its bits as of the instant (qemu:dirty-bitmap:BITMAP)
         self.fail_write = fail_write
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # (a sendfile reply holds it while it reads)
         self.broken = ""  # why, once a copy failed under the break-snapshot policy
         self.closed = False
         self.preserved_bytes = 0  # bytes of the image copied to the scratch file
@@ -88,7 +89,8 @@ class Snapshot:
         ahead), or, under the fail-write policy, raises (the change fails)."""
         if not length:
             return
-        first, stop = self._granules(offset, length)
+        shift = self.shift
+        first, stop = offset >> shift, ((offset + length - 1) >> shift) + 1
         pending = self.pending
         if pending.find(1, first, stop) < 0:
             return  # nothing needed here: no lock, no copy
@@ -96,9 +98,13 @@ class Snapshot:
             if self.closed or self.broken:
                 return
             try:
-                for value, start, end in intervals(pending[first:stop]):
-                    if value:
-                        self._copy(first + start, first + end)
+                if stop - first == 1:
+                    if pending[first]:
+                        self._copy(first, stop)
+                else:
+                    for value, start, end in intervals(pending[first:stop]):
+                        if value:
+                            self._copy(first + start, first + end)
             except OSError as exc:
                 reason = f"copy-before-write failed: {exc.strerror or exc}"
                 if self.fail_write:
@@ -113,18 +119,20 @@ class Snapshot:
 
     def _copy(self, first: int, stop: int) -> None:
         """Copy granules [first, stop) from the live image to the scratch file, then
-        mark them preserved (under the lock). Holes stay holes."""
-        position = first << self.shift
-        end = min(stop << self.shift, self.size)
+        mark them preserved (under the lock). Zeros are not written: the scratch file
+        stays sparse there, and reads as zeros all the same."""
+        shift = self.shift
+        position = first << shift
+        end = min(stop << shift, self.size)
         image, scratch = self.image, self.scratch
         while position < end:
             step = min(end - position, COPY_CHUNK)
-            for run, is_data in image.allocation(position, step, 1 << 16):
-                if is_data:
-                    scratch.pwrite(position, image.pread(position, run))
-                position += run
+            data = image.pread(position, step)
+            if not _ZEROS.startswith(data):  # memcmp: cheaper than asking for holes
+                scratch.pwrite(position, data)
+            position += step
             self.preserved_bytes += step
-            done = position >> self.shift if position < end else stop
+            done = position >> shift if position < end else stop
             self.pending[first:done] = 0  # after the data: readers may use it now
             first = done
 
@@ -151,16 +159,18 @@ class Snapshot:
 
     def _plan(self, offset: int, length: int) -> list[tuple[int, int, str]]:
         """(start, end, source) byte segments covering [offset, offset+length)."""
-        first, stop = self._granules(offset, length)
-        pending = self.pending[first:stop]
-        if pending.all():
+        shift = self.shift
+        first, stop = offset >> shift, ((offset + length - 1) >> shift) + 1
+        pending = self.pending
+        count = stop - first
+        still = pending.count(1, first, stop)
+        if still == count:
             return [(offset, offset + length, LIVE)]
-        held = self.held[first:stop]
-        if held.all() and not pending.any():
+        if not still and not self.held.count(0, first, stop):
             return [(offset, offset + length, SCRATCH)]
         segments = []
-        shift = self.shift
-        for is_pending, start, end in intervals(pending):
+        held = self.held[first:stop]
+        for is_pending, start, end in intervals(pending[first:stop]):
             if is_pending:
                 segments.append((start, end, LIVE))
                 continue
@@ -175,10 +185,10 @@ class Snapshot:
         """After reading: was every live segment's data still the old data?"""
         if self.broken:
             return False
-        pending = self.pending
+        pending, shift = self.pending, self.shift
         for start, end, source in plan:
             if source == LIVE:
-                first, stop = self._granules(start, end - start)
+                first, stop = start >> shift, ((end - 1) >> shift) + 1
                 if pending.count(1, first, stop) != stop - first:
                     return False
         return True
@@ -221,6 +231,21 @@ class Snapshot:
     def read_pieces(self, offset: int, length: int, sparse: bool,
                     nowait: bool = False) -> list[tuple[int, int, bytes | bytearray | None]] | None:
         """What RawImage.read_pieces gives, for the image as it was at the instant."""
+        # The common cases first, without a plan: all from the live image (checked
+        # again after reading), or all from the scratch file (preserved data never
+        # changes). Anything else, or a race, goes the general way.
+        shift = self.shift
+        first, stop = offset >> shift, ((offset + length - 1) >> shift) + 1
+        pending = self.pending
+        if not self.broken and not self.closed:
+            still = pending.count(1, first, stop)
+            if still == stop - first:
+                pieces = self.image.read_pieces(offset, length, sparse, nowait)
+                if pieces is None or (pending.count(1, first, stop) == still
+                                      and not self.broken):
+                    return pieces
+            elif not still and not self.held.count(0, first, stop):
+                return self.scratch.read_pieces(offset, length, sparse, nowait)
         def read(plan):
             pieces = []
             for start, end, source in plan:
@@ -229,8 +254,56 @@ class Snapshot:
                 if part is None:
                     return None
                 pieces += part
+            if not sparse and len(pieces) > 1:  # one piece, as RawImage gives it
+                return [(offset, length, b"".join(piece[2] for piece in pieces))]
             return pieces
         return self._consistently(offset, length, read, nowait)
+
+    # -- sendfile(2), with the lock held (no copy, so no pending granule changes) -----------
+
+    def source_of(self, offset: int) -> tuple[RawImage, int]:
+        """Where the byte at offset comes from, and where that source's run ends."""
+        granule = offset >> self.shift
+        pending = self.pending
+        if pending[granule]:
+            stop = pending.find(0, granule)
+            image = self.image
+        else:
+            stop = pending.find(1, granule)
+            image = self.scratch
+        end = self.size if stop < 0 else min(stop << self.shift, self.size)
+        return image, end
+
+    def data_runs(self, offset: int, length: int,
+                  sparse: bool) -> list[tuple[int, bool]] | None:
+        """(length, is_data) runs of a range to send, or None when it cannot be sent
+        as it is (broken, removed, or not all held: the read path says why)."""
+        if self.broken or self.closed:
+            return None
+        plan = self._plan(offset, length)
+        runs: list[tuple[int, bool]] = []
+        for start, end, source in plan:
+            if source == UNHELD:
+                return None
+            if not sparse:
+                runs.append((end - start, True))
+                continue
+            image = self.image if source == LIVE else self.scratch
+            part = list(image.allocation(start, end - start, 1 << 16))
+            if sum(run for run, _ in part) != end - start:
+                return None
+            runs += part
+        return runs
+
+    def send_to(self, sockfd: int, offset: int, count: int) -> int:
+        image, end = self.source_of(offset)
+        return image.send_to(sockfd, offset, min(count, end - offset))
+
+    def is_cached(self, offset: int, length: int) -> bool:
+        image, end = self.source_of(offset)
+        if end >= offset + length:
+            return image.is_cached(offset, length)
+        return self.image.is_cached(offset, length) and self.scratch.is_cached(offset, length)
 
     def allocation_words(self, offset: int, length: int, limit: int, data: int,
                          hole: int) -> array:

@@ -37,6 +37,7 @@ class SnapshotExport(Export):
         self.parent = parent
         self.snapshot = snapshot
         self.read = snapshot.read_pieces
+        self.send_guard = snapshot.lock  # held while a sendfile reply reads
         self.stats.timing = parent.stats.timing
 
     def meta_contexts(self) -> Sequence[str]:
@@ -67,10 +68,13 @@ class SnapshotExport(Export):
     # -- reads -----------------------------------------------------------------------------
 
     def is_cached(self, offset: int, length: int) -> bool:
-        return False  # no sendfile: a range may come from two files
+        return self.snapshot.is_cached(offset, length)
 
     def data_runs(self, offset: int, length: int, sparse: bool):
-        return None
+        return self.snapshot.data_runs(offset, length, sparse)
+
+    def send_to(self, sockfd: int, offset: int, count: int) -> int:
+        return self.snapshot.send_to(sockfd, offset, count)
 
     def block_status(self, context: str, offset: int, length: int, limit: int) -> bytes:
         snapshot = self.snapshot

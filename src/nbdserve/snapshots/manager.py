@@ -23,12 +23,12 @@ import os
 import threading
 
 from bitarray import bitarray
+from bitarray.util import intervals
 
 from nbdserve.export import Export, ExportCatalog
 from nbdserve.image import ImageError, RawImage
 from nbdserve.snapshots.cbw import Snapshot
 from nbdserve.snapshots.export import SnapshotExport
-from nbdserve.values import DEFAULT_GRANULARITY
 
 log = logging.getLogger("nbdserve.snapshots")
 
@@ -134,13 +134,39 @@ def take_snapshot(catalog: ExportCatalog, export: Export, name: str, *,
     return snapshot_export
 
 
+COPY_GRANULE_MIN = 12  # 4 KiB: a first write to a region copies this much at least
+COPY_BITS_MAX = 8 << 20  # bytes per bit array; coarser granules for larger images
+
+
+def copy_shift(size: int) -> int:
+    """The granule a snapshot copies in: 4 KiB (so the first 4 KiB write to a region
+    copies 4 KiB, not 64), coarser where the bits would pass 8 MiB (above 256 GiB)."""
+    shift = COPY_GRANULE_MIN
+    while (size >> shift) > COPY_BITS_MAX * 8:
+        shift += 1
+    return shift
+
+
+def resample(bits: bitarray, from_shift: int, to_shift: int, size: int) -> bitarray:
+    """Bits over size bytes in from_shift granules, as to_shift granules: a granule is
+    set where any byte of it was (finer: each bit spreads; coarser: bits are OR-ed)."""
+    out = bitarray(((size - 1) >> to_shift) + 1 if size else 0, endian="little")
+    out.setall(0)
+    for value, start, stop in intervals(bits):
+        if value:
+            end = min(stop << from_shift, size)
+            out[(start << from_shift) >> to_shift:((end - 1) >> to_shift) + 1] = 1
+    return out
+
+
 def _start(export: Export, name: str, scratch: RawImage,
            checkpoint: tuple[str, str] | None, granularity: int | None) -> Snapshot:
     """The instant itself (changes are paused): checkpoint, then the snapshot's bits."""
     fail_write = export.fail_write_on_cbw_error
+    shift = (granularity.bit_length() - 1) if granularity else copy_shift(export.size)
     if checkpoint is None:
-        shift = (granularity or DEFAULT_GRANULARITY).bit_length() - 1
-        held = bitarray((export.size + (1 << shift) - 1) >> shift, endian="little")
+        held = bitarray(((export.size - 1) >> shift) + 1 if export.size else 0,
+                        endian="little")
         held.setall(1)
         return Snapshot(name, export.image, scratch, shift, held, fail_write=fail_write)
     old, new = checkpoint
@@ -150,8 +176,9 @@ def _start(export: Export, name: str, scratch: RawImage,
         raise SnapshotError(f"the checkpoint could not be saved: {exc.strerror or exc}") \
             from None
     dirty = export.tracker.frozen_copy(old)
-    return Snapshot(name, export.image, scratch, dirty.granularity_bits,
-                    dirty.serialise().copy(), bitmap=old, dirty=dirty, fail_write=fail_write)
+    held = resample(dirty.serialise(), dirty.granularity_bits, shift, export.size)
+    return Snapshot(name, export.image, scratch, shift, held, bitmap=old, dirty=dirty,
+                    fail_write=fail_write)
 
 
 def snapshots_of(catalog: ExportCatalog, export: Export | None = None) -> list[SnapshotExport]:
