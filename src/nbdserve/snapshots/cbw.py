@@ -281,18 +281,30 @@ class Snapshot:
         if self.broken or self.closed:
             return None
         plan = self._plan(offset, length)
+        if any(source == UNHELD for _, _, source in plan):
+            return None
+        if not sparse:
+            return [(length, True)]
+        # Holes are looked up once, in the live image, for the whole range. Preserved
+        # segments are sent as data (zeros the scratch file keeps as holes go as data).
+        live = list(self.image.allocation(offset, length, 1 << 16))
+        if sum(run for run, _ in live) != length:
+            return None
         runs: list[tuple[int, bool]] = []
+        live_index = 0
+        live_end = offset + live[0][0]
         for start, end, source in plan:
-            if source == UNHELD:
-                return None
-            if not sparse:
-                runs.append((end - start, True))
-                continue
-            image = self.image if source == LIVE else self.scratch
-            part = list(image.allocation(start, end - start, 1 << 16))
-            if sum(run for run, _ in part) != end - start:
-                return None
-            runs += part
+            while start < end:
+                while live_end <= start:
+                    live_index += 1
+                    live_end += live[live_index][0]
+                stop = min(end, live_end)
+                is_data = True if source == SCRATCH else live[live_index][1]
+                if runs and runs[-1][1] == is_data:
+                    runs[-1] = (runs[-1][0] + stop - start, is_data)
+                else:
+                    runs.append((stop - start, is_data))
+                start = stop
         return runs
 
     def send_to(self, sockfd: int, offset: int, count: int) -> int:
@@ -300,10 +312,10 @@ class Snapshot:
         return image.send_to(sockfd, offset, min(count, end - offset))
 
     def is_cached(self, offset: int, length: int) -> bool:
-        image, end = self.source_of(offset)
-        if end >= offset + length:
-            return image.is_cached(offset, length)
-        return self.image.is_cached(offset, length) and self.scratch.is_cached(offset, length)
+        """A guess, as RawImage's: the source of the range's first byte is cached there
+        (preserved data was written recently, so it is in the page cache anyway)."""
+        image, _end = self.source_of(offset)
+        return image.is_cached(offset, length)
 
     def allocation_words(self, offset: int, length: int, limit: int, data: int,
                          hole: int) -> array:
