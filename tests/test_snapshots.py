@@ -192,11 +192,9 @@ async def test_incremental_cycle_restores_each_checkpoint_exactly(snap_image, st
         writer = Writer(live, list(range(0, 48)), replay)
         writer.start()
         await writer.wait_for(20)
-        # The full backup: b1 starts recording, then a snapshot of everything. Writes
-        # between the two are in both (b1 over-reports: safe).
-        await cli("bitmap", "checkpoint", "b0", "b1", "--control", str(control))
-        low, high, _ = await taken_between(writer, "snapshot", "add", "full",
-                                           "--control", str(control))
+        # The full backup: a snapshot of everything, and b1 recording from its instant.
+        low, high, _ = await taken_between(writer, "snapshot", "add", "full", "--bitmap",
+                                           "b1", "--control", str(control))
         full = tmp_path / "full.img"
         await tool("nbdcopy", f"nbd+unix:///full?socket={sock}", str(full))
         backup[:] = full.read_bytes()

@@ -507,9 +507,14 @@ _control_option = click.option("--control", required=True, type=click.Path(reada
 @click.argument("name")
 @_control_option
 @click.option("--export", help="The live export, when the server has several.")
-def snapshot_add(name, control, export) -> None:
+@click.option("--bitmap", metavar="NEW",
+              help="At the same instant, add bitmap NEW, recording from then on (where "
+                   "the next incremental backup starts).")
+def snapshot_add(name, control, export, bitmap) -> None:
     """Export NAME: the image as it is now, all of it (for a full backup)."""
     arguments = {"name": name} | ({"export": export} if export is not None else {})
+    if bitmap is not None:
+        arguments["bitmap"] = bitmap
     click.echo(_control_call(control, "snapshot-add", arguments)["name"])
 
 

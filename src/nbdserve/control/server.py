@@ -137,8 +137,12 @@ class ControlServer:
             return snapshots.describe_all(self.catalog, export)
         if command == "snapshot-add":
             export = self.live_export(arguments.get("export"))
-            taken = await self.in_thread(snapshots.take_snapshot, self.catalog, export,
-                                         arguments.get("name"))
+            bitmap = arguments.get("bitmap")
+            if bitmap is not None and not isinstance(bitmap, str):
+                raise CommandError("\"bitmap\" must be a bitmap name")
+            taken = await self.in_thread(functools.partial(
+                snapshots.take_snapshot, self.catalog, export, arguments.get("name"),
+                new_bitmap=bitmap))
             return {"name": taken.name}
         if command == "snapshot-remove":
             snapshot = snapshots.find_snapshot(self.catalog, arguments.get("name"))

@@ -107,19 +107,22 @@ def default_name(export: Export, bitmap: str) -> str:
 
 def take_snapshot(catalog: ExportCatalog, export: Export, name: str, *,
                   checkpoint: tuple[str, str] | None = None,
+                  new_bitmap: str | None = None,
                   granularity: int | None = None) -> SnapshotExport:
-    """Take a snapshot of export (with a bitmap checkpoint OLD -> NEW at the same
-    instant, when given) and add it to the catalog as export ``name``."""
+    """Take a snapshot of export and add it to the catalog as export ``name``. At the
+    same instant, with ``checkpoint`` (OLD, NEW): OLD freezes and NEW starts recording,
+    and the snapshot holds what OLD has dirty; with ``new_bitmap``: a new bitmap starts
+    recording, and the snapshot holds everything (a full backup's starting point)."""
     with _taking:
         check_name(catalog, name)
         if export.discard_only:
             raise SnapshotError(f"{export.name!r} is a snapshot; take one of the live export")
-        if checkpoint is not None and export.tracker is None:
+        if (checkpoint is not None or new_bitmap is not None) and export.tracker is None:
             raise SnapshotError(f"export {export.name!r} has no bitmaps enabled")
         scratch = create_scratch(export)
         try:
             with export.gate.paused():
-                snapshot = _start(export, name, scratch, checkpoint, granularity)
+                snapshot = _start(export, name, scratch, checkpoint, new_bitmap, granularity)
                 export.preservers = (*export.preservers, snapshot)
         except BaseException:
             scratch.close()
@@ -159,26 +162,35 @@ def resample(bits: bitarray, from_shift: int, to_shift: int, size: int) -> bitar
     return out
 
 
-def _start(export: Export, name: str, scratch: RawImage,
-           checkpoint: tuple[str, str] | None, granularity: int | None) -> Snapshot:
-    """The instant itself (changes are paused): checkpoint, then the snapshot's bits."""
+def _start(export: Export, name: str, scratch: RawImage, checkpoint: tuple[str, str] | None,
+           new_bitmap: str | None, granularity: int | None) -> Snapshot:
+    """The instant itself (changes are paused): the bitmaps' part, then the snapshot's
+    bits."""
     fail_write = export.fail_write_on_cbw_error
     shift = (granularity.bit_length() - 1) if granularity else copy_shift(export.size)
     if checkpoint is None:
+        if new_bitmap is not None:
+            _transaction(export, [("bitmap-add", {"name": new_bitmap})])
         held = bitarray(((export.size - 1) >> shift) + 1 if export.size else 0,
                         endian="little")
         held.setall(1)
         return Snapshot(name, export.image, scratch, shift, held, fail_write=fail_write)
     old, new = checkpoint
-    try:  # a BitmapError (no such bitmap, busy, ...) goes to the caller as it is
-        export.tracker.transaction([("bitmap-checkpoint", {"old": old, "new": new})])
-    except OSError as exc:
-        raise SnapshotError(f"the checkpoint could not be saved: {exc.strerror or exc}") \
-            from None
+    _transaction(export, [("bitmap-checkpoint", {"old": old, "new": new})])
     dirty = export.tracker.frozen_copy(old)
     held = resample(dirty.serialise(), dirty.granularity_bits, shift, export.size)
     return Snapshot(name, export.image, scratch, shift, held, bitmap=old, dirty=dirty,
                     fail_write=fail_write)
+
+
+def _transaction(export: Export, actions: list[tuple[str, dict]]) -> None:
+    """The bitmaps' part of the instant. A BitmapError (no such bitmap, busy, ...) goes
+    to the caller as it is; nothing changed then."""
+    try:
+        export.tracker.transaction(actions)
+    except OSError as exc:
+        raise SnapshotError(f"the bitmaps could not be saved: {exc.strerror or exc}") \
+            from None
 
 
 def snapshots_of(catalog: ExportCatalog, export: Export | None = None) -> list[SnapshotExport]:
