@@ -117,7 +117,6 @@ class ChangeGate:
 class Export:
     parent: Export | None = None  # the export a snapshot export was taken of
     discard_only = False  # a snapshot export: reads, and TRIM to release what was read
-    send_guard = None  # a lock a sendfile reply holds while it reads (snapshot exports)
 
     def __init__(self, config: ExportConfig, image: RawImage,
                  tracker: DirtyTracker | None = None) -> None:

@@ -126,18 +126,7 @@ class ReplyWriter:
         self.flush()
         if self.transport.get_write_buffer_size():
             return False
-        guard = export.send_guard  # a snapshot's: no copy-before-write while we send
-        if guard is not None:
-            if not guard.acquire(blocking=False):
-                return False  # a copy is under way: the read path will do
-            try:
-                return self._send_runs(cookie, offset, length, sparse)
-            finally:
-                guard.release()
-        return self._send_runs(cookie, offset, length, sparse)
-
-    def _send_runs(self, cookie: int, offset: int, length: int, sparse: bool) -> bool:
-        runs = self.export.data_runs(offset, length, sparse)
+        runs = export.data_runs(offset, length, sparse)
         if runs is None:
             return False
         structured = self.structured

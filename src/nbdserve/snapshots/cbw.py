@@ -68,7 +68,7 @@ class Snapshot:
         self.bitmap = bitmap  # the checkpoint's frozen bitmap, when there is one
         self.dirty = dirty  # its bits as of the instant (qemu:dirty-bitmap:BITMAP)
         self.fail_write = fail_write
-        self.lock = threading.RLock()  # (a sendfile reply holds it while it reads)
+        self.lock = threading.Lock()
         self.broken = ""  # why, once a copy failed under the break-snapshot policy
         self.closed = False
         self.preserved_bytes = 0  # bytes of the image copied to the scratch file
@@ -259,63 +259,35 @@ class Snapshot:
             return pieces
         return self._consistently(offset, length, read, nowait)
 
-    # -- sendfile(2), with the lock held (no copy, so no pending granule changes) -----------
-
-    def source_of(self, offset: int) -> tuple[RawImage, int]:
-        """Where the byte at offset comes from, and where that source's run ends."""
-        granule = offset >> self.shift
-        pending = self.pending
-        if pending[granule]:
-            stop = pending.find(0, granule)
-            image = self.image
-        else:
-            stop = pending.find(1, granule)
-            image = self.scratch
-        end = self.size if stop < 0 else min(stop << self.shift, self.size)
-        return image, end
+    # -- sendfile(2): only of preserved data ----------------------------------------------
+    #
+    # sendfile(2) does not copy: the socket's buffer refers to the file's pages until the
+    # client has read them. A page of the live image may be preserved and overwritten in
+    # that time, and the client would get the new data. Preserved data never changes,
+    # so ranges held entirely in the scratch file may go out with sendfile; the rest is
+    # read (copied) first.
 
     def data_runs(self, offset: int, length: int,
                   sparse: bool) -> list[tuple[int, bool]] | None:
-        """(length, is_data) runs of a range to send, or None when it cannot be sent
-        as it is (broken, removed, or not all held: the read path says why)."""
-        if self.broken or self.closed:
-            return None
-        plan = self._plan(offset, length)
-        if any(source == UNHELD for _, _, source in plan):
+        """(length, is_data) runs of a range to send from the scratch file, or None
+        when it is not all there (the read path then copies it)."""
+        shift = self.shift
+        first, stop = offset >> shift, ((offset + length - 1) >> shift) + 1
+        if self.broken or self.closed or self.pending.count(1, first, stop) or \
+                self.held.count(0, first, stop):
             return None
         if not sparse:
             return [(length, True)]
-        # Holes are looked up once, in the live image, for the whole range. Preserved
-        # segments are sent as data (zeros the scratch file keeps as holes go as data).
-        live = list(self.image.allocation(offset, length, 1 << 16))
-        if sum(run for run, _ in live) != length:
-            return None
-        runs: list[tuple[int, bool]] = []
-        live_index = 0
-        live_end = offset + live[0][0]
-        for start, end, source in plan:
-            while start < end:
-                while live_end <= start:
-                    live_index += 1
-                    live_end += live[live_index][0]
-                stop = min(end, live_end)
-                is_data = True if source == SCRATCH else live[live_index][1]
-                if runs and runs[-1][1] == is_data:
-                    runs[-1] = (runs[-1][0] + stop - start, is_data)
-                else:
-                    runs.append((stop - start, is_data))
-                start = stop
-        return runs
+        runs = list(self.scratch.allocation(offset, length, 1 << 16))
+        return runs if sum(run for run, _ in runs) == length else None
 
     def send_to(self, sockfd: int, offset: int, count: int) -> int:
-        image, end = self.source_of(offset)
-        return image.send_to(sockfd, offset, min(count, end - offset))
+        return self.scratch.send_to(sockfd, offset, count)
 
     def is_cached(self, offset: int, length: int) -> bool:
-        """A guess, as RawImage's: the source of the range's first byte is cached there
-        (preserved data was written recently, so it is in the page cache anyway)."""
-        image, _end = self.source_of(offset)
-        return image.is_cached(offset, length)
+        """Whether a sendfile reply may be tried: all preserved, and cached."""
+        return self.data_runs(offset, length, False) is not None and \
+            self.scratch.is_cached(offset, length)
 
     def allocation_words(self, offset: int, length: int, limit: int, data: int,
                          hole: int) -> array:

@@ -37,7 +37,6 @@ class SnapshotExport(Export):
         self.parent = parent
         self.snapshot = snapshot
         self.read = snapshot.read_pieces
-        self.send_guard = snapshot.lock  # held while a sendfile reply reads
         self.stats.timing = parent.stats.timing
 
     def meta_contexts(self) -> Sequence[str]:
