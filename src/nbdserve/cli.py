@@ -9,8 +9,10 @@ configuration only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -668,3 +670,235 @@ def qdb_dump(file, names, as_json) -> None:
         click.echo(f"{b['name']} (granularity {b['granularity']}):")
         for run in b["dirty"]:
             click.echo(f"{run['offset']:>14} {run['length']:>14}  dirty")
+
+
+# -- nbdserve backup ... ---------------------------------------------------------------------
+
+@main.group()
+def backup() -> None:
+    """Incremental backups into a chain of restore points (docs/backup.md)."""
+
+
+class _Progress:
+    """A progress bar on a terminal (rich), nothing otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                                console=Console(stderr=True))
+
+    def __call__(self, total: int, label: str):
+        if self.bar is None:
+            return lambda n: None
+        self.bar.start()
+        task = self.bar.add_task(label, total=total)
+        return lambda n: self.bar.advance(task, n)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _backup_errors():
+    from nbdserve.backup.chain import ChainError
+    from nbdserve.backup.copy import SourceError
+    from nbdserve.backup.run import BackupError
+    return (ChainError, SourceError, BackupError, OSError)
+
+
+@backup.command("run")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--control", type=click.Path(readable=False),
+              help="Control socket of the nbdserve serving the image: each run takes a "
+                   "snapshot and manages the bitmaps itself.")
+@click.option("--export", help="The export, when the server has several (with --control).")
+@click.option("--uri", help="Any NBD server instead (nbd://HOST:PORT/EXPORT or "
+                            "nbd+unix:///EXPORT?socket=PATH): you make the checkpoints.")
+@click.option("--bitmap", help="With --uri: the bitmap whose dirty extents an incremental "
+                               "copies (qemu:dirty-bitmap:NAME).")
+@click.option("--full", is_flag=True, help="A full backup even where an incremental would do.")
+@click.option("--compression", type=click.Choice(["zstd", "none"]), default="zstd",
+              show_default=True, help="How chunks are stored.")
+@click.option("--connections", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="Connections to read with, when the server offers multi-conn.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per run, no progress bar.")
+def backup_run(dest, control, export, uri, bitmap, full, compression, connections,
+               as_json) -> None:
+    """Add a restore point to the chain in DEST: the first run is a full backup,
+    every later one an incremental."""
+    from nbdserve.backup import run as backup_runs
+    if bool(control) == bool(uri):
+        raise click.UsageError("give either --control PATH (nbdserve) or --uri URI")
+    if control and bitmap:
+        raise click.UsageError("--bitmap goes with --uri; with --control the run manages "
+                               "the bitmaps")
+    if uri and export:
+        raise click.UsageError("--export goes with --control; a URI names its export")
+    progress = _Progress(not as_json and sys.stderr.isatty())
+    try:
+        if control:
+            outcome = backup_runs.run_with_control(dest, control, export, full=full,
+                                                   compression=compression,
+                                                   progress=progress,
+                                                   connections=connections)
+        else:
+            outcome = backup_runs.run_with_uri(dest, uri, bitmap, full=full,
+                                               compression=compression, progress=progress,
+                                               connections=connections)
+    except _backup_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        progress.stop()
+    summary = outcome.summary()
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    if outcome.reason and outcome.point.index:
+        click.echo(f"full backup: {outcome.reason}", err=True)
+    click.echo(f"point {summary['point']} ({summary['kind']}): {summary['bytes_read']} bytes "
+               f"read, {summary['bytes_stored']} stored, {summary['seconds']} s")
+
+
+@backup.command("list")
+@click.argument("dest", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def backup_list(dest, as_json) -> None:
+    """The restore points of DEST."""
+    from nbdserve.backup.chain import Chain
+    try:
+        chain = Chain.open(dest)
+    except _backup_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    rows = [{"point": p.index, "kind": p.kind, "created": p.created, "size": p.size,
+             "bytes": p.logical_bytes, "stored": p.stored_bytes, "bitmap": p.bitmap,
+             "export": p.export} for p in chain.points]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no restore points")
+        return
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(box=None, header_style="bold")
+    for column in ("POINT", "KIND", "CREATED", "IMAGE SIZE", "CHANGED", "STORED"):
+        table.add_column(column, justify="right" if column != "KIND" else "left")
+    for row in rows:
+        table.add_row(str(row["point"]), row["kind"], row["created"], str(row["size"]),
+                      str(row["bytes"]), str(row["stored"]))
+    Console(width=200).print(table)
+
+
+@backup.command("verify")
+@click.argument("dest", type=click.Path(exists=True, file_okay=False))
+def backup_verify(dest) -> None:
+    """Check every checksum of every point; exit 1 naming each damaged extent."""
+    from nbdserve.backup.restore import verify
+    try:
+        checked, problems = verify(dest)
+    except _backup_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    for problem in problems:
+        click.echo(f"{dest}: {problem}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{dest}: OK, {checked} chunks")
+
+
+@backup.command("restore")
+@click.argument("dest", type=click.Path(exists=True, file_okay=False))
+@click.argument("target")
+@click.option("--until", type=click.IntRange(0), help="Restore point [default: the newest].")
+@click.option("--force", is_flag=True, help="Replace an existing, non-empty TARGET file.")
+def backup_restore(dest, target, until, force) -> None:
+    """Write a restore point to TARGET: a file (created sparse), a block device or an NBD
+    URI. Only data is written; holes stay holes."""
+    from nbdserve.backup.restore import restore
+    progress = _Progress(sys.stderr.isatty())
+    try:
+        written = restore(dest, target, until, force=force, progress=progress)
+    except _backup_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        progress.stop()
+    click.echo(f"restored {written} bytes of data to {target}")
+
+
+@backup.command("merge")
+@click.argument("dest", type=click.Path(exists=True, file_okay=False))
+@click.option("--until", type=click.IntRange(0), required=True,
+              help="Fold every point up to this one into one full backup.")
+def backup_merge(dest, until) -> None:
+    """Fold old points into a full backup (retention); later points stay valid."""
+    from nbdserve.backup.restore import merge
+    try:
+        point = merge(dest, until)
+    except _backup_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"point {point.index} is now a full backup ({point.stored_bytes} bytes "
+               "stored)")
+
+
+@backup.command("serve")
+@click.argument("dest", type=click.Path(exists=True, file_okay=False))
+@click.option("--until", type=click.IntRange(0), help="Restore point [default: the newest].")
+@click.option("-x", "--export-name", default="", help="Export name [default: \"\"].")
+@click.option("-b", "--bind", "bind_address", default=None,
+              help="Address to listen on [default: 127.0.0.1].")
+@click.option("-p", "--port", default=None, type=click.IntRange(0, 65535),
+              help="TCP port [default: 10809].")
+@click.option("-k", "--socket", "socket_path", type=click.Path(dir_okay=False),
+              help="Listen on this Unix socket instead of TCP.")
+@click.option("--log-level", default="info",
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def backup_serve(dest, until, export_name, bind_address, port, socket_path,
+                 log_level) -> None:
+    """Serve a restore point read-only, straight from the chain (instant restore: boot
+    from it or copy it with qemu-img convert), until stopped."""
+    from nbdserve.backup.restore import ChainImage
+    from nbdserve.config import ExportConfig
+    from nbdserve.export import Export, ExportCatalog
+    from nbdserve.server.lifecycle import Server
+    from nbdserve.server.service import listening_sockets
+    if socket_path:
+        listen = (ListenAddress(path=socket_path),)
+    else:
+        listen = (ListenAddress(bind_address or DEFAULT_LISTEN.host,
+                                port if port is not None else DEFAULT_LISTEN.port),)
+    config = ServeConfig(listen=listen)
+    try:
+        check_socket_directories(config)
+        image = ChainImage(dest, until)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    except _backup_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    setup_logging(log_level)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
+        sockets, paths = listening_sockets(config)
+    except ServiceError as exc:
+        image.close()
+        raise click.ClickException(str(exc)) from None
+    export = Export(ExportConfig(export_name, dest, read_only=True), image)
+    server = Server(ExportCatalog([export]), sockets)
+    install_event_loop()
+    try:
+        status = asyncio.run(server.run())
+    finally:
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    if status:
+        sys.exit(status)

@@ -189,6 +189,7 @@ class Server:
             "connections": [conn.describe() for conn in self.connections],
             "accepted": self.connections.accepted,
             "tls": self.tls.mode,
+            "listen": [describe(sock) for sock in self.sockets],
         }
 
     def request_stop(self, signum: int | None = None) -> None:
