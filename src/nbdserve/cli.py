@@ -746,6 +746,7 @@ def backup_run(dest, control, export, uri, bitmap, full, compression, connection
     if uri and export:
         raise click.UsageError("--export goes with --control; a URI names its export")
     progress = _Progress(not as_json and sys.stderr.isatty())
+    install_event_loop()
     try:
         if control:
             outcome = backup_runs.run_with_control(dest, control, export, full=full,
@@ -826,6 +827,7 @@ def backup_restore(dest, target, until, force) -> None:
     URI. Only data is written; holes stay holes."""
     from nbdserve.backup.restore import restore
     progress = _Progress(sys.stderr.isatty())
+    install_event_loop()
     try:
         written = restore(dest, target, until, force=force, progress=progress)
     except _backup_errors() as exc:

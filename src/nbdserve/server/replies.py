@@ -116,13 +116,13 @@ class ReplyWriter:
     def send_file(self, cookie: int, offset: int, length: int, sparse: bool) -> bool:
         """Send a cached READ with sendfile(2); False (nothing sent) if it cannot."""
         export = self.export
-        if self.sockfd < 0 or not export.is_cached(offset, length):
-            return False
-        if self.unix_sock is not None:
+        if self.unix_sock is not None:  # (large replies sent otherwise gain from it too)
             with contextlib.suppress(OSError):  # the kernel caps it at wmem_max
                 self.unix_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
                                           UNIX_SEND_BUFFER)
             self.unix_sock = None
+        if self.sockfd < 0 or not export.is_cached(offset, length):
+            return False
         self.flush()
         if self.transport.get_write_buffer_size():
             return False
