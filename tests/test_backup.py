@@ -286,3 +286,31 @@ def test_backup_errors_are_one_line(tmp_path, live_image):
     result = backup("list", str(tmp_path), check=False)
     assert result.returncode == 1 and "no backup chain" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_restore_to_an_nbd_export_and_snapshot_metrics(live_image, start_server, tmp_path):
+    """Restore over NBD into another export; the snapshot's figures are in the metrics
+    while a backup's snapshot exists."""
+    import urllib.request
+    control = tmp_path / "ctl.sock"
+    metrics_port = free_port()
+    server = start_server(live_image, "--control", str(control), "--metrics",
+                          f"127.0.0.1:{metrics_port}")
+    run("qemu-io", "-f", "raw", "-c", "write -P 6 1M 2M", server.qemu_uri)
+    dest = tmp_path / "chain"
+    backup("run", "--control", str(control), str(dest))
+    run(*NBDSERVE, "snapshot", "add", "s", "--control", str(control))
+    run("qemu-io", "-f", "raw", "-c", "write -P 7 1M 64k", server.qemu_uri)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    assert 'nbdserve_snapshot_preserved_bytes{export="",snapshot="s"} 65536.0' in text
+    assert 'nbdserve_snapshot_broken{export="",snapshot="s"} 0.0' in text
+    target_image = tmp_path / "target.img"
+    with open(target_image, "wb") as f:
+        f.write(os.urandom(SIZE))  # whatever was there is replaced, holes included
+    target = start_server(target_image)
+    backup("restore", str(dest), target.uri())
+    restored = tmp_path / "restored.img"
+    run("nbdcopy", target.uri(), str(restored))
+    expected = tmp_path / "expected.img"
+    backup("restore", str(dest), str(expected))
+    assert restored.read_bytes() == expected.read_bytes()
