@@ -61,6 +61,30 @@ def _no_progress(total: int, label: str) -> Callable[[int], None]:
     return lambda n: None
 
 
+def _why_full(tip: Point | None, full: bool, size: int) -> str:
+    """Why this run must be a full backup whatever the bitmaps say, or ""."""
+    if tip is None:
+        return "no backup in the chain yet"
+    if full:
+        return "--full"
+    if tip.size != size:
+        return f"the image's size changed ({tip.size} -> {size})"
+    return ""
+
+
+def _bitmap_problem(tip: Point, bitmaps: dict[str, dict]) -> str:
+    """Why the chain's bitmap cannot give the next incremental, or ""."""
+    bitmap = bitmaps.get(tip.bitmap)
+    if bitmap is None:
+        return f"bitmap {tip.bitmap!r} of the chain's newest point is gone from the server"
+    if bitmap["generation"] != tip.generation:
+        return (f"bitmap {tip.bitmap!r} was cleared or recreated on the server since the "
+                "chain's newest point (its generation changed)")
+    if bitmap["inconsistent"]:
+        return f"bitmap {tip.bitmap!r} is inconsistent (the server could not vouch for it)"
+    return ""
+
+
 # -- with the control socket ---------------------------------------------------------------
 
 def _address_of(status: dict) -> Address:
@@ -138,20 +162,7 @@ def _run_with_control(dest: str, server: Server, full: bool, compression: str,
             server.call("bitmap-remove", {"name": name})
     bitmaps = server.bitmaps()
     # 2. Full or incremental.
-    reason = ""
-    if tip is None:
-        reason = "no backup in the chain yet"
-    elif full:
-        reason = "--full"
-    elif tip.size != size:
-        reason = f"the image's size changed ({tip.size} -> {size})"
-    elif tip.bitmap not in bitmaps:
-        reason = f"bitmap {tip.bitmap!r} of the chain's newest point is gone from the server"
-    elif bitmaps[tip.bitmap]["generation"] != tip.generation:
-        reason = (f"bitmap {tip.bitmap!r} was cleared or recreated on the server since the "
-                  "chain's newest point (its generation changed)")
-    elif bitmaps[tip.bitmap]["inconsistent"]:
-        reason = f"bitmap {tip.bitmap!r} is inconsistent (the server could not vouch for it)"
+    reason = _why_full(tip, full, size) or _bitmap_problem(tip, bitmaps)
     source_bitmap = tip.bitmap if tip is not None else None
     if not reason and not bitmaps[source_bitmap]["recording"]:
         # An earlier run checkpointed and died: its successor has recorded since.
@@ -231,16 +242,10 @@ def run_with_uri(dest: str, uri: str, bitmap: str | None, *, full: bool = False,
     chain = Chain.open(dest, create_size=size)
     chain.remove_leftovers()
     tip = chain.tip
-    reason = ""
-    if tip is None:
-        reason = "no backup in the chain yet"
-    elif full:
-        reason = "--full"
-    elif tip.size != size:
-        reason = f"the image's size changed ({tip.size} -> {size})"
-    elif bitmap is None:
+    reason = _why_full(tip, full, size)
+    if not reason and bitmap is None:
         raise BackupError("an incremental backup with --uri needs --bitmap NAME (or --full)")
-    elif tip.bitmap is not None and tip.bitmap != bitmap:
+    if not reason and tip.bitmap is not None and tip.bitmap != bitmap:
         raise BackupError(f"the chain's newest point was followed by bitmap {tip.bitmap!r}, "
                           f"not {bitmap!r}; give that one, or --full")
     point = Point(index=tip.index + 1 if tip is not None else 0,
