@@ -76,6 +76,22 @@ def install_event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def tune_malloc() -> None:
+    """Keep glibc from mapping and unmapping every large buffer: by default a read
+    buffer of 256 KiB or more gets fresh pages from mmap(2), faulted in one by one and
+    unmapped when freed, which measured 127 µs per 256 KiB read against 48 µs from the
+    heap. Buffers up to the largest request (32 MiB) come from the heap, and up to
+    16 MiB of freed heap is kept for the next ones."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, (32 << 20) + 4096)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 16 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: its defaults are not ours to fix
+        pass
+
+
 class _Param(click.ParamType):
     """A click type from a parsing function that raises ValueError."""
 
@@ -229,6 +245,7 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, read
     # early is graceful too, never the default action with the bitmaps left in use.
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     service = Service(config, reload_config=build if config_path else None)
+    tune_malloc()
     try:
         server = service.open()
     except ServiceError as exc:
@@ -747,6 +764,7 @@ def backup_run(dest, control, export, uri, bitmap, full, compression, connection
         raise click.UsageError("--export goes with --control; a URI names its export")
     progress = _Progress(not as_json and sys.stderr.isatty())
     install_event_loop()
+    tune_malloc()
     try:
         if control:
             outcome = backup_runs.run_with_control(dest, control, export, full=full,
