@@ -143,8 +143,23 @@ def main() -> None:
               help="Address to listen on, IPv4 or IPv6 [default: 127.0.0.1].")
 @click.option("-p", "--port", default=None, type=click.IntRange(0, 65535),
               help="TCP port; 0 picks a free one and the log says which [default: 10809].")
-@click.option("-k", "--socket", "socket_path", type=click.Path(dir_okay=False),
-              help="Listen on this Unix socket instead of TCP.")
+@click.option("-k", "-U", "--socket", "socket_path", type=click.Path(dir_okay=False),
+              help="Listen on this Unix socket instead of TCP; '-' makes one in a private "
+                   "directory, removed at exit (see --run).")
+@click.option("--fork", is_flag=True,
+              help="Return once the server accepts connections, printing its URIs; the "
+                   "server goes on in the background (logging to stderr only if that is "
+                   "a file).")
+@click.option("--pid-file", type=click.Path(dir_okay=False),
+              help="Write the server's pid here once it accepts connections; removed at "
+                   "exit.")
+@click.option("--run", "run_command", metavar="COMMAND",
+              help="Once ready, run COMMAND (sh -c) with $uri, $nbd, $unixsocket, $port, "
+                   "$host and $exportname set; then stop and exit with its status.")
+@click.option("--exit-with-parent", is_flag=True,
+              help="Stop (gracefully) when the parent process exits.")
+@click.option("--oneshot", is_flag=True,
+              help="Stop when the last client disconnects (qemu-nbd's default without -t).")
 @click.option("-r", "--read-only", is_flag=True, help="Refuse writes to IMAGE (EPERM).")
 @click.option("-D", "--description", default="", help="Description shown to clients.")
 @click.option("-e", "--shared", default=None, type=click.IntRange(0),
@@ -196,7 +211,8 @@ def main() -> None:
               help="[default: info]")
 @click.option("--log-format", default=None, type=click.Choice(["text", "json"]),
               help="One line per event, as text or JSON objects [default: text].")
-def serve(image, config_path, export_name, bind_address, port, socket_path, read_only,
+def serve(image, config_path, export_name, bind_address, port, socket_path, fork, pid_file,
+          run_command, exit_with_parent, oneshot, read_only,
           description, shared, create_size, bitmaps, qdb_path, scratch_dir, on_cbw_error,
           control_path, metrics_address, tls_mode, tls_cert, tls_key, tls_ca,
           tls_verify_client, tls_allow_subjects, handshake_timeout, poll_max_us, log_level,
@@ -216,7 +232,17 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, read
 
     Under systemd, READY=1 is sent once connections are accepted, and sockets passed by
     socket activation (LISTEN_FDS) are used instead of binding.
+
+    From scripts: --fork returns once the server accepts connections and prints its
+    URIs (with -p 0, the port it chose); --run runs a command against it and exits
+    with the command's status (with -U -, on a private socket).
     """
+    from nbdserve.server import scripting
+    if fork and (run_command or exit_with_parent):
+        raise click.UsageError("--fork goes with neither --run nor --exit-with-parent")
+    private_directory = None
+    if socket_path == "-":
+        socket_path, private_directory = scripting.private_socket()
     options = dict(image=image, export_name=export_name, bind_address=bind_address, port=port,
                    socket_path=socket_path, read_only=read_only, description=description,
                    shared=shared, create_size=create_size, bitmaps=bitmaps, qdb_path=qdb_path,
@@ -238,8 +264,11 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, read
         if config.tls.mode != TLS_OFF:
             config.tls.server_context()  # fail now, not at the first client
     except (ConfigError, TlsConfigError) as exc:
+        scripting.remove_private_directory(private_directory)
         raise click.UsageError(str(exc)) from None
     setup_logging(config.log_level, config.log_format)
+    if exit_with_parent:
+        scripting.exit_with_parent()
     # From the moment a listener exists a supervisor may signal us: hold SIGTERM, SIGINT
     # and SIGHUP until Server.run has its handlers (it unblocks them), so a stop that
     # early is graceful too, never the default action with the bitmaps left in use.
@@ -249,12 +278,20 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, read
     try:
         server = service.open()
     except ServiceError as exc:
+        scripting.remove_private_directory(private_directory)
         raise click.ClickException(str(exc)) from None
+    ready = scripting.Ready(export=config.exports[-1].name, pid_file=pid_file,
+                            run=run_command)
+    if fork:
+        ready.notify_fd = scripting.fork()
+    server.ready = ready
+    server.oneshot = oneshot
     install_event_loop()
     try:
         status = asyncio.run(server.run())
     finally:
         service.cleanup()
+        scripting.remove_private_directory(private_directory)
     if status:
         sys.exit(status)
 

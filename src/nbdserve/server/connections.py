@@ -77,7 +77,8 @@ class Connections:
     def __init__(self, catalog: ExportCatalog, executor: Executor, census: Census, *,
                  max_connections: int = 0, handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  tls: TlsConfig, ssl_context: ssl.SSLContext | None,
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[], None],
+                 on_idle: Callable[[], None] = lambda: None) -> None:
         self.catalog = catalog
         self.executor = executor
         self.census = census
@@ -86,6 +87,7 @@ class Connections:
         self.tls = tls  # replaced together with ssl_context on reload
         self.ssl_context = ssl_context
         self.on_change = on_change  # a connection entered or left transmission
+        self.on_idle = on_idle  # the last connection went away
         self.live: set[Connection] = set()
         self.active = 0  # connections holding a slot (handshake or transmission)
         self.waiting: collections.deque[Connection] = collections.deque()
@@ -177,6 +179,8 @@ class Connections:
                     break
         elif connection in self.waiting:
             self.waiting.remove(connection)
+        if not self.live:
+            self.on_idle()
 
     # -- the handshake --------------------------------------------------------------------------
 

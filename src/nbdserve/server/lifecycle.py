@@ -21,6 +21,7 @@ from nbdserve.metrics import start_metrics_server
 from nbdserve.server.connections import Connections
 from nbdserve.server.listener import describe
 from nbdserve.server.polling import Census
+from nbdserve.server.scripting import Ready
 from nbdserve.server.stream import NbdStream
 from nbdserve.snapshots.manager import describe_all as describe_snapshots
 from nbdserve.tls import TLS_OFF, TlsConfig
@@ -39,8 +40,12 @@ class Server:
                  workers: int = 8, poll_max_us: int = POLL_MAX_US,
                  control_path: str | None = None,
                  tls: TlsConfig | None = None, metrics: tuple[str, int] | None = None,
-                 on_reload: Callable[[], Awaitable[None]] | None = None) -> None:
+                 on_reload: Callable[[], Awaitable[None]] | None = None,
+                 ready: Ready | None = None, oneshot: bool = False) -> None:
         self.catalog = catalog
+        self.ready = ready  # --pid-file, --fork, --run (server/scripting.py)
+        self.oneshot = oneshot  # stop when the last client has gone
+        self.exit_status = 0
         self.sockets = list(sockets)
         self.executor = ThreadPoolExecutor(max_workers=workers,
                                            thread_name_prefix="nbdserve-io")
@@ -50,7 +55,7 @@ class Server:
             catalog, self.executor, self.census, max_connections=max_connections,
             handshake_timeout=handshake_timeout, tls=tls,
             ssl_context=tls.server_context() if tls.mode != TLS_OFF else None,
-            on_change=self.status_changed)
+            on_change=self.status_changed, on_idle=self.idle)
         self.stop_requested = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
         self.control = ControlServer(catalog, control_path, self.executor,
@@ -111,10 +116,28 @@ class Server:
             return 1
         log.info("ready (pid %d)", os.getpid())
         systemd.notify("READY=1", self.status_line())
-        await self.stop_requested.wait()
-        systemd.notify("STOPPING=1")
-        await self.shutdown()
-        return 0
+        try:
+            if self.ready is not None:
+                await self.ready.arrived([describe(sock) for sock in self.sockets],
+                                         self.stop_with)
+            await self.stop_requested.wait()
+            systemd.notify("STOPPING=1")
+            await self.shutdown()
+        finally:
+            if self.ready is not None:
+                self.ready.finish()
+        return self.exit_status
+
+    def stop_with(self, status: int) -> None:
+        """Stop, and exit with this status (a --run command's)."""
+        self.exit_status = status
+        self.request_stop()
+
+    def idle(self) -> None:
+        """The last client has gone: a one-shot server stops."""
+        if self.oneshot and not self.stop_requested.is_set():
+            log.info("the last client disconnected; stopping (one-shot)")
+            self.request_stop()
 
     def request_reload(self) -> None:
         log.info("received SIGHUP, reloading the configuration")

@@ -1,0 +1,88 @@
+"""Running nbdserve from scripts: --fork, --pid-file, --run, -U -, --exit-with-parent and
+--oneshot, each driven as a shell script would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import NBDSERVE, run
+
+
+def gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_fork_prints_the_uri_and_the_pid_file_stops_it(image, tmp_path):
+    pid_file = tmp_path / "nbdserve.pid"
+    started = time.monotonic()
+    result = run(*NBDSERVE, "serve", str(image), "--fork", "--pid-file", str(pid_file),
+                 "-b", "127.0.0.1", "-p", "0", "--log-level", "warning")
+    assert time.monotonic() - started < 30
+    uri = result.stdout.strip()
+    assert uri.startswith("nbd://127.0.0.1:") and not uri.endswith(":0/")
+    # Ready means ready: no polling needed before the first client.
+    assert run("nbdinfo", "--size", uri).stdout.strip() == str(64 << 20)
+    pid = int(pid_file.read_text())
+    os.kill(pid, 15)
+    assert gone(pid)
+    assert not pid_file.exists()
+
+
+def test_fork_reports_a_server_that_cannot_start(tmp_path):
+    missing = tmp_path / "missing.img"
+    result = run(*NBDSERVE, "serve", str(missing), "--fork", "-k", str(tmp_path / "s"),
+                 check=False)
+    assert result.returncode == 1 and "cannot open image" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_with_a_private_socket(image, tmp_path):
+    with open(image, "r+b") as f:
+        f.write(b"\x5a" * 65536)
+    out = tmp_path / "out.img"
+    result = run(*NBDSERVE, "serve", str(image), "-U", "-", "--log-level", "warning",
+                 "--run", f'echo "$unixsocket" > {tmp_path}/sock; nbdcopy "$uri" {out}')
+    assert out.read_bytes() == image.read_bytes()
+    socket_dir = Path((tmp_path / "sock").read_text().strip()).parent
+    assert not socket_dir.exists(), "the private socket directory is removed at exit"
+    del result
+    failed = run(*NBDSERVE, "serve", str(image), "-U", "-", "--run", "exit 7",
+                 check=False)
+    assert failed.returncode == 7
+
+
+def test_exit_with_parent(image, tmp_path):
+    pid_file = tmp_path / "pid"
+    script = (f"{' '.join(NBDSERVE)} serve {image} -k {tmp_path}/s --exit-with-parent "
+              f"--pid-file {pid_file} 2>/dev/null & "
+              f"while [ ! -s {pid_file} ]; do sleep 0.05; done")
+    subprocess.run(["sh", "-c", script], timeout=60, check=True)
+    pid = int(pid_file.read_text())
+    assert gone(pid), "the server outlived its parent"
+
+
+def test_oneshot_stops_after_the_last_client(image, tmp_path):
+    sock = tmp_path / "s"
+    proc = subprocess.Popen([*NBDSERVE, "serve", str(image), "-k", str(sock), "--oneshot"],
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "ready (pid" in line:
+            break
+    assert proc.poll() is None  # no client yet: it waits
+    run("nbdinfo", "--size", f"nbd+unix:///?socket={sock}")
+    assert proc.wait(10) == 0
+
+
+def test_fork_and_run_do_not_mix(image):
+    result = run(*NBDSERVE, "serve", str(image), "--fork", "--run", "true", check=False)
+    assert result.returncode == 2 and "--fork" in result.stderr
