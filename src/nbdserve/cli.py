@@ -959,3 +959,84 @@ def backup_serve(dest, until, export_name, bind_address, port, socket_path,
                 os.unlink(path)
     if status:
         sys.exit(status)
+
+
+# -- nbdserve list / info / map: any NBD server, with our own client ----------------------------
+
+def _inspect(coroutine):
+    from nbdserve.backup.copy import SourceError
+    from nbdserve.inspect import InspectError
+    try:
+        return asyncio.run(coroutine)
+    except (InspectError, SourceError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except (OSError, ConnectionError) as exc:
+        raise click.ClickException(f"the server closed the connection: {exc}") from None
+
+
+@main.command("list")
+@click.argument("uri")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_command(uri, as_json) -> None:
+    """The exports of the NBD server at URI: names, sizes, descriptions."""
+    from nbdserve import inspect
+    exports = _inspect(inspect.list_exports(uri))
+    if as_json:
+        click.echo(json.dumps(exports, indent=2))
+        return
+    _table(["EXPORT", "SIZE", "DESCRIPTION"],
+           [[e["name"] or '""', "?" if e["size"] is None else str(e["size"]),
+             e["description"]] for e in exports] or [["(none)"]])
+
+
+@main.command("info")
+@click.argument("uri")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info_command(uri, as_json) -> None:
+    """One export of the NBD server at URI: size, flags, block sizes, meta contexts."""
+    from nbdserve import inspect
+    info = _inspect(inspect.export_info(uri))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if key == "contexts":
+            for context in value:
+                click.echo(f"contexts: {context}")
+        elif key == "export":
+            click.echo(f"export: {value or chr(34) * 2}")
+        elif key != "flags":
+            click.echo(f"{key}: {str(value).lower() if isinstance(value, bool) else value}")
+
+
+@main.command("map")
+@click.argument("uri")
+@click.option("--context", default="base:allocation", show_default=True,
+              help="The meta context, e.g. qemu:dirty-bitmap:NAME.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--picture", is_flag=True,
+              help="Draw the disk as a strip of cells shaded by how much of each is data "
+                   "(or dirty), with a legend.")
+@click.option("--svg", "svg_path", type=click.Path(dir_okay=False),
+              help="Write the picture as an SVG file.")
+@click.option("--width", type=click.IntRange(8, 400), default=64, show_default=True,
+              help="Cells per line of the picture.")
+def map_command(uri, context, as_json, picture, svg_path, width) -> None:
+    """Extents of one meta context of the export at URI (like nbdinfo --map)."""
+    from nbdserve import inspect
+    size, found = _inspect(inspect.extents(uri, context))
+    if svg_path:
+        with open(svg_path, "w") as f:
+            f.write(inspect.svg(size, found, context))
+    if picture:
+        click.echo(inspect.picture(size, found, context, width=width))
+        return
+    if as_json:
+        click.echo(json.dumps([{"offset": e.offset, "length": e.length, "type": e.flags,
+                                "description": inspect.describe_flags(context, e.flags)}
+                               for e in found], indent=2))
+        return
+    if not svg_path:
+        for e in found:
+            click.echo(f"{e.offset:>14} {e.length:>14} {e.flags:>4}  "
+                       f"{inspect.describe_flags(context, e.flags)}")
