@@ -65,10 +65,12 @@ def test_exit_with_parent(image, tmp_path):
     pid_file = tmp_path / "pid"
     script = (f"{' '.join(NBDSERVE)} serve {image} -k {tmp_path}/s --exit-with-parent "
               f"--pid-file {pid_file} 2>/dev/null & "
-              f"while [ ! -s {pid_file} ]; do sleep 0.05; done")
-    subprocess.run(["sh", "-c", script], timeout=60, check=True)
-    pid = int(pid_file.read_text())
+              f"while [ ! -s {pid_file} ]; do sleep 0.05; done; cat {pid_file}")
+    # The shell exits as soon as the server is ready; the server must follow it.
+    pid = int(subprocess.run(["sh", "-c", script], timeout=60, check=True,
+                             capture_output=True, text=True).stdout)
     assert gone(pid), "the server outlived its parent"
+    assert not pid_file.exists()
 
 
 def test_oneshot_stops_after_the_last_client(image, tmp_path):
@@ -86,3 +88,38 @@ def test_oneshot_stops_after_the_last_client(image, tmp_path):
 def test_fork_and_run_do_not_mix(image):
     result = run(*NBDSERVE, "serve", str(image), "--fork", "--run", "true", check=False)
     assert result.returncode == 2 and "--fork" in result.stderr
+
+
+def test_messages_for_common_mistakes(image, tmp_path):
+    """One line each, with the exit status of its kind (2: usage, 1: runtime)."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    sock = str(tmp_path / "s")
+    result = run(*NBDSERVE, "serve", str(image), "-k", sock, "--tls", "require",
+                 "--tls-cert", str(bad), "--tls-key", str(bad), check=False)
+    assert result.returncode == 2 and f"--tls-cert {bad}: not a readable PEM" in result.stderr
+    for size, message in (("0", "positive multiple of 512"),
+                          ("10GB", "as qemu-img reads them: 10G, not 10GB")):
+        result = run(*NBDSERVE, "serve", str(tmp_path / "new.img"), "--create", size,
+                     "-k", sock, check=False)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "new.img").exists()
+
+
+def test_a_read_only_image_without_r_suggests_r(tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        raise AssertionError("cannot mount a tmpfs (the suite runs as root)")
+    try:
+        with open(mount / "disk.img", "wb") as f:
+            f.truncate(1 << 20)
+        run("mount", "-o", "remount,ro", str(mount))
+        result = run(*NBDSERVE, "serve", str(mount / "disk.img"), "-k",
+                     str(tmp_path / "s"), check=False)
+        assert result.returncode == 1
+        assert "Read-only file system; to serve it read-only, add -r" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

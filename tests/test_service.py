@@ -331,6 +331,11 @@ async def test_status_shows_exports_connections_and_bitmaps(three_exports):
             assert exports["a"]["bitmaps"][0]["busy"] is True
             table = run(*NBDSERVE, "status", "--control", str(tmp / "ctl.sock")).stdout
             assert "qemu:dirty-bitmap:daily" in table and "daily" in table
+            # Human units with percentages of the image; --bytes for raw figures.
+            size = exports["a"]["size"]
+            assert f"64.0 KiB ({100 * 65536 / size:.1f} %)" in table
+            raw = run(*NBDSERVE, "status", "--bytes", "--control", str(tmp / "ctl.sock")).stdout
+            assert " 65536 " in raw and "KiB" not in raw
     finally:
         server.stop()
 

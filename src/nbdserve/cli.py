@@ -346,8 +346,10 @@ def config_from_options(base: ServeConfig, *, image, export_name, bind_address, 
 @click.option("--control", required=True, type=click.Path(readable=False),
               help="Control socket of the running server.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status(control, as_json) -> None:
-    """Exports, connections and bitmaps of a running server."""
+@click.option("--bytes", "raw_bytes", is_flag=True,
+              help="Sizes in bytes, not in binary units with percentages.")
+def status(control, as_json, raw_bytes) -> None:
+    """Exports, connections, bitmaps and snapshots of a running server."""
     from nbdserve.control.client import ControlClient, ControlError
     try:
         with ControlClient(control) as client:
@@ -359,17 +361,29 @@ def status(control, as_json) -> None:
     if as_json:
         click.echo(json.dumps(state, indent=2))
         return
-    click.echo(f"TLS: {state['tls']}; connections accepted since start: {state['accepted']}")
+    from nbdserve.inspect import human
+
+    def size(value: int, whole: int | None = None) -> str:
+        if raw_bytes:
+            return str(value)
+        share = f" ({100 * value / whole:.1f} %)" if whole else ""
+        return human(value) + share
+
+    sizes = {e["name"]: e["size"] for e in state["exports"]}
+    click.echo(f"TLS: {state['tls']}; connections accepted since start: {state['accepted']}; "
+               f"listening on {', '.join(state.get('listen', [])) or '-'}")
     click.echo("")
     _table(["EXPORT", "IMAGE", "SIZE", "MODE", "CONNECTIONS"],
-           [[e["name"] or '""', e["image"], str(e["size"]), "ro" if e["read-only"] else "rw",
-             str(e["connections"])] for e in state["exports"]])
+           [[e["name"] or '""', e["image"], size(e["size"]),
+             "ro" if e["read-only"] else "rw", str(e["connections"])]
+            for e in state["exports"]])
     click.echo("")
     _table(["PEER", "EXPORT", "STATE", "FEATURES", "IN-FLIGHT", "REQUESTS"],
            [[c["peer"], c["export"] if c["export"] is not None else "-", c["state"],
              ",".join(c.get("features", [])) or "-", str(c.get("in_flight", "-")),
              str(c.get("requests", "-"))] for c in state["connections"]] or [["(none)"]])
-    bitmaps = [[e["name"] or '""', b["name"], str(b["granularity"]), str(b["count"]),
+    bitmaps = [[e["name"] or '""', b["name"], size(b["granularity"]),
+                size(b["count"], e["size"]),
                 "yes" if b["recording"] else "no", "yes" if b["busy"] else "no",
                 "yes" if b["inconsistent"] else "no"]
                for e in state["exports"] for b in e["bitmaps"]]
@@ -379,7 +393,8 @@ def status(control, as_json) -> None:
                 "INCONSISTENT"], bitmaps)
     if state.get("snapshots"):
         click.echo("")
-        _snapshot_table(state["snapshots"])
+        _snapshot_table(state["snapshots"], lambda value, snap: size(
+            value, sizes.get(snap["export"])))
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:
@@ -592,11 +607,12 @@ def snapshot_list(control, export, as_json) -> None:
     _snapshot_table(taken)
 
 
-def _snapshot_table(taken: list[dict]) -> None:
+def _snapshot_table(taken: list[dict], size=lambda value, snap: str(value)) -> None:
     _table(["SNAPSHOT", "OF", "BITMAP", "HELD", "PRESERVED", "SCRATCH", "CONNECTIONS",
             "STATE"],
-           [[s["name"], s["export"] or '""', s["bitmap"] or "-", str(s["held-bytes"]),
-             str(s["preserved-bytes"]), str(s["scratch-bytes"]), str(s["connections"]),
+           [[s["name"], s["export"] or '""', s["bitmap"] or "-", size(s["held-bytes"], s),
+             size(s["preserved-bytes"], s), size(s["scratch-bytes"], s),
+             str(s["connections"]),
              f"broken: {s['broken']}" if s["broken"] else "ok"] for s in taken])
 
 

@@ -297,6 +297,9 @@ def make_export(*, name: str, image: str, description: str = "", read_only: bool
         raise ConfigError(f"{where}max-connections: must be 0 (unlimited) or more")
     if read_only and bitmaps:
         raise ConfigError(f"{where}bitmaps: a read-only export records no writes")
+    if create is not None and (create <= 0 or create % 512):
+        raise ConfigError(f"{where}create: the size must be a positive multiple of 512 "
+                          f"bytes, not {create}")
     if on_cbw_error is None:
         on_cbw_error = CBW_ERROR_POLICIES[0]
     if on_cbw_error not in CBW_ERROR_POLICIES:

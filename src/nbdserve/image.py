@@ -76,7 +76,10 @@ class RawImage:
         try:
             self.fd = os.open(path, flags)
         except OSError as exc:
-            raise ImageError(f"cannot open image {path}: {exc.strerror}") from None
+            hint = ""
+            if not read_only and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                hint = "; to serve it read-only, add -r (--read-only)"
+            raise ImageError(f"cannot open image {path}: {exc.strerror}{hint}") from None
         try:
             st = os.fstat(self.fd)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):

@@ -45,12 +45,22 @@ class TlsConfig:
     def server_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        # Each file on its own first, so the message names the one that is wrong.
+        for option, path in (("--tls-cert", self.cert), ("--tls-ca", self.ca)):
+            if path:
+                try:
+                    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(
+                        cafile=path)
+                except (OSError, ssl.SSLError) as exc:
+                    raise TlsConfigError(f"{option} {path}: not a readable PEM certificate "
+                                         f"({_reason(exc)})") from None
         try:
             context.load_cert_chain(self.cert, self.key)
             if self.ca:
                 context.load_verify_locations(cafile=self.ca)
         except (OSError, ssl.SSLError) as exc:
-            raise TlsConfigError(f"cannot load TLS credentials: {exc}") from None
+            raise TlsConfigError(f"--tls-key {self.key}: not a readable PEM private key for "
+                                 f"the certificate {self.cert} ({_reason(exc)})") from None
         if self.verify_client or self.allow_subjects:
             context.verify_mode = ssl.CERT_REQUIRED
         return context
@@ -82,3 +92,9 @@ _SHORT_NAMES = {
     "emailAddress": "emailAddress",
     "domainComponent": "DC",
 }
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.strerror:
+        return exc.strerror
+    return getattr(exc, "reason", None) or str(exc)

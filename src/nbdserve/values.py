@@ -21,15 +21,19 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40,
 
 
 def parse_size(text: str) -> int:
-    """'10G', '512M', '1T', '4096' -> bytes (binary units, like qemu-img)."""
-    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B") or text
-    number, unit = cleaned, ""
-    if cleaned and cleaned[-1] in _UNITS:
-        number, unit = cleaned[:-1], cleaned[-1]
+    """'10G', '512M', '1T', '4096', '4k' -> bytes, exactly as qemu-img reads a size:
+    binary units K, M, G, T, P, E (either case), an optional fraction, B for bytes.
+    '10GB' and '10GiB' are refused, as qemu-img refuses them, rather than guessed."""
+    cleaned = text.strip()
+    unit = cleaned[-1:].upper() if cleaned[-1:].isalpha() else ""
+    number = cleaned[:-1] if unit else cleaned
     try:
+        if unit not in _UNITS or not number or number[-1:].isalpha():
+            raise ValueError
         value = float(number) * _UNITS[unit]
-    except (ValueError, KeyError):
-        raise ValueError(f"invalid size {text!r} (use bytes or a suffix K, M, G, T)") from None
+    except ValueError:
+        raise ValueError(f"invalid size {text!r}: use bytes or one suffix K, M, G, T, P or "
+                         "E (binary units, as qemu-img reads them: 10G, not 10GB)") from None
     if value < 0 or value != int(value):
         raise ValueError(f"invalid size {text!r}")
     return int(value)
