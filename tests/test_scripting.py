@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -123,3 +124,23 @@ def test_a_read_only_image_without_r_suggests_r(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_discard_ignore_and_detect_zeroes(image, start_server, tmp_path):
+    run("qemu-io", "-f", "raw", "-c", "write -P 1 0 8M", str(image))
+    server = start_server(image, "--discard", "ignore", "--bitmap", "b0")
+    run("qemu-io", "-f", "raw", "-c", "discard 0 1M", server.qemu_uri)
+    run("qemu-io", "-f", "raw", "-r", "-c", "read -P 1 0 1M", server.qemu_uri)
+    dirty = json.loads(run("nbdinfo", "--json", "--map=qemu:dirty-bitmap:b0",
+                           server.uri()).stdout)
+    assert (dirty[0]["offset"], dirty[0]["length"], dirty[0]["type"]) == (0, 1 << 20, 1)
+    server.stop()
+    blocks = os.stat(image).st_blocks
+    server = start_server(image, "--detect-zeroes", "unmap", "--bitmap", "b0")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0 4M 2M", server.qemu_uri)
+    assert os.stat(image).st_blocks <= blocks - (2 << 20) // 512, "zeros were written"
+    run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0 4M 2M", "-c", "read -P 1 6M 2M",
+        server.qemu_uri)
+    result = run(*NBDSERVE, "serve", str(image), "-k", str(tmp_path / "x"),
+                 "--detect-zeroes", "unmap", "--discard", "ignore", check=False)
+    assert result.returncode == 2 and "needs discard = unmap" in result.stderr

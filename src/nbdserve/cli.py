@@ -26,6 +26,8 @@ from nbdserve.bitmaps.store import StoreLocked
 from nbdserve.config import (
     CBW_ERROR_POLICIES,
     DEFAULT_LISTEN,
+    DETECT_ZEROES_MODES,
+    DISCARD_MODES,
     BitmapRequest,
     ConfigError,
     ListenAddress,
@@ -180,6 +182,12 @@ def main() -> None:
               help="When a snapshot cannot preserve data (scratch disk full, EIO): break "
                    "the snapshot and let the write through, or fail the write and keep "
                    "the snapshot [default: break-snapshot].")
+@click.option("--discard", type=click.Choice(DISCARD_MODES), default=None,
+              help="TRIM on IMAGE punches holes (unmap), or is accepted and changes "
+                   "nothing (ignore; bitmaps still record it) [default: unmap].")
+@click.option("--detect-zeroes", type=click.Choice(DETECT_ZEROES_MODES), default=None,
+              help="WRITEs of zeros to IMAGE become WRITE_ZEROES: zeroed in place (on) or "
+                   "punched (unmap, needs --discard=unmap) [default: off].")
 @click.option("--control", "control_path", type=click.Path(dir_okay=False),
               help="Unix socket (mode 0600) for bitmap, snapshot and status commands.")
 @click.option("--metrics", "metrics_address", metavar="HOST:PORT",
@@ -214,8 +222,8 @@ def main() -> None:
 def serve(image, config_path, export_name, bind_address, port, socket_path, fork, pid_file,
           run_command, exit_with_parent, oneshot, read_only,
           description, shared, create_size, bitmaps, qdb_path, scratch_dir, on_cbw_error,
-          control_path, metrics_address, tls_mode, tls_cert, tls_key, tls_ca,
-          tls_verify_client, tls_allow_subjects, handshake_timeout, poll_max_us, log_level,
+          discard, detect_zeroes, control_path, metrics_address, tls_mode, tls_cert, tls_key,
+          tls_ca, tls_verify_client, tls_allow_subjects, handshake_timeout, poll_max_us, log_level,
           log_format) -> None:
     """Serve raw images over NBD until stopped (SIGTERM or SIGINT).
 
@@ -247,7 +255,8 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, fork
                    socket_path=socket_path, read_only=read_only, description=description,
                    shared=shared, create_size=create_size, bitmaps=bitmaps, qdb_path=qdb_path,
                    scratch_dir=scratch_dir, on_cbw_error=on_cbw_error,
-                   control_path=control_path, metrics_address=metrics_address,
+                   discard=discard, detect_zeroes=detect_zeroes, control_path=control_path,
+                   metrics_address=metrics_address,
                    tls_mode=tls_mode, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
                    tls_verify_client=tls_verify_client,
                    tls_allow_subjects=tls_allow_subjects,
@@ -298,7 +307,8 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, fork
 
 def config_from_options(base: ServeConfig, *, image, export_name, bind_address, port,
                         socket_path, read_only, description, shared, create_size, bitmaps,
-                        qdb_path, scratch_dir, on_cbw_error, control_path, metrics_address,
+                        qdb_path, scratch_dir, on_cbw_error, discard, detect_zeroes,
+                        control_path, metrics_address,
                         tls_mode, tls_cert, tls_key, tls_ca, tls_verify_client,
                         tls_allow_subjects, handshake_timeout, poll_max_us, log_level,
                         log_format) -> ServeConfig:
@@ -326,12 +336,13 @@ def config_from_options(base: ServeConfig, *, image, export_name, bind_address, 
         mine = make_export(name=name, image=image, description=description,
                            read_only=read_only, max_connections=shared or 0,
                            qdb=qdb_path, bitmaps=tuple(bitmaps), create=create_size,
-                           scratch_dir=scratch_dir, on_cbw_error=on_cbw_error)
+                           scratch_dir=scratch_dir, on_cbw_error=on_cbw_error,
+                           discard=discard, detect_zeroes=detect_zeroes)
         exports = tuple(e for e in exports if e.name != name) + (mine,)
     elif (export_name is not None or read_only or bitmaps or create_size or qdb_path
-          or scratch_dir or on_cbw_error):
-        raise ConfigError("-x, -r, --bitmap, --create, --qdb, --scratch-dir and "
-                          "--on-cbw-error describe IMAGE: give one")
+          or scratch_dir or on_cbw_error or discard or detect_zeroes):
+        raise ConfigError("-x, -r, --bitmap, --create, --qdb, --scratch-dir, --on-cbw-error, "
+                          "--discard and --detect-zeroes describe IMAGE: give one")
     config = with_overrides(base, listen=listen, exports=exports, control=control_path,
                             metrics=metrics, max_connections=shared,
                             handshake_timeout=handshake_timeout, poll_max_us=poll_max_us,

@@ -26,6 +26,8 @@ LOG_FORMATS = ("text", "json")
 # What a snapshot's failed copy-before-write does (docs/snapshots.md): break the
 # snapshot and let the write proceed, or fail the write and keep the snapshot.
 CBW_ERROR_POLICIES = ("break-snapshot", "fail-write")
+DISCARD_MODES = ("unmap", "ignore")  # TRIM punches holes, or changes nothing
+DETECT_ZEROES_MODES = ("off", "on", "unmap")  # zero WRITEs become WRITE_ZEROES
 
 
 class ConfigError(Exception):
@@ -75,6 +77,8 @@ class ExportConfig:
     create: int | None = None
     scratch_dir: str | None = None  # snapshots' scratch files [default: beside the QDB]
     on_cbw_error: str = CBW_ERROR_POLICIES[0]
+    discard: str = DISCARD_MODES[0]
+    detect_zeroes: str = DETECT_ZEROES_MODES[0]
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,8 @@ def _get(table: dict, key: str, kind, where: str, default=None):
 SERVER_KEYS = {"listen", "control", "metrics", "max-connections", "handshake-timeout",
                "poll-max-us", "log-level", "log-format", "tls", "export"}
 EXPORT_KEYS = {"name", "image", "description", "read-only", "max-connections",
-               "tls-required", "qdb", "bitmaps", "create", "scratch-dir", "on-cbw-error"}
+               "tls-required", "qdb", "bitmaps", "create", "scratch-dir", "on-cbw-error",
+               "discard", "detect-zeroes"}
 TLS_KEYS = {"mode", "cert", "key", "ca", "verify-client", "allow-subjects"}
 
 
@@ -284,6 +289,7 @@ def make_export(*, name: str, image: str, description: str = "", read_only: bool
                 max_connections: int = 0, tls_required: bool = False, qdb: str | None = None,
                 bitmaps: tuple[BitmapRequest, ...] = (), create: int | None = None,
                 scratch_dir: str | None = None, on_cbw_error: str | None = None,
+                discard: str | None = None, detect_zeroes: str | None = None,
                 where: str = "") -> ExportConfig:
     """The one place an export's settings are checked (the file and the command line
     both come here); ``where`` prefixes the key in messages."""
@@ -306,10 +312,19 @@ def make_export(*, name: str, image: str, description: str = "", read_only: bool
         raise ConfigError(f"{where}on-cbw-error: one of {', '.join(CBW_ERROR_POLICIES)}")
     if scratch_dir is not None and not scratch_dir:
         raise ConfigError(f"{where}scratch-dir: empty path")
+    discard = discard or DISCARD_MODES[0]
+    if discard not in DISCARD_MODES:
+        raise ConfigError(f"{where}discard: one of {', '.join(DISCARD_MODES)}")
+    detect_zeroes = detect_zeroes or DETECT_ZEROES_MODES[0]
+    if detect_zeroes not in DETECT_ZEROES_MODES:
+        raise ConfigError(f"{where}detect-zeroes: one of {', '.join(DETECT_ZEROES_MODES)}")
+    if detect_zeroes == "unmap" and discard != "unmap":
+        raise ConfigError(f"{where}detect-zeroes: unmap needs discard = unmap (as in QEMU)")
     return ExportConfig(name=name, image=image, description=description,
                         read_only=read_only, max_connections=max_connections,
                         tls_required=tls_required, qdb=qdb, bitmaps=bitmaps, create=create,
-                        scratch_dir=scratch_dir, on_cbw_error=on_cbw_error)
+                        scratch_dir=scratch_dir, on_cbw_error=on_cbw_error,
+                        discard=discard, detect_zeroes=detect_zeroes)
 
 
 def parse_export(table, index: int) -> ExportConfig:
@@ -333,7 +348,9 @@ def parse_export(table, index: int) -> ExportConfig:
         tls_required=_get(table, "tls-required", bool, where, False),
         qdb=_get(table, "qdb", str, where), bitmaps=bitmaps, create=create,
         scratch_dir=_get(table, "scratch-dir", str, where),
-        on_cbw_error=_get(table, "on-cbw-error", str, where), where=where,
+        on_cbw_error=_get(table, "on-cbw-error", str, where),
+        discard=_get(table, "discard", str, where),
+        detect_zeroes=_get(table, "detect-zeroes", str, where), where=where,
     )
 
 

@@ -27,6 +27,12 @@ from nbdserve.protocol.transmission import alternating_descriptors, encode_words
 
 log = logging.getLogger(__name__)
 
+_ZEROS = bytes(32 << 20)  # the largest WRITE payload: zero detection is one memcmp
+
+
+def _nothing() -> None:
+    """A change that changes nothing (TRIM with discard=ignore)."""
+
 
 class ChangeRecorder(Protocol):
     """Marks changes in the recording bitmaps (nbdserve.bitmaps.tracking.Recorder)."""
@@ -144,6 +150,10 @@ class Export:
         self.preservers: tuple[Preserver, ...] = ()
         self.scratch_dir = config.scratch_dir
         self.fail_write_on_cbw_error = config.on_cbw_error == "fail-write"
+        self.discard = config.discard != "ignore"  # TRIM punches (or changes nothing)
+        # Zero WRITEs become WRITE_ZEROES: None (off), or whether they may punch.
+        self.detect_zeroes = None if config.detect_zeroes == "off" else \
+            config.detect_zeroes == "unmap"
 
     # -- negotiation ------------------------------------------------------------------
 
@@ -187,7 +197,12 @@ class Export:
 
     def write(self, offset: int, length: int,
               payload: Sequence[bytes | bytearray | memoryview]) -> None:
-        """WRITE: the payload's buffers (length bytes in all), back to back, at offset."""
+        """WRITE: the payload's buffers (length bytes in all), back to back, at offset.
+        With detect-zeroes, a payload of zeros is zeroed instead (QEMU's
+        detect-zeroes): no data written, and a hole where it may punch."""
+        if self.detect_zeroes is not None and all(map(_ZEROS.startswith, payload)):
+            self.zero(offset, length, may_punch=self.detect_zeroes)
+            return
         self._record(offset, length, self.image.pwritev, offset, payload)
 
     def write_from_pipe(self, pipe_fd: int, offset: int,
@@ -221,7 +236,12 @@ class Export:
         image.write_zeroes_slowly(offset, length)
 
     def trim(self, offset: int, length: int) -> None:
-        """TRIM: a hint, but punching changes what reads return, hence the recording."""
+        """TRIM: a hint, but punching changes what reads return, hence the recording.
+        With discard=ignore the data stays, and the bitmaps still record the range
+        (over-reporting is safe, and a client may rely on either answer)."""
+        if not self.discard:
+            self._record(offset, length, _nothing)
+            return
         self._record(offset, length, self.image.punch_hole, offset, length)
 
     def flush(self) -> None:

@@ -235,8 +235,8 @@ class Transmission:
 
     def splice_worthy(self, length: int) -> bool:
         """Most of this WRITE's payload is still on the socket, and large: splice it."""
-        if self.sockfd < 0:
-            return False
+        if self.sockfd < 0 or self.export.detect_zeroes is not None:
+            return False  # (zero detection needs the payload in memory)
         available = self.stream.available()
         if self.replies.out and available < length:
             self.replies.flush()  # about to wait for the payload
