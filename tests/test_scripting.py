@@ -144,3 +144,32 @@ def test_discard_ignore_and_detect_zeroes(image, start_server, tmp_path):
     result = run(*NBDSERVE, "serve", str(image), "-k", str(tmp_path / "x"),
                  "--detect-zeroes", "unmap", "--discard", "ignore", check=False)
     assert result.returncode == 2 and "needs discard = unmap" in result.stderr
+
+
+def test_offset_serves_an_image_inside_a_larger_file(tmp_path, start_server):
+    """-o: every read, write (spliced too), hole and trim lands past the offset."""
+    path = tmp_path / "container.img"
+    header = b"\xee" * (1 << 20)
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate((1 << 20) + (16 << 20))
+    server = start_server(path, "-o", "1M", "--bitmap", "b0")
+    info = json.loads(run("nbdinfo", "--json", server.uri()).stdout)["exports"][0]
+    assert info["export-size"] == 16 << 20
+    run("qemu-io", "-f", "raw", "-c", "write -P 5 0 4k", "-c", "write -P 6 4M 2M",
+        "-c", "discard 4M 1M", server.qemu_uri)
+    data = path.read_bytes()
+    assert data[:1 << 20] == header, "the bytes before the offset were touched"
+    image = data[1 << 20:]
+    assert image[:4096] == b"\x05" * 4096
+    assert image[4 << 20:5 << 20] == bytes(1 << 20)  # trimmed
+    assert image[5 << 20:6 << 20] == b"\x06" * (1 << 20)
+    mapped = [(e["offset"], e["length"], e["type"]) for e in json.loads(
+        run("nbdinfo", "--json", "--map", server.uri()).stdout)]
+    assert mapped[0][2] == 0 and mapped[0][0] == 0  # data at the image's start
+    assert any(offset <= 4 << 20 and offset + length >= 5 << 20 and kind == 3
+               for offset, length, kind in mapped), "the trimmed MiB is a hole"
+    assert (5 << 20, 1 << 20, 0) in mapped
+    result = run(*NBDSERVE, "serve", str(path), "-o", "1000", "-k", str(tmp_path / "x"),
+                 check=False)
+    assert result.returncode == 2 and "multiple of 512" in result.stderr

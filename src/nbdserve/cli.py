@@ -182,6 +182,9 @@ def main() -> None:
               help="When a snapshot cannot preserve data (scratch disk full, EIO): break "
                    "the snapshot and let the write through, or fail the write and keep "
                    "the snapshot [default: break-snapshot].")
+@click.option("-o", "--offset", type=SizeParam(), default=None,
+              help="IMAGE starts this far into the file (a multiple of 512), as "
+                   "qemu-nbd's --offset; the export is the rest of the file.")
 @click.option("--discard", type=click.Choice(DISCARD_MODES), default=None,
               help="TRIM on IMAGE punches holes (unmap), or is accepted and changes "
                    "nothing (ignore; bitmaps still record it) [default: unmap].")
@@ -222,9 +225,9 @@ def main() -> None:
 def serve(image, config_path, export_name, bind_address, port, socket_path, fork, pid_file,
           run_command, exit_with_parent, oneshot, read_only,
           description, shared, create_size, bitmaps, qdb_path, scratch_dir, on_cbw_error,
-          discard, detect_zeroes, control_path, metrics_address, tls_mode, tls_cert, tls_key,
-          tls_ca, tls_verify_client, tls_allow_subjects, handshake_timeout, poll_max_us, log_level,
-          log_format) -> None:
+          offset, discard, detect_zeroes, control_path, metrics_address, tls_mode, tls_cert,
+          tls_key, tls_ca, tls_verify_client, tls_allow_subjects, handshake_timeout,
+          poll_max_us, log_level, log_format) -> None:
     """Serve raw images over NBD until stopped (SIGTERM or SIGINT).
 
     Serve IMAGE, or the exports of --config, or both. The server keeps running after
@@ -255,7 +258,8 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, fork
                    socket_path=socket_path, read_only=read_only, description=description,
                    shared=shared, create_size=create_size, bitmaps=bitmaps, qdb_path=qdb_path,
                    scratch_dir=scratch_dir, on_cbw_error=on_cbw_error,
-                   discard=discard, detect_zeroes=detect_zeroes, control_path=control_path,
+                   offset=offset, discard=discard, detect_zeroes=detect_zeroes,
+                   control_path=control_path,
                    metrics_address=metrics_address,
                    tls_mode=tls_mode, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
                    tls_verify_client=tls_verify_client,
@@ -307,8 +311,8 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, fork
 
 def config_from_options(base: ServeConfig, *, image, export_name, bind_address, port,
                         socket_path, read_only, description, shared, create_size, bitmaps,
-                        qdb_path, scratch_dir, on_cbw_error, discard, detect_zeroes,
-                        control_path, metrics_address,
+                        qdb_path, scratch_dir, on_cbw_error, offset, discard,
+                        detect_zeroes, control_path, metrics_address,
                         tls_mode, tls_cert, tls_key, tls_ca, tls_verify_client,
                         tls_allow_subjects, handshake_timeout, poll_max_us, log_level,
                         log_format) -> ServeConfig:
@@ -337,12 +341,12 @@ def config_from_options(base: ServeConfig, *, image, export_name, bind_address, 
                            read_only=read_only, max_connections=shared or 0,
                            qdb=qdb_path, bitmaps=tuple(bitmaps), create=create_size,
                            scratch_dir=scratch_dir, on_cbw_error=on_cbw_error,
-                           discard=discard, detect_zeroes=detect_zeroes)
+                           discard=discard, detect_zeroes=detect_zeroes, offset=offset or 0)
         exports = tuple(e for e in exports if e.name != name) + (mine,)
     elif (export_name is not None or read_only or bitmaps or create_size or qdb_path
-          or scratch_dir or on_cbw_error or discard or detect_zeroes):
+          or scratch_dir or on_cbw_error or discard or detect_zeroes or offset):
         raise ConfigError("-x, -r, --bitmap, --create, --qdb, --scratch-dir, --on-cbw-error, "
-                          "--discard and --detect-zeroes describe IMAGE: give one")
+                          "-o, --discard and --detect-zeroes describe IMAGE: give one")
     config = with_overrides(base, listen=listen, exports=exports, control=control_path,
                             metrics=metrics, max_connections=shared,
                             handshake_timeout=handshake_timeout, poll_max_us=poll_max_us,

@@ -79,6 +79,7 @@ class ExportConfig:
     on_cbw_error: str = CBW_ERROR_POLICIES[0]
     discard: str = DISCARD_MODES[0]
     detect_zeroes: str = DETECT_ZEROES_MODES[0]
+    offset: int = 0  # the image starts this far into the file (qemu-nbd's --offset)
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ SERVER_KEYS = {"listen", "control", "metrics", "max-connections", "handshake-tim
                "poll-max-us", "log-level", "log-format", "tls", "export"}
 EXPORT_KEYS = {"name", "image", "description", "read-only", "max-connections",
                "tls-required", "qdb", "bitmaps", "create", "scratch-dir", "on-cbw-error",
-               "discard", "detect-zeroes"}
+               "discard", "detect-zeroes", "offset"}
 TLS_KEYS = {"mode", "cert", "key", "ca", "verify-client", "allow-subjects"}
 
 
@@ -290,7 +291,7 @@ def make_export(*, name: str, image: str, description: str = "", read_only: bool
                 bitmaps: tuple[BitmapRequest, ...] = (), create: int | None = None,
                 scratch_dir: str | None = None, on_cbw_error: str | None = None,
                 discard: str | None = None, detect_zeroes: str | None = None,
-                where: str = "") -> ExportConfig:
+                offset: int = 0, where: str = "") -> ExportConfig:
     """The one place an export's settings are checked (the file and the command line
     both come here); ``where`` prefixes the key in messages."""
     if not image:
@@ -318,13 +319,17 @@ def make_export(*, name: str, image: str, description: str = "", read_only: bool
     detect_zeroes = detect_zeroes or DETECT_ZEROES_MODES[0]
     if detect_zeroes not in DETECT_ZEROES_MODES:
         raise ConfigError(f"{where}detect-zeroes: one of {', '.join(DETECT_ZEROES_MODES)}")
+    if offset < 0 or offset % 512:
+        raise ConfigError(f"{where}offset: a multiple of 512 bytes, not {offset}")
+    if offset and create is not None:
+        raise ConfigError(f"{where}offset: not with create (the image starts the file)")
     if detect_zeroes == "unmap" and discard != "unmap":
         raise ConfigError(f"{where}detect-zeroes: unmap needs discard = unmap (as in QEMU)")
     return ExportConfig(name=name, image=image, description=description,
                         read_only=read_only, max_connections=max_connections,
                         tls_required=tls_required, qdb=qdb, bitmaps=bitmaps, create=create,
                         scratch_dir=scratch_dir, on_cbw_error=on_cbw_error,
-                        discard=discard, detect_zeroes=detect_zeroes)
+                        discard=discard, detect_zeroes=detect_zeroes, offset=offset)
 
 
 def parse_export(table, index: int) -> ExportConfig:
@@ -350,8 +355,17 @@ def parse_export(table, index: int) -> ExportConfig:
         scratch_dir=_get(table, "scratch-dir", str, where),
         on_cbw_error=_get(table, "on-cbw-error", str, where),
         discard=_get(table, "discard", str, where),
-        detect_zeroes=_get(table, "detect-zeroes", str, where), where=where,
+        detect_zeroes=_get(table, "detect-zeroes", str, where),
+        offset=_size_key(table, "offset", where), where=where,
     )
+
+
+def _size_key(table: dict, key: str, where: str) -> int:
+    value = _get(table, key, (str, int), where, 0)
+    try:
+        return parse_size(str(value))
+    except ValueError as exc:
+        raise ConfigError(f"{where}{key}: {exc}") from None
 
 
 def parse_tls(table: dict) -> TlsConfig:

@@ -69,9 +69,12 @@ class Identity:
 class RawImage:
     """An open raw image. Thread-safe: positional I/O only, no shared file offset."""
 
-    def __init__(self, path: str, *, read_only: bool = False) -> None:
+    def __init__(self, path: str, *, read_only: bool = False, offset: int = 0) -> None:
+        """``offset``: the image starts this far into the file (qemu-nbd's --offset);
+        every position below is the image's, and the file's is offset further."""
         self.path = path
         self.read_only = read_only
+        self.base = offset
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         try:
             self.fd = os.open(path, flags)
@@ -85,7 +88,10 @@ class RawImage:
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise ImageError(f"{path} is neither a regular file nor a block device")
             self.is_block_device = stat.S_ISBLK(st.st_mode)
-            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+            self.size = os.lseek(self.fd, 0, os.SEEK_END) - offset
+            if offset and (offset % SECTOR or self.size <= 0):
+                raise ImageError(f"{path}: offset {offset} must be a multiple of {SECTOR} "
+                                 f"bytes inside the file ({self.size + offset} bytes)")
             if self.size % SECTOR:
                 # QEMU's client rounds the size up to 512 and then fails on the tail; we
                 # refuse rather than hide the last bytes (see docs/protocol.md).
@@ -111,7 +117,7 @@ class RawImage:
     # -- reads ------------------------------------------------------------------------
 
     def pread(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
+        data = os.pread(self.fd, length, offset + self.base)
         if len(data) < length:
             # A short read inside the export means the file shrank under us.
             data += bytes(length - len(data))
@@ -121,7 +127,7 @@ class RawImage:
         """Read only if every byte is in the page cache (RWF_NOWAIT), else None."""
         buffer = bytearray(length)
         try:
-            done = os.preadv(self.fd, [buffer], offset, os.RWF_NOWAIT)
+            done = os.preadv(self.fd, [buffer], offset + self.base, os.RWF_NOWAIT)
         except BlockingIOError:
             return None
         except OSError as exc:
@@ -138,7 +144,7 @@ class RawImage:
         probe = bytearray(1)
         try:
             for position in (offset, offset + length - 1):
-                if os.preadv(self.fd, [probe], position, os.RWF_NOWAIT) != 1:
+                if os.preadv(self.fd, [probe], position + self.base, os.RWF_NOWAIT) != 1:
                     return False
         except OSError:
             return False
@@ -176,12 +182,12 @@ class RawImage:
         """sendfile(2) up to count bytes from offset to a socket; how many were sent
         (0 when the socket is full)."""
         try:
-            return os.sendfile(sockfd, self.fd, offset, count)
+            return os.sendfile(sockfd, self.fd, offset + self.base, count)
         except BlockingIOError:
             return 0
 
     def readahead(self, offset: int, length: int) -> None:
-        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+        os.posix_fadvise(self.fd, offset + self.base, length, os.POSIX_FADV_WILLNEED)
 
     def allocation(self, offset: int, length: int, limit: int) -> Iterator[tuple[int, bool]]:
         """(length, is_data) runs covering [offset, offset+length), at most limit."""
@@ -201,8 +207,8 @@ class RawImage:
         words = array("I")
         append = words.append
         lseek, fd = os.lseek, self.fd
-        end = offset + length
-        position = offset
+        end = offset + length + self.base  # the file's positions from here on
+        position = offset + self.base
         count = 0
         while position < end and count < limit:
             try:
@@ -237,13 +243,13 @@ class RawImage:
     # -- writes -----------------------------------------------------------------------
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        written = os.pwrite(self.fd, data, offset)
+        written = os.pwrite(self.fd, data, offset + self.base)
         if written == len(data):
             return
         view = memoryview(data)[written:]  # rare: finish what the kernel did not take
         offset += written
         while view:
-            written = os.pwrite(self.fd, view, offset)
+            written = os.pwrite(self.fd, view, offset + self.base)
             view = view[written:]
             offset += written
 
@@ -253,7 +259,7 @@ class RawImage:
             self.pwrite(offset, buffers[0])
             return
         total = sum(map(len, buffers))
-        written = os.pwritev(self.fd, buffers, offset)
+        written = os.pwritev(self.fd, buffers, offset + self.base)
         if written < total:  # rare: finish what the kernel did not take
             rest = memoryview(b"".join(buffers))[written:]
             self.pwrite(offset + written, rest)
@@ -266,7 +272,8 @@ class RawImage:
         while moved < count:
             try:
                 written = os.splice(pipe_fd, self.fd, count - moved,
-                                    offset_dst=offset + moved, flags=SPLICE_F_MOVE)
+                                    offset_dst=offset + moved + self.base,
+                                    flags=SPLICE_F_MOVE)
             except OSError as exc:
                 return moved, exc
             if written == 0:  # cannot happen for a regular file or device; be safe
@@ -279,7 +286,8 @@ class RawImage:
         if not self.can_punch or length == 0:
             return False
         try:
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset + self.base,
+                      length)
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                 self.can_punch = False
@@ -292,7 +300,8 @@ class RawImage:
         if not self.can_zero_range or length == 0:
             return length == 0
         try:
-            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset + self.base,
+                      length)
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 self.can_zero_range = False

@@ -35,7 +35,8 @@ def open_export(settings: ExportConfig, *, with_control: bool) -> Export:
             raise ServiceError(f"cannot create {settings.image}: {exc}") from None
         log.info("created sparse image %s of %d bytes", settings.image, settings.create)
     try:
-        image = RawImage(settings.image, read_only=settings.read_only)
+        image = RawImage(settings.image, read_only=settings.read_only,
+                         offset=settings.offset)
     except ImageError as exc:
         raise ServiceError(str(exc)) from None
     qdb = settings.qdb or default_qdb_path(settings.image)
@@ -63,7 +64,7 @@ def check_image(settings: ExportConfig) -> None:
             raise ServiceError(f"cannot create {settings.image}: directory not writable")
         return
     try:
-        RawImage(settings.image, read_only=True).close()
+        RawImage(settings.image, read_only=True, offset=settings.offset).close()
     except ImageError as exc:
         raise ServiceError(str(exc)) from None
 
