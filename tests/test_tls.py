@@ -230,7 +230,8 @@ def test_tls_options_are_checked_at_start(image, pki, tmp_path):
     assert result.returncode == 2 and "needs --tls-cert and --tls-key" in result.stderr
     result = run(*NBDSERVE, "serve", str(image), "-k", str(tmp_path / "s"), "--tls", "require",
                  "--tls-cert", str(pki.ca_cert), "--tls-key", str(pki.ca_cert), check=False)
-    assert result.returncode == 2 and "cannot load TLS credentials" in result.stderr
+    assert result.returncode == 2
+    assert f"--tls-key {pki.ca_cert}: not a readable PEM private key" in result.stderr
 
 
 @pytest.mark.parametrize("ending", ["disc", "abort"])

@@ -8,6 +8,7 @@ the context so that a PSK variant can be added when the runtime supports it.
 from __future__ import annotations
 
 import fnmatch
+import re
 import ssl
 from dataclasses import dataclass, field
 
@@ -97,4 +98,5 @@ _SHORT_NAMES = {
 def _reason(exc: Exception) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.strerror:
         return exc.strerror
-    return getattr(exc, "reason", None) or str(exc)
+    text = getattr(exc, "reason", None) or str(exc)
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text)  # OpenSSL's source line is noise
