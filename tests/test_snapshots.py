@@ -194,12 +194,13 @@ async def test_trim_on_the_snapshot_frees_scratch_and_stops_preserving(snap_imag
     run(*NBDSERVE, "snapshot", "add", "s", "--control", str(control))
     run("qemu-io", "-f", "raw", "-c", f"write -P 9 0 {SIZE}", server.qemu_uri)
     scratch = next(tmp_path.glob("*.scratch"))
+    # Block 0 of the initial image is zeros (generation 0 of block 0): not stored.
     full = os.stat(scratch).st_blocks * 512
-    assert full >= SIZE
+    assert full >= SIZE - BLOCK
     [listed] = snapshot_list(control)
-    assert listed["preserved-bytes"] == SIZE and listed["scratch-bytes"] == full
+    assert listed["preserved-bytes"] == SIZE and listed["scratch-bytes"] >= SIZE - BLOCK
     nbdsh(server.uri("s"), f"h.trim({SIZE // 2}, 0)")
-    assert os.stat(scratch).st_blocks * 512 <= full - SIZE // 2
+    assert os.stat(scratch).st_blocks * 512 <= full - (SIZE // 2 - BLOCK)
     run("qemu-io", "-f", "raw", "-c", f"write -P 10 0 {SIZE}", server.qemu_uri)
     [listed] = snapshot_list(control)
     assert listed["preserved-bytes"] == SIZE  # nothing more was copied

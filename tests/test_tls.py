@@ -289,3 +289,50 @@ def test_a_tls_handshake_cut_off_by_the_timeout_is_not_logged_as_established(
     assert lines, server.log
     assert not any("established" in line for line in lines), lines
     assert not any(line.rstrip().endswith("TLS handshake failed:") for line in lines), lines
+
+
+def test_a_tls_connection_that_ends_leaves_nothing_for_the_cycle_collector(image, pki,
+                                                                         tmp_path):
+    """Issue 12, item 11: uvloop's TLS protocol holds the stream's bound methods. The
+    stream lets go of the transport and its buffers when the connection is lost, so
+    nothing waits for the cycle collector (RSS grew with every TLS client before). Run
+    on uvloop, as the server runs."""
+    import gc
+
+    import uvloop
+
+    from nbdserve.server.listener import bind_unix
+    from nbdserve.server.stream import NbdStream
+
+    path = str(tmp_path / "s.sock")
+    tls = TlsConfig("require", str(pki.server_cert), str(pki.server_key))
+
+    async def scenario() -> list:
+        server = Server(ExportCatalog([Export(ExportConfig("", str(image)),
+                                              RawImage(str(image)))]), [bind_unix(path)],
+                        tls=tls)
+        await server.start()
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(5):
+                client = await NbdClient.connect(unix=path, tls=pki.client_context(),
+                                                 tls_hostname="127.0.0.1")
+                assert await client.read(0, 4096) == bytes(4096)
+                await client.disconnect()
+            for _ in range(100):
+                if not list(server.connections):
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)
+            return [o for o in gc.get_objects() if isinstance(o, NbdStream)]
+        finally:
+            gc.enable()
+            await server.shutdown()
+
+    loop = uvloop.new_event_loop()
+    try:
+        alive = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert alive == [], f"{len(alive)} TLS streams kept alive by reference cycles"

@@ -254,7 +254,9 @@ class Connections:
         held = export.hold(session.meta_contexts.values())
         try:
             await transmission.run()
-            if transmission.transport.get_write_buffer_size():
+            transport = transmission.transport
+            # (asyncio's TLS transport cannot say its buffer size once it is closed)
+            if not transport.is_closing() and transport.get_write_buffer_size():
                 with contextlib.suppress(ConnectionError):
                     await stream.drain()
         finally:

@@ -27,6 +27,37 @@ _POOL: list[bytearray] = []
 SPARE_MAX = 4 << 20  # payloads up to this size reuse one buffer per connection
 
 
+class _Gone:
+    """What a stream's transport is once the connection is lost: closed, quietly."""
+
+    def is_closing(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default=None):
+        return default
+
+    def write(self, data) -> None:
+        pass
+
+    def writelines(self, data) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+_GONE = _Gone()
+
+
 class NbdStream(asyncio.BufferedProtocol):
     def __init__(self, on_connect: Callable[[NbdStream], None],
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -113,6 +144,14 @@ class NbdStream(asyncio.BufferedProtocol):
         self._drain_waiters.clear()
         if self.on_lost is not None:
             self.on_lost()
+        # What is unread can never be used now: give the buffers back. And let go of
+        # the transport: a TLS transport's protocol holds our bound methods, so the two
+        # would keep each other (and OpenSSL's buffers) alive until the cycle collector
+        # next ran, which under a stream of TLS clients is a growing heap (issue 12).
+        self._buf, self._other, self._spare = bytearray(0), None, bytearray(0)
+        self._start = self._end = 0
+        self.transport = _GONE
+        self.on_connect = None
 
     def pause_writing(self) -> None:
         self._write_paused = True
