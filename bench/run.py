@@ -80,6 +80,12 @@ class Server:
                 pass
         return total
 
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
     def peak_rss_mib(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -518,13 +524,40 @@ def tls_workloads(args, images, workdir: Path, rounds: int) -> list[dict]:
     try:
         for server in servers:
             server.start()
-        return [measure(Workload(
+        results = [measure(Workload(
             "TLS nbdcopy 1 GiB to null:", "GB/s", True,
             lambda s: GiB / timed(["nbdcopy", s.uri, "null:"]) / 1e9, 1, "GiB"),
             servers, rounds)]
+        results.append(tls_memory(servers, client_dir))
+        return results
     finally:
         for server in servers:
             server.stop()
+
+
+TLS_CLIENTS = (
+    "import nbd, sys\n"
+    "handles = []\n"
+    "for i in range(int(sys.argv[2])):\n"
+    "    h = nbd.NBD(); h.set_tls(nbd.TLS_REQUIRE); h.set_tls_certificates(sys.argv[3])\n"
+    "    h.connect_uri(sys.argv[1]); h.pread(1 << 20, i << 20); handles.append(h)\n"
+)
+
+
+def tls_memory(servers: list[Server], client_dir: Path, clients: int = 64,
+               rounds: int = 8) -> dict:
+    """RSS of each server after rounds of 64 TLS clients that connect, read 1 MiB and
+    leave: memory must come back, not grow round after round."""
+    rss: dict[str, list[float]] = {}
+    for server in servers:
+        rss[server.name] = []
+        for _ in range(rounds):
+            run([SYSTEM_PYTHON, "-c", TLS_CLIENTS, server.uri.split("?")[0], str(clients),
+                 str(client_dir)])
+            time.sleep(0.2)
+            rss[server.name].append(server.rss_mib())
+    return {"workload": f"RSS after rounds of {clients} TLS clients", "unit": "MiB",
+            "runs": rss}
 
 
 GRANULE_WRITES = (
