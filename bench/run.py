@@ -484,12 +484,51 @@ def bitmap_workloads(args, images, workdir: Path, sockets: Path, rounds: int) ->
     finally:
         server.stop()
     results.append(many_connections(args, images, sockets))
+    results.append(bitmap_cycle_memory(workdir, sockets, args.tcp))
     result = summarise("map 16 TiB, 1M dirty granules", "ms", False, {"nbdserve": times},
                        {"nbdserve": [0.0] * len(times)})
     result["peak_rss_mib"] = rss
     result["bitmap_bytes_mib"] = BIG_IMAGE_SIZE / 65536 / 8 / MiB
     results.append(result)
     return results
+
+
+def bitmap_cycle_memory(workdir: Path, sockets: Path, tcp: bool, cycles: int = 30) -> dict:
+    """RSS through backup cycles on a 256 GiB image with 4 KiB bitmaps (8 MiB each):
+    each cycle writes 4 MiB, checkpoints, merges into a new bitmap and removes two, as a
+    backup tool with retention would. Memory must level off, not grow per cycle."""
+    image = workdir / "sparse-256g.raw"
+    for stale in workdir.glob("sparse-256g.raw.qdb*"):
+        stale.unlink()
+    image.unlink(missing_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(256 * GiB)
+    control = str(sockets / "cycle.ctl")
+    nbdserve = str(ROOT / ".venv/bin/nbdserve")
+    (server,) = make_servers({"nbdserve": image}, sockets, tcp, names=("nbdserve",),
+                             nbdserve_args=["--control", control, "--bitmap",
+                                            "b0,granularity=4K"], tag="cycle")
+    server.start()
+    rss = []
+    try:
+        previous = "b0"
+        for cycle in range(1, cycles + 1):
+            run(["qemu-io", "-f", "raw", "-c", f"write -P {cycle % 250} {cycle * 37}M 4M",
+                 server.uri])
+            current = f"b{cycle}"
+            for command in (["checkpoint", previous, current],
+                            ["add", f"m{cycle}", "--granularity", "4K"],
+                            ["merge", f"m{cycle}", previous], ["remove", previous],
+                            ["remove", f"m{cycle}"]):
+                run([nbdserve, "bitmap", *command, "--control", control])
+            previous = current
+            rss.append(server.rss_mib())
+    finally:
+        server.stop()
+        for stale in workdir.glob("sparse-256g.raw*"):
+            stale.unlink()
+    return {"workload": "RSS over 30 bitmap cycles, 256 GiB, 4 KiB granules", "unit": "MiB",
+            "runs": {"nbdserve": [round(value, 1) for value in rss]}}
 
 
 def tls_workloads(args, images, workdir: Path, rounds: int) -> list[dict]:

@@ -377,3 +377,32 @@ async def test_a_connection_that_ends_leaves_nothing_for_the_cycle_collector(ima
     finally:
         gc.enable()
         await server.shutdown()
+
+
+async def test_handshakes_at_once_are_bounded(image, tmp_path):
+    """Issue 12: handshake memory across all connections is bounded by the number of
+    handshakes at once; clients over it wait, greeted in turn when one ends."""
+    path = str(tmp_path / "s.sock")
+    server = Server(ExportCatalog([Export(ExportConfig("", str(image)),
+                                          RawImage(str(image)))]), [bind_unix(path)])
+    server.connections.max_handshakes = 2
+    await server.start()
+    streams = []
+    try:
+        for _ in range(3):
+            streams.append(await asyncio.open_unix_connection(path))
+
+        async def greeted(reader) -> bool:
+            try:
+                await asyncio.wait_for(reader.readexactly(18), 0.5)
+                return True
+            except TimeoutError:
+                return False
+
+        assert [await greeted(reader) for reader, _ in streams] == [True, True, False]
+        streams[0][1].close()  # one handshake ends: the waiting client's turn
+        assert await greeted(streams[2][0])
+    finally:
+        for _, writer in streams:
+            writer.close()
+        await server.shutdown()

@@ -34,6 +34,11 @@ log = logging.getLogger("nbdserve.server")
 # an unbounded queue lets anyone exhaust them. 128 is the listen backlog we ask for,
 # the queue qemu-nbd's waiting clients sit in. Beyond it a client is hung up on at once.
 WAITING_MAX = 128
+# Connections in the handshake at once. Each may hold up to an option payload (64 KiB)
+# plus its receive buffer and, after STARTTLS, OpenSSL's buffers: this bounds handshake
+# memory across all connections (about 256 x 100 KiB). More wait, greeted in turn, in
+# the same bounded queue as clients over the connection limit.
+HANDSHAKES_MAX = 256
 
 
 class Connection:
@@ -91,6 +96,7 @@ class Connections:
         self.live: set[Connection] = set()
         self.active = 0  # connections holding a slot (handshake or transmission)
         self.waiting: collections.deque[Connection] = collections.deque()
+        self.max_handshakes = HANDSHAKES_MAX
         self.accepted = 0
         self.stopping = False
 
@@ -119,8 +125,7 @@ class Connections:
 
     def connection_made(self, stream: NbdStream) -> None:
         """A client connected: greet it (or queue it for a slot), then register it."""
-        greeted = not self.stopping and not (self.max_connections
-                                             and self.active >= self.max_connections)
+        greeted = not self.stopping and self.may_begin()
         if greeted:
             stream.write(GREETING)  # first: the client waits for nothing else
         sock = stream.get_extra_info("socket")
@@ -171,16 +176,25 @@ class Connections:
         if connection.has_slot:
             connection.has_slot = False
             self.active -= 1
-            while self.waiting and not self.stopping:
-                waiting = self.waiting.popleft()
-                if not waiting.stream.transport.is_closing():
-                    waiting.stream.transport.resume_reading()
-                    self.begin_handshake(waiting)
-                    break
+            self.admit_waiting()
         elif connection in self.waiting:
             self.waiting.remove(connection)
         if not self.live:
             self.on_idle()
+
+    def may_begin(self) -> bool:
+        """Whether one more client may start its handshake now (the connection limit,
+        and the bound on handshakes at once)."""
+        return not (self.max_connections and self.active >= self.max_connections) and \
+            self.census.handshaking < self.max_handshakes
+
+    def admit_waiting(self) -> None:
+        """A slot or a handshake ended: greet waiting clients while they may begin."""
+        while self.waiting and not self.stopping and self.may_begin():
+            waiting = self.waiting.popleft()
+            if not waiting.stream.transport.is_closing():
+                waiting.stream.transport.resume_reading()
+                self.begin_handshake(waiting)
 
     # -- the handshake --------------------------------------------------------------------------
 
@@ -210,6 +224,7 @@ class Connections:
         connection.timer.cancel()
         connection.handshake = None
         self.census.handshaking -= 1
+        self.admit_waiting()
         if session is None:
             connection.stream.close()
             return
