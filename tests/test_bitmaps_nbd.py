@@ -450,15 +450,21 @@ async def test_enospc_while_serving_data_journal_and_qdb(full_file_system, start
     control = tmp_path / "ctl.sock"
     server = start_server(image, "--bitmap", "b0", "--control", str(control))
     filler = full_file_system / "filler"
-    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
-        while True:
-            f.write(bytes(4096))
     async with await NbdClient.connect(unix=str(server.unix),
                                        meta_contexts=["qemu:dirty-bitmap:b0"]) as nbd:
-        for length in (4096, 1 * MiB):  # the second takes the spliced path
-            with pytest.raises(NbdError) as refused:
-                await nbd.write(8 * MiB, b"\x77" * length)
-            assert refused.value.error == c.NBD_ENOSPC
+        # Dirty already (a TRIM of a hole allocates nothing): writing there needs no
+        # journal record, only data space.
+        await nbd.trim(12 * MiB, MiB)
+        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(bytes(4096))
+        # ENOSPC from the journal (a clean granule) and from the data (a dirty one),
+        # small and spliced (1 MiB) alike.
+        for offset in (8 * MiB, 12 * MiB):
+            for length in (4096, 1 * MiB):
+                with pytest.raises(NbdError) as refused:
+                    await nbd.write(offset, b"\x77" * length)
+                assert refused.value.error == c.NBD_ENOSPC
         assert await nbd.read(0, 4096) == bytes(4096)  # the connection still serves
         result = bitmap_cli("add", "b1", "--control", str(control), check=False)
         assert result.returncode == 1

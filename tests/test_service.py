@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NBDSERVE, ServerProcess, free_port, run
+from conftest import NBDSERVE, ServerProcess, free_port, run, tracebacks
 from nbdserve.client import NbdClient
 from nbdserve.config import ConfigError, parse_config
 
@@ -36,9 +36,26 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
+_started: list[ServerProcess] = []  # this test's servers, for the check below
+
+
+@pytest.fixture(autouse=True)
+def no_errors_logged(request):
+    """As conftest's start_server does for its servers: a test fails if a server it
+    started here logged a traceback or an ERROR line, unless it is marked
+    server_errors_expected."""
+    _started.clear()
+    yield
+    if request.node.get_closest_marker("server_errors_expected") is None:
+        for server in _started:
+            logged = tracebacks(server.log)
+            assert not logged, f"the server logged errors: {logged[:5]}"
+
+
 def serve_config(config: Path, *args: str, env: dict | None = None) -> ServerProcess:
     server = ServerProcess([*NBDSERVE, "serve", "--config", str(config), *args],
                            ready=r"ready \(pid", env=env)
+    _started.append(server)
     server.wait_ready()
     return server
 
@@ -248,6 +265,7 @@ async def test_sighup_reload_keeps_clients_of_unchanged_exports(three_exports):
         assert server.stop() == 0
 
 
+@pytest.mark.server_errors_expected  # a refused reload is reported at ERROR
 def test_a_bad_reload_keeps_the_running_configuration(three_exports):
     config, port, _ = three_exports
     server = serve_config(config)
@@ -260,6 +278,7 @@ def test_a_bad_reload_keeps_the_running_configuration(three_exports):
         server.stop()
 
 
+@pytest.mark.server_errors_expected  # a refused reload is reported at ERROR
 @pytest.mark.parametrize("damage", ["missing image", "odd size"])
 async def test_a_reload_that_cannot_be_applied_changes_nothing(three_exports, damage):
     """All of it or none of it: a new export that would be fine, and a changed one
