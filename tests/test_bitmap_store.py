@@ -282,3 +282,25 @@ def test_group_records_replay_onto_the_recording_bitmaps_of_their_granularity(ra
     assert dirty == {"b0": 65536, "fine": 4096, "frozen": 0}
     assert not any(b["inconsistent"] for b in store.query())
     store.close()
+
+
+def test_one_recording_bitmap_costs_its_bits_once(raw):
+    """Issue 11: a group of one recording bitmap is its own summary (no second copy of
+    the bits); groups of several keep a summary, and marking stays exact either way."""
+    store = open_store(raw, ("solo", 4096), ("pair1", None), ("pair2", None))
+    try:
+        groups = {shift: (members, summary) for shift, members, summary
+                  in store.recorder.groups}
+        (solo,), summary = groups[12]
+        assert summary is solo.bitmap
+        pair, pair_summary = groups[16]
+        assert len(pair) == 2 and all(pair_summary is not b.bitmap for b in pair)
+        store.mark_dirty(5 * MiB, 4096)
+        store.mark_dirty(5 * MiB, 4096)  # already dirty: the summary says so
+        assert info(store, "solo")["count"] == 4096
+        assert info(store, "pair1")["count"] == info(store, "pair2")["count"] == 65536
+        store.execute("bitmap-clear", {"name": "solo"})
+        store.mark_dirty(5 * MiB, 4096)
+        assert info(store, "solo")["count"] == 4096  # recorded again after the clear
+    finally:
+        store.close()

@@ -6,10 +6,11 @@ bit is set (and before the caller writes data), so a process killed at any point
 loses an acknowledged write (dm-era's rule).
 
 Recording bitmaps are grouped by granularity, each group with a summary bitmap whose
-granule is set where every member is already dirty. The common write, to granules
-already dirty, costs one summary test per granularity however many bitmaps there are,
-and takes no lock. Setting bits in a member never falsifies a summary; anything that
-resets bits (clear, add, enable, checkpoint) calls ``refresh``, which bumps ``epoch``.
+granule is set where every member is already dirty (a group of one is its own summary).
+The common write, to granules already dirty, costs one summary test per granularity
+however many bitmaps there are, and takes no lock. Setting bits in a member never
+falsifies a summary; anything that resets bits (clear, add, enable, checkpoint) calls
+``refresh``, which bumps ``epoch``.
 """
 
 from __future__ import annotations
@@ -38,9 +39,14 @@ class Recorder:
                 groups.setdefault(bitmap.granularity_bits, []).append(bitmap)
         rebuilt = []
         for shift, members in groups.items():
-            summary = members[0].bitmap.copy()
-            for other in members[1:]:
-                summary.intersect(other.bitmap)
+            if len(members) == 1:
+                # One member is its own summary: no copy, so one recording bitmap costs
+                # its bits once (issue 11: a resident bitmap cost twice its size).
+                summary = members[0].bitmap
+            else:
+                summary = members[0].bitmap.copy()
+                for other in members[1:]:
+                    summary.intersect(other.bitmap)
             rebuilt.append((shift, members, summary))
         self.groups = rebuilt  # one assignment: mark_dirty reads it without the lock
         self.epoch += 1
