@@ -204,6 +204,8 @@ def test_readiness_status_and_stopping_reach_the_notify_socket(three_exports):
     server = serve_config(config, env={"NOTIFY_SOCKET": notify_path})
     try:
         message = listener.recv(4096).decode()
+        while "STATUS=loading the bitmaps" in message:  # (exports with bitmaps)
+            message = listener.recv(4096).decode()
         assert "READY=1" in message and "STATUS=serving 3 exports" in message
 
         async def connected_while_status_arrives() -> str:
@@ -411,3 +413,30 @@ def test_docker_image_installs_with_the_readme_steps():
     assert "USER 10809:10809" in dockerfile and "HEALTHCHECK" in dockerfile
     result = run("bash", str(ROOT / "scripts/setup.sh"), "--help")
     assert "--runtime" in result.stdout
+
+
+def test_loading_and_saving_bitmaps_ask_systemd_for_time(image, tmp_path):
+    """Issue 11: a slow start or stop with large bitmaps must not be killed: STATUS and
+    EXTEND_TIMEOUT_USEC before the bitmaps are loaded, and again before they are saved."""
+    notify_path = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(notify_path)
+    listener.settimeout(10)
+    server = ServerProcess([*NBDSERVE, "serve", str(image), "-k", str(tmp_path / "s"),
+                            "--bitmap", "b0"], ready=r"ready \(pid",
+                           env={"NOTIFY_SOCKET": notify_path})
+    _started.append(server)
+    try:
+        server.wait_ready()
+        messages = [listener.recv(4096).decode() for _ in range(2)]
+        assert "STATUS=loading the bitmaps of export ''" in messages[0]
+        assert "EXTEND_TIMEOUT_USEC=" in messages[0] and "READY=1" in messages[1]
+        server.proc.send_signal(signal.SIGTERM)
+        assert listener.recv(4096).decode() == "STOPPING=1"
+        saving = listener.recv(4096).decode()
+        assert "STATUS=saving the bitmaps of export ''" in saving
+        assert "EXTEND_TIMEOUT_USEC=" in saving
+        assert server.proc.wait(30) == 0
+    finally:
+        listener.close()
+        server.stop()

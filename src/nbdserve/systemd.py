@@ -31,6 +31,17 @@ def notify(*states: str) -> bool:
     return True
 
 
+SLOW_BYTES_PER_SECOND = 50 << 20  # a slow disk's pace, for reading or writing bitmaps
+
+
+def ask_for_time(status: str, size: int) -> bool:
+    """Before long work on size bytes (loading or saving bitmaps): STATUS=status, and
+    EXTEND_TIMEOUT_USEC for it at a slow disk's pace plus 30 s, so the service manager
+    does not kill a slow start or stop midway."""
+    seconds = 30 + size / SLOW_BYTES_PER_SECOND
+    return notify(f"STATUS={status}", f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
+
 def listen_fds() -> list[socket.socket]:
     """The listening sockets passed by systemd (or systemd-socket-activate), if they are
     meant for this process; the variables are then removed so children do not inherit

@@ -265,6 +265,13 @@ class Server:
                     await loop.run_in_executor(self.executor, export.flush)
             except OSError as exc:
                 log.error("flushing export %r failed: %s", export.name, exc)
+            if export.tracker is not None:
+                size = sum(export.size // b["granularity"] // 8
+                           for b in export.tracker.query())
+                if size >= 16 << 20:
+                    log.info("saving the bitmaps of export %r (%d MiB)", export.name,
+                             size >> 20)
+                systemd.ask_for_time(f"saving the bitmaps of export {export.name!r}", size)
             try:
                 await loop.run_in_executor(self.executor, export.close)
             except Exception:

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 
 from nbdserve import systemd as systemd_glue
@@ -42,18 +43,38 @@ def open_export(settings: ExportConfig, *, with_control: bool) -> Export:
     qdb = settings.qdb or default_qdb_path(settings.image)
     store = None
     if settings.bitmaps or with_control and not settings.read_only or os.path.exists(qdb):
+        announce_bitmap_work(f"loading the bitmaps of export {settings.name!r}",
+                             qdb_bytes(qdb))
+        started = time.monotonic()
         try:
             store = BitmapStore.open(qdb, image.size, image.identity,
                                      read_only=settings.read_only, requests=settings.bitmaps)
         except Exception as exc:
             image.close()
             raise ServiceError(f"export {settings.name!r}: bitmaps: {exc}") from None
+        log.info("loaded %d bitmaps of export %r in %.2f s", len(store.query()),
+                 settings.name, time.monotonic() - started)
     export = Export(settings, image, tracker=store)
     # Snapshots' scratch files: beside the QDB file unless configured. Whatever a
     # crash left there is deleted now: snapshots do not outlive the process.
     export.scratch_dir = settings.scratch_dir or os.path.dirname(os.path.abspath(qdb))
     remove_stale_scratch(export.scratch_dir, settings.image)
     return export
+
+
+def qdb_bytes(path: str) -> int:
+    try:
+        return os.path.getsize(path) + os.path.getsize(path + ".journal")
+    except OSError:
+        return 0
+
+
+def announce_bitmap_work(what: str, size: int) -> None:
+    """Before loading or saving bitmaps: say so in the log and to systemd, and ask it
+    for time (EXTEND_TIMEOUT_USEC), so a slow start or stop is not killed midway."""
+    if size >= 16 << 20:
+        log.info("%s (%d MiB)", what, size >> 20)
+    systemd_glue.ask_for_time(what, size)
 
 
 def check_image(settings: ExportConfig) -> None:
