@@ -365,14 +365,7 @@ def config_from_options(base: ServeConfig, *, image, export_name, bind_address, 
               help="Sizes in bytes, not in binary units with percentages.")
 def status(control, as_json, raw_bytes) -> None:
     """Exports, connections, bitmaps and snapshots of a running server."""
-    from nbdserve.control.client import ControlClient, ControlError
-    try:
-        with ControlClient(control) as client:
-            state = client.execute("query-status")
-    except ControlError as exc:
-        raise click.ClickException(exc.desc) from None
-    except OSError as exc:
-        raise click.ClickException(f"cannot reach {control}: {exc}") from None
+    state = _control_call(control, "query-status", {})
     if as_json:
         click.echo(json.dumps(state, indent=2))
         return
@@ -436,16 +429,9 @@ class BitmapTarget:
     def run(self, command: str, arguments: dict | None = None):
         arguments = dict(arguments or {})
         if self.control:
-            from nbdserve.control.client import ControlClient, ControlError
             if self.export is not None:
                 arguments["export"] = self.export
-            try:
-                with ControlClient(self.control) as client:
-                    return client.execute(command, arguments)
-            except ControlError as exc:
-                raise click.ClickException(exc.desc) from None
-            except OSError as exc:
-                raise click.ClickException(f"cannot reach {self.control}: {exc}") from None
+            return _control_call(self.control, command, arguments)
         try:
             return run_offline(self.image, self.qdb, command, arguments)
         except (ImageError, StoreLocked, OSError, BitmapError) as exc:
@@ -575,6 +561,7 @@ def snapshot() -> None:
 
 
 def _control_call(control: str, command: str, arguments: dict):
+    """One control command; its errors as one CLI line (exit status 1)."""
     from nbdserve.control.client import ControlClient, ControlError
     try:
         with ControlClient(control) as client:

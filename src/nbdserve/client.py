@@ -315,6 +315,28 @@ class NbdClient:
         return {self.contexts.get(context_id, str(context_id)): extents
                 for context_id, extents in by_id.items()}
 
+    async def walk_extents(self, context: str,
+                           span: int = 1 << 30) -> list[tuple[int, int, int]]:
+        """(offset, length, flags) of one negotiated context over the whole export,
+        neighbours with the same flags merged; BLOCK_STATUS asks up to span bytes at a
+        time. Raises ConnectionError if the server answers no extents for it."""
+        out: list[tuple[int, int, int]] = []
+        offset, size = 0, self.size
+        while offset < size:
+            extents = (await self.block_status(offset, min(size - offset, span))).get(context)
+            if not extents:
+                raise ConnectionError(f"the server answered no extents for {context}")
+            for length, flags in extents:
+                length = min(length, size - offset)
+                if out and out[-1][2] == flags and out[-1][0] + out[-1][1] == offset:
+                    out[-1] = (out[-1][0], out[-1][1] + length, flags)
+                else:
+                    out.append((offset, length, flags))
+                offset += length
+                if offset >= size:
+                    break
+        return out
+
     async def raw_request(self, command: int, offset: int, length: int, flags: int = 0,
                           payload: bytes | None = None):
         """Send any request, even an invalid one (for tests of the server)."""

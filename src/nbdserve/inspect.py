@@ -11,8 +11,6 @@ from nbdserve.backup.copy import Address, parse_uri
 from nbdserve.client import NbdClient, OptionRefused
 from nbdserve.protocol import constants as c
 
-STATUS_SPAN = 1 << 30  # bytes asked per BLOCK_STATUS request
-
 FLAG_NAMES = [
     (c.NBD_FLAG_READ_ONLY, "read_only"), (c.NBD_FLAG_SEND_FLUSH, "can_flush"),
     (c.NBD_FLAG_SEND_FUA, "can_fua"), (c.NBD_FLAG_SEND_TRIM, "can_trim"),
@@ -112,22 +110,11 @@ async def extents(uri: str, context: str) -> tuple[int, list[Extent]]:
     try:
         if context not in client.contexts.values():
             raise InspectError(f"the export does not offer the context {context}")
-        out: list[Extent] = []
-        offset, size = 0, client.size
-        while offset < size:
-            reply = (await client.block_status(offset, min(size - offset, STATUS_SPAN)))
-            for length, flags in reply.get(context, []):
-                length = min(length, size - offset)
-                if out and out[-1].flags == flags and out[-1].offset + out[-1].length == offset:
-                    out[-1] = Extent(out[-1].offset, out[-1].length + length, flags)
-                else:
-                    out.append(Extent(offset, length, flags))
-                offset += length
-                if offset >= size:
-                    break
-            if not reply.get(context):
-                raise InspectError(f"the server answered no extents for {context}")
-        return size, out
+        try:
+            out = [Extent(*extent) for extent in await client.walk_extents(context)]
+        except ConnectionError as exc:
+            raise InspectError(str(exc)) from None
+        return client.size, out
     finally:
         await client.disconnect()
 

@@ -20,7 +20,6 @@ from nbdserve.protocol import constants as c
 
 DEPTH = 8  # chunks (of up to 4 MiB) read ahead
 CONNECTIONS = 4  # when the server offers multi-conn
-STATUS_SPAN = 1 << 30  # bytes asked per BLOCK_STATUS request
 _ZEROS = bytes(CHUNK)
 
 
@@ -100,24 +99,18 @@ class Source:
 
     async def ranges(self, context: str, wanted: Callable[[int], bool]) -> list[tuple[int, int]]:
         """(offset, length) of the runs whose flags pass ``wanted``, merged."""
-        client = self.clients[0]
+        try:
+            extents = await self.clients[0].walk_extents(context)
+        except ConnectionError as exc:
+            raise SourceError(str(exc)) from None
         out: list[tuple[int, int]] = []
-        offset, size = 0, self.size
-        while offset < size:
-            extents = (await client.block_status(offset, min(size - offset, STATUS_SPAN)))
-            extents = extents.get(context)
-            if not extents:
-                raise SourceError(f"the server answered no extents for {context}")
-            for length, flags in extents:
-                length = min(length, size - offset)
-                if wanted(flags):
-                    if out and out[-1][0] + out[-1][1] == offset:
-                        out[-1] = (out[-1][0], out[-1][1] + length)
-                    else:
-                        out.append((offset, length))
-                offset += length
-                if offset >= size:
-                    break
+        for offset, length, flags in extents:
+            if not wanted(flags):
+                continue
+            if out and out[-1][0] + out[-1][1] == offset:
+                out[-1] = (out[-1][0], out[-1][1] + length)
+            else:
+                out.append((offset, length))
         return out
 
     async def close(self) -> None:
