@@ -339,12 +339,17 @@ def test_status_on_a_control_socket_the_user_may_not_open_is_a_runtime_error(
         image, start_server, tmp_path):
     """Exit 1 with one line, as documented; not click's usage error (exit 2)."""
     import subprocess
-    control = tmp_path / "ctl.sock"  # mode 0600, owned by root
+    control = tmp_path / "ctl.sock"
     start_server(image, "--control", str(control))
-    os.chmod(tmp_path, 0o755)
+    # A user the socket's mode shuts out: root without the capabilities that override
+    # file modes (another uid could not read a checkout in a private directory, such
+    # as a clone under mktemp -d, and would fail before reaching the socket).
+    os.chmod(control, 0)
+    no_override = "-dac_override,-dac_read_search"
     result = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *NBDSERVE,
-         "status", "--control", str(control)], capture_output=True, text=True, timeout=60)
+        ["setpriv", f"--bounding-set={no_override}", f"--inh-caps={no_override}",
+         *NBDSERVE, "status", "--control", str(control)],
+        capture_output=True, text=True, timeout=60)
     assert result.returncode == 1, result.stderr
     assert "cannot reach" in result.stderr and "Permission denied" in result.stderr
 
