@@ -14,6 +14,7 @@ import signal
 import pytest
 
 from conftest import flagged_ranges
+from nbdserve.bitmaps.watch import GRACE_NS
 from nbdserve.client import NbdClient
 from nbdserve.protocol import constants as c
 
@@ -93,3 +94,67 @@ async def test_sigkill_under_load_loses_no_acknowledged_write(image, start_serve
         with ControlClient(str(control)) as ctl:
             ctl.execute("transaction", {"actions": [
                 {"type": "bitmap-clear", "data": {"name": n}} for n in GRANULARITIES]})
+
+
+def watch_slot(image):
+    """The crash journal's watch slot, as a server starting now would read it."""
+    from nbdserve.bitmaps.journal import read_journal
+    return read_journal(str(image) + ".qdb.journal").watch
+
+
+async def one_write(server, offset: int) -> None:
+    async with await NbdClient.connect(unix=str(server.unix)) as nbd:
+        await nbd.write(offset, b"\x5a" * 4096)
+
+
+@pytest.mark.parametrize("when", ["at rest", "mid-write"])
+async def test_a_change_made_after_a_crash_makes_the_bitmaps_inconsistent(
+        image, start_server, when):
+    """Issue 11: after kill -9, a write made while no server runs must not be replayed
+    over as if the journal covered it."""
+    server = start_server(image, "--bitmap", "coarse")
+    await one_write(server, 0)
+    if when == "at rest":
+        for _ in range(500):  # the watch looks PERIOD after the last change
+            slot = watch_slot(image)
+            if not slot.unset and not slot.heartbeat_ns:
+                break
+            await asyncio.sleep(0.01)
+        assert slot.ctime_ns and not slot.heartbeat_ns, slot
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait()
+    else:
+        acknowledged: list[tuple[int, int]] = []
+        load = asyncio.ensure_future(write_load(server, acknowledged, random.Random(1)))
+        while not acknowledged:
+            await asyncio.sleep(0.01)
+        server.proc.send_signal(signal.SIGKILL)
+        await load
+        server.proc.wait()
+        assert watch_slot(image).heartbeat_ns, "the crash did not find changes under way"
+        await asyncio.sleep(GRACE_NS / 1e9 + 0.1)  # past what the server could have written
+    with open(image, "r+b") as f:  # at once, for "at rest": no delay is needed
+        f.seek(32 * MiB)
+        f.write(b"written while no server ran")
+    server = start_server(image, "--bitmap", "coarse")
+    assert "changed after the server stopped without saving" in server.log, server.log
+    async with await NbdClient.connect(unix=str(server.unix),
+                                       meta_contexts=["qemu:dirty-bitmap:coarse"]) as nbd:
+        assert not nbd.contexts  # inconsistent: not exported until cleared
+
+
+async def test_a_crash_at_rest_with_no_change_after_it_keeps_the_bitmaps_exact(
+        image, start_server):
+    server = start_server(image, "--bitmap", "coarse")
+    await one_write(server, 3 * MiB)
+    for _ in range(500):
+        slot = watch_slot(image)
+        if not slot.unset and not slot.heartbeat_ns:
+            break
+        await asyncio.sleep(0.01)
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    server = start_server(image, "--bitmap", "coarse")
+    assert "inconsistent" not in server.log, server.log
+    dirty, _ = await dirty_granules(server, "coarse")
+    assert dirty == {3 * MiB // 65536}

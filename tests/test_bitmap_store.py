@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import traceback
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def test_image_changed_while_down_makes_bitmaps_inconsistent(raw, image, caplog)
         f.write(b"changed behind our back")
     store = open_store(raw)
     assert info(store, "b0")["inconsistent"]
-    assert "changed while no server was running (mtime)" in caplog.text
+    assert "changed while no server was running (mtime, ctime)" in caplog.text
     store.close()
     # The verdict is persisted until an operator clears or removes the bitmap.
     store = open_store(raw)
@@ -204,6 +205,49 @@ def test_unreadable_qdb_is_kept_aside_and_requested_bitmaps_start_inconsistent(r
     assert any(name.startswith("disk.img.qdb.corrupt-")
                for name in os.listdir(os.path.dirname(raw.path)))
     assert "is unusable" in caplog.text
+    store.close()
+
+
+@pytest.mark.parametrize("damage", ["header", "header and directory checksum", "copy only"])
+def test_bitmaps_of_a_damaged_header_come_back_inconsistent(raw, caplog, damage):
+    """Issue 11: header damage must not make bitmaps that no --bitmap names vanish."""
+    store = open_store(raw, ("named",), ("other", 4096))
+    store.execute("bitmap-disable", {"name": "other"})
+    store.close()
+    path = Path(raw.path + ".qdb")
+    data = bytearray(path.read_bytes())
+    if damage in ("header", "header and directory checksum"):
+        data[40:48] = b"\xee" * 8  # the image size: the header's checksum fails
+    if damage == "header and directory checksum":
+        data[88:104] = bytes(16)  # where the directory is: only the copy still says
+    if damage == "copy only":
+        data[256 + 40] ^= 0xFF  # a server ignores the copy
+    path.write_bytes(bytes(data))
+    store = open_store(raw, ("named",))
+    found = {b["name"]: b for b in store.query()}
+    if damage == "copy only":
+        assert not found["other"]["inconsistent"] and not found["named"]["inconsistent"]
+    else:
+        assert set(found) == {"named", "other"}
+        assert all(b["inconsistent"] for b in found.values())
+        assert found["other"]["granularity"] == 4096 and not found["other"]["recording"]
+        assert "'named', 'other' are inconsistent" in caplog.text
+    store.close()
+
+
+def test_an_mtime_put_back_after_an_offline_write_is_still_seen(raw, image, caplog):
+    """Issue 11: touch -r / cp -p / rsync -t restore an mtime, never a ctime."""
+    store = open_store(raw, ("b0",))
+    store.close()
+    before = os.stat(image)
+    time.sleep(0.01)
+    with open(image, "r+b") as f:
+        f.write(b"changed behind our back")
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(image).st_mtime_ns == before.st_mtime_ns
+    store = open_store(raw)
+    assert info(store, "b0")["inconsistent"]
+    assert "while no server was running (ctime)" in caplog.text
     store.close()
 
 

@@ -321,7 +321,7 @@ def test_journal_round_trip_and_torn_tail(tmp_path):
     path = tmp_path / "j"
     records = encode_record(7, 10, 2) + encode_record(8, 0, 1)
     path.write_bytes(encode_header(3) + records + encode_record(9, 1, 1)[:20])
-    counter, found = read_journal(str(path))
+    counter, found, _watch = read_journal(str(path))
     assert counter == 3
     assert [(r.generation, r.first_granule, r.granules) for r in found] == [(7, 10, 2),
                                                                            (8, 0, 1)]
@@ -335,8 +335,8 @@ def test_mapped_journal_grows_and_reads_back_every_record(tmp_path):
     for index in range(count):
         journal.append(encode_record(index + 1, index * 2, 1))
     journal.sync()
-    assert path.stat().st_size >= (count + 1) * 32  # allocated ahead, zero-filled
-    counter, found = read_journal(str(path))  # read while still open and mapped
+    assert path.stat().st_size >= (count + 2) * 32  # allocated ahead, zero-filled
+    counter, found, _watch = read_journal(str(path))  # read while still open and mapped
     journal.close()
     assert counter == 5
     assert [(r.generation, r.first_granule) for r in found] == \
@@ -345,13 +345,13 @@ def test_mapped_journal_grows_and_reads_back_every_record(tmp_path):
 
 def test_version_1_journals_are_still_read(tmp_path):
     path = tmp_path / "j"
-    header = bytearray(encode_header(3))
+    header = bytearray(encode_header(3)[:32])  # version 1: no watch slot
     header[4:8] = (1).to_bytes(4, "big")
     header[24:28] = zlib.crc32(bytes(header[:24])).to_bytes(4, "big")
     body = struct.pack(">QQQ", 7, 10, 2)
     record = body + struct.pack(">II", zlib.crc32(body), 0)
     path.write_bytes(bytes(header) + record)
-    counter, found = read_journal(str(path))
+    counter, found, _watch = read_journal(str(path))
     assert counter == 3
     assert [(r.generation, r.first_granule, r.granules) for r in found] == [(7, 10, 2)]
 
@@ -399,6 +399,14 @@ def test_a_complete_check_finds_leaked_clusters_and_dirty_slack():
     (finding,) = decode_qdb(leaked, complete=True).findings  # ...a check reports it
     assert "1 clusters are not referenced by anything (cluster 6)" in finding
     slack = bytearray(raw)
-    slack[200] = 1  # after the 112-byte header, outside its checksum
+    slack[200] = 1  # after the 128-byte header, outside its checksum
     (finding,) = decode_qdb(bytes(slack), complete=True).findings
-    assert finding.startswith("non-zero bytes after the header (offset 112 to 4096)")
+    assert finding.startswith("non-zero bytes after the header (offset 128 to 256)")
+    slack = bytearray(raw)
+    slack[1000] = 1  # after the header's copy at 256
+    (finding,) = decode_qdb(bytes(slack), complete=True).findings
+    assert finding.startswith("non-zero bytes after the header's copy (offset 384 to 4096)")
+    slack = bytearray(raw)
+    slack[256 + 60] ^= 1  # the copy disagrees with the header
+    assert decode_qdb(bytes(slack), complete=True).findings == [
+        "the header's copy differs from the header"]

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from nbdserve.config import ExportConfig
 from nbdserve.errors import RequestError
@@ -24,6 +24,9 @@ from nbdserve.image import RawImage
 from nbdserve.metrics import ExportStats
 from nbdserve.protocol import constants as c
 from nbdserve.protocol.transmission import alternating_descriptors, encode_words
+
+if TYPE_CHECKING:
+    from nbdserve.bitmaps.watch import ImageWatch
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,9 @@ class DirtyTracker(Protocol):
     def hold(self, contexts: Iterable[str]) -> list[str]: ...
 
     def release(self, names: Iterable[str]) -> None: ...
+
+    def watch_image(self, image_fd: int) -> ImageWatch | None:
+        """Keep the crash journal's record of the image's times (bitmaps/watch.py)."""
 
     def close(self) -> None: ...
 
@@ -145,6 +151,11 @@ class Export:
         self.connections = 0
         self.stats = ExportStats()
         self.gate = ChangeGate()
+        # What a crash leaves of the image's identity: the watch's at_rest turns False
+        # at the first change after a rest (one attribute test per change).
+        self.watch = tracker.watch_image(image.fd) if tracker is not None else None
+        if self.watch is not None:
+            self.watch.under_way = self.gate.active
         # Snapshots taken of this export (nbdserve.snapshots): a tuple, replaced whole,
         # so _record reads it without a lock.
         self.preservers: tuple[Preserver, ...] = ()
@@ -185,6 +196,9 @@ class Export:
                 self.gate.wait_open()
             recorder = self.recorder
             epoch = recorder.mark_dirty(offset, length) if recorder is not None else 0
+            watch = self.watch
+            if watch is not None and watch.at_rest:
+                watch.unsettle()  # before the image's times move
             try:
                 for preserver in self.preservers:
                     preserver.preserve(offset, length)

@@ -57,13 +57,24 @@ def create_sparse(path: str, size: int) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class Identity:
-    """What identifies an image's content between runs (used by the bitmaps' guard)."""
+class ImageIdentity:
+    """What identifies an image's content between runs (the bitmaps' guard). The
+    inode change time is the one field user space cannot set back: ``touch -r``,
+    ``cp -p`` or ``rsync -t`` restore an mtime, never a ctime. 0 means unknown (a
+    QDB file written before it was recorded)."""
 
     size: int
-    mtime_ns: int
-    inode: int
-    device: int
+    mtime_ns: int = 0
+    inode: int = 0
+    device: int = 0
+    ctime_ns: int = 0
+
+
+def path_identity(path: str) -> ImageIdentity:
+    """The identity of the file at path, as stat(2) gives it (not opened: offline
+    tools that must not hold the image)."""
+    st = os.stat(path)
+    return ImageIdentity(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns)
 
 
 class RawImage:
@@ -110,9 +121,9 @@ class RawImage:
             os.close(self.fd)
             self.fd = -1
 
-    def identity(self) -> Identity:
+    def identity(self) -> ImageIdentity:
         st = os.fstat(self.fd)
-        return Identity(self.size, st.st_mtime_ns, st.st_ino, st.st_dev)
+        return ImageIdentity(self.size, st.st_mtime_ns, st.st_ino, st.st_dev, st.st_ctime_ns)
 
     # -- reads ------------------------------------------------------------------------
 

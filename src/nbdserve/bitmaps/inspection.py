@@ -14,6 +14,7 @@ import os
 from nbdserve.bitmaps.bitmap import Bitmap
 from nbdserve.bitmaps.qdb import QdbContents, StoredBitmap, read_qdb
 from nbdserve.bitmaps.recovery import bitmap_from_stored, replay_journal
+from nbdserve.image import ImageIdentity, path_identity
 
 
 class InUse(Exception):
@@ -48,7 +49,8 @@ def read_for_inspection(qdb_path: str, *, complete: bool = False) -> tuple[QdbCo
         return contents, ""
     size = contents.identity.size
     bitmaps = {b.name: bitmap_from_stored(b, size) for b in contents.bitmaps if b.bits is not None}
-    reason = replay_journal(qdb_path + ".journal", contents, bitmaps, qdb_path)
+    reason = replay_journal(qdb_path + ".journal", contents, bitmaps, qdb_path,
+                            _image_beside(qdb_path))
     for stored in contents.bitmaps:
         named = bitmaps.get(stored.name)
         if named is None:
@@ -60,6 +62,18 @@ def read_for_inspection(qdb_path: str, *, complete: bool = False) -> tuple[QdbCo
     if reason is not None:
         return contents, f"left in use by a crash; its bitmaps cannot be trusted: {reason}"
     return contents, "left in use by a crash: journal replayed, as the next start will"
+
+
+def _image_beside(qdb_path: str) -> ImageIdentity | None:
+    """The identity of IMAGE for IMAGE.qdb, where it exists (a crashed file is then
+    checked as a start would check it); None for a QDB file kept elsewhere."""
+    image = qdb_path.removesuffix(".qdb")
+    if image == qdb_path:
+        return None
+    try:
+        return path_identity(image)
+    except OSError:
+        return None
 
 
 def dirty_ranges(stored: StoredBitmap, image_size: int) -> list[tuple[int, int]]:

@@ -12,10 +12,16 @@ then saved anew.
 The file is allocated ahead (fallocate, so that a full disk is an error at growth and
 never a fault on a mapped page); the records end at the first all-zero record.
 
-Layout (big-endian): a 32-byte header, then 32-byte records, then zeros.
-  header: magic "QDBJ", u32 version (2; 1 is still read), u64 save_counter (the QDB
-          save it extends), u64 reserved 0, u32 CRC-32 of the preceding 24 bytes,
-          u32 reserved 0
+Layout (big-endian): a 32-byte header, a 32-byte watch slot (version 3), then 32-byte
+records, then zeros.
+  header: magic "QDBJ", u32 version (3; 1 and 2, which have no watch slot, are still
+          read), u64 save_counter (the QDB save it extends), u64 reserved 0, u32 CRC-32
+          of the preceding 24 bytes, u32 reserved 0
+  watch slot (bitmaps/watch.py), rewritten in place: u64 image ctime (ns), u64 image
+          mtime (ns), u64 heartbeat (ns since the epoch), u32 reserved 0, u32 CRC-32 of
+          the preceding 28 bytes. All zero: the image has not changed since the QDB
+          save this journal extends. A heartbeat of 0: the image was at rest with this
+          ctime and mtime. Otherwise: changes were under way at the heartbeat's time.
   record, version 2: u64 generation, u64 first granule, u64 granule count,
           u32 granularity bits, u32 CRC-32 of the preceding 28 bytes.
           Generation 0 is a group record: it applies to every bitmap with that
@@ -34,12 +40,16 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from nbdserve.bitmaps.files import fsync_directory, replace_atomically
 
 JOURNAL_MAGIC = b"QDBJ"
-JOURNAL_VERSION = 2
+JOURNAL_VERSION = 3
 HEADER = struct.Struct(">4sIQQII")
+WATCH = struct.Struct(">QQQII")
+WATCH_BODY = struct.Struct(">QQQI")
+WATCH_UNSET = bytes(WATCH.size)
 RECORD = struct.Struct(">QQQII")  # version 2: ..., granularity bits, CRC
 RECORD_BODY = struct.Struct(">QQQI")
 RECORD_V1_BODY = struct.Struct(">QQQ")
@@ -72,14 +82,46 @@ def encode_group_record(granularity_bits: int, first: int, count: int) -> bytes:
                        zlib.crc32(RECORD_BODY.pack(0, first, count, granularity_bits)))
 
 
-def encode_header(save_counter: int) -> bytes:
+def encode_header(save_counter: int, watch: bytes = WATCH_UNSET) -> bytes:
+    """The header and the watch slot: everything before the first record."""
     body = struct.pack(">4sIQQ", JOURNAL_MAGIC, JOURNAL_VERSION, save_counter, 0)
-    return body + struct.pack(">II", zlib.crc32(body) & 0xFFFFFFFF, 0)
+    return body + struct.pack(">II", zlib.crc32(body) & 0xFFFFFFFF, 0) + watch
 
 
-def read_journal(path: str) -> tuple[int, list[JournalRecord]]:
-    """Return (save_counter, records); a torn last record (a crash mid-append) is
-    ignored, any other damage raises JournalError."""
+def encode_watch(ctime_ns: int, mtime_ns: int, heartbeat_ns: int) -> bytes:
+    return WATCH.pack(ctime_ns, mtime_ns, heartbeat_ns, 0,
+                      zlib.crc32(WATCH_BODY.pack(ctime_ns, mtime_ns, heartbeat_ns, 0)))
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSlot:
+    """What the watch slot said (see the module's docstring)."""
+
+    ctime_ns: int
+    mtime_ns: int
+    heartbeat_ns: int
+    unset: bool = False  # all zero: no change since the QDB save
+    damaged: bool = False  # a torn or corrupted slot: nothing can be concluded
+
+
+class JournalContents(NamedTuple):
+    save_counter: int
+    records: list[JournalRecord]
+    watch: WatchSlot | None  # None: a journal from before the slot (version 1 or 2)
+
+
+def decode_watch(raw: bytes) -> WatchSlot:
+    if raw == WATCH_UNSET:
+        return WatchSlot(0, 0, 0, unset=True)
+    ctime_ns, mtime_ns, heartbeat_ns, reserved, crc = WATCH.unpack(raw)
+    if zlib.crc32(raw[:28]) != crc or reserved:
+        return WatchSlot(0, 0, 0, damaged=True)
+    return WatchSlot(ctime_ns, mtime_ns, heartbeat_ns)
+
+
+def read_journal(path: str) -> JournalContents:
+    """Return the save counter, the records and the watch slot; a torn last record (a
+    crash mid-append) is ignored, any other damage raises JournalError."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -88,12 +130,19 @@ def read_journal(path: str) -> tuple[int, list[JournalRecord]]:
     if len(data) < HEADER.size:
         raise JournalError("journal header is truncated")
     magic, version, save_counter, reserved, crc, reserved2 = HEADER.unpack_from(data)
-    if magic != JOURNAL_MAGIC or version not in (1, JOURNAL_VERSION):
+    if magic != JOURNAL_MAGIC or version not in (1, 2, JOURNAL_VERSION):
         raise JournalError("journal has a bad magic or version")
     if zlib.crc32(data[:24]) & 0xFFFFFFFF != crc or reserved or reserved2:
         raise JournalError("journal header checksum mismatch")
     records = []
-    body = data[HEADER.size:]
+    watch = None
+    start = HEADER.size
+    if version >= 3:
+        if len(data) < HEADER.size + WATCH.size:
+            raise JournalError("journal watch slot is truncated")
+        watch = decode_watch(data[HEADER.size : HEADER.size + WATCH.size])
+        start += WATCH.size
+    body = data[start:]
     whole = len(body) // RECORD.size
     for index in range(whole):
         chunk = body[index * RECORD.size : (index + 1) * RECORD.size]
@@ -110,7 +159,7 @@ def read_journal(path: str) -> tuple[int, list[JournalRecord]]:
                 break  # a torn final record was never acknowledged
             raise JournalError(f"journal record {index} is corrupted")
         records.append(JournalRecord(generation, first, count, bits))
-    return save_counter, records
+    return JournalContents(save_counter, records, watch)
 
 
 class Journal:
@@ -122,15 +171,25 @@ class Journal:
         self.map: mmap.mmap | None = None
         self.end = 0  # where the next record goes
         self.unsynced = False
+        self.watch = WATCH_UNSET  # the slot's bytes, carried into a reset journal
 
     def reset(self, save_counter: int) -> None:
-        """Start an empty journal that extends the QDB save `save_counter`."""
-        replace_atomically(self.path, encode_header(save_counter))
+        """Start an empty journal that extends the QDB save `save_counter` (the watch
+        slot carries over: it describes the image, not the save)."""
+        head = encode_header(save_counter, self.watch)
+        replace_atomically(self.path, head)
         self.close()
         self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        self.end = HEADER.size
+        self.end = len(head)
         self._grow(INITIAL_SIZE)
         self.unsynced = False
+
+    def store_watch(self, slot: bytes) -> None:
+        """Rewrite the watch slot in place (a store into the mapping, no system call)."""
+        self.watch = slot
+        if self.map is not None:
+            self.map[HEADER.size : HEADER.size + WATCH.size] = slot
+            self.unsynced = True
 
     def append(self, records: bytes) -> None:
         end = self.end + len(records)

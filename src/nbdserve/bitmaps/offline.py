@@ -8,9 +8,9 @@ import contextlib
 import errno
 import os
 
-from nbdserve.bitmaps.qdb import ImageIdentity, write_qdb
+from nbdserve.bitmaps.qdb import write_qdb
 from nbdserve.bitmaps.store import BitmapStore, default_qdb_path
-from nbdserve.image import RawImage
+from nbdserve.image import RawImage, path_identity
 
 
 def run_offline(image_path: str, qdb_path: str | None, command: str, arguments: dict):
@@ -60,11 +60,6 @@ def _cleanly_saved(qdb_path: str):
     return lock, contents
 
 
-def _identity(path: str) -> ImageIdentity:
-    st = os.stat(path)
-    return ImageIdentity(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
-
-
 def adopt(image_path: str, qdb_path: str | None = None) -> str:
     """The operator vouches that IMAGE holds exactly the content its bitmaps were last
     saved with (a restore, or a copy made while no server ran): record the image's
@@ -73,7 +68,7 @@ def adopt(image_path: str, qdb_path: str | None = None) -> str:
     qdb_path = qdb_path or default_qdb_path(image_path)
     lock, contents = _cleanly_saved(qdb_path)
     try:
-        now = _identity(image_path)
+        now = path_identity(image_path)
         if now.size != contents.identity.size:
             raise MoveError(f"{image_path} is {now.size} bytes; its bitmaps cover "
                             f"{contents.identity.size}: they cannot be adopted")
@@ -89,27 +84,32 @@ def adopt(image_path: str, qdb_path: str | None = None) -> str:
 
 
 def move(source: str, target: str) -> str:
-    """Move an image and its bitmaps together: a rename where it can be (the identity
-    does not change), else a sparse copy whose identity the QDB file then records
-    (we made the copy, so nobody needs to vouch for it). Returns a line for the user."""
+    """Move an image and its bitmaps together: a rename where it can be (then only
+    the ctime changes, and the QDB file records it), else a sparse copy whose
+    identity the QDB file then records (we made the copy, so nobody needs to vouch
+    for it). Returns a line for the user."""
     source_qdb, target_qdb = default_qdb_path(source), default_qdb_path(target)
     for path in (target, target_qdb):
         if os.path.lexists(path):
             raise MoveError(f"{path} exists; not replacing it")
     lock, contents = _cleanly_saved(source_qdb)
     try:
-        if _identity(source) != contents.identity:
+        if path_identity(source) != contents.identity:
             raise MoveError(f"{source} changed since its bitmaps were saved: they are not "
                             "valid for it, so they cannot move with it")
         try:
             os.rename(source, target)
             os.rename(source_qdb, target_qdb)
+            # A rename sets the inode's change time: record it, or the next start
+            # would take the move for a change.
+            contents.identity = path_identity(target)
+            write_qdb(target_qdb, contents)
             how = "renamed"
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise MoveError(f"cannot move {source}: {exc.strerror}") from None
             _sparse_copy(source, target)
-            contents.identity = _identity(target)
+            contents.identity = path_identity(target)
             write_qdb(target_qdb, contents)
             os.unlink(source)
             os.unlink(source_qdb)

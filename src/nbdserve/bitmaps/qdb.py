@@ -16,14 +16,20 @@ from construct import Bytes, Int8ub, Int16ub, Int32ub, Int64ub, StreamError, Str
 
 from nbdserve.bitmaps.bitmap import granule_count
 from nbdserve.bitmaps.files import replace_atomically
+from nbdserve.image import ImageIdentity
+from nbdserve.values import DEFAULT_GRANULARITY, MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS
 from nbdserve.values import MAX_BITMAP_NAME_BYTES as MAX_NAME_BYTES
-from nbdserve.values import MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS
 
 MAGIC = b"QDB\0"
 VERSION = 1
 DEFAULT_CLUSTER_BITS = 12  # 4 KiB: small files for small bitmaps, few entries for big ones
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
+
+# Compatible features (a reader may ignore them).
+QDB_COMPAT_IDENTITY_EXTENSION = 1 << 0  # header bytes 112-127: the image's ctime
+QDB_COMPAT_HEADER_COPY = 1 << 1  # a copy of the header at HEADER_COPY_OFFSET
+KNOWN_COMPATIBLE_FEATURES = QDB_COMPAT_IDENTITY_EXTENSION | QDB_COMPAT_HEADER_COPY
 
 # Header flags.
 QDB_FLAG_IN_USE = 1 << 0  # a server is recording; changes since the save are in the journal
@@ -61,8 +67,18 @@ QdbHeader = Struct(
     "header_checksum" / Int32ub,
     "reserved" / Int32ub,
 )
-HEADER_SIZE = QdbHeader.sizeof()  # 112
+HEADER_SIZE = QdbHeader.sizeof()  # 112: what every reader of version 1 needs
 HEADER_CHECKSUM_OFFSET = 104
+# The identity extension (compatible feature 0): bytes 112-127 of a 128-byte header.
+IdentityExtension = Struct(
+    "image_ctime_ns" / Int64ub,
+    "checksum" / Int32ub,  # CRC-32 of image_ctime_ns
+    "reserved" / Int32ub,
+)
+EXTENDED_HEADER_SIZE = HEADER_SIZE + IdentityExtension.sizeof()  # 128
+# Compatible feature 1: the whole header again here, inside cluster 0 (which is at
+# least 512 bytes), so a damaged header still names the bitmaps (salvage_bitmaps).
+HEADER_COPY_OFFSET = 256
 
 DirectoryEntry = Struct(
     "table_offset" / Int64ub,
@@ -83,14 +99,6 @@ ENTRY_FIXED_SIZE = 40
 
 class QdbError(Exception):
     """The file as a whole cannot be used; the message says exactly why."""
-
-
-@dataclass(frozen=True, slots=True)
-class ImageIdentity:
-    size: int
-    mtime_ns: int = 0
-    inode: int = 0
-    device: int = 0
 
 
 @dataclass(slots=True)
@@ -177,8 +185,9 @@ def encode_qdb(contents: QdbContents) -> bytes:
         ))
     identity = contents.identity
     header = bytearray(QdbHeader.build(dict(
-        magic=MAGIC, version=VERSION, cluster_bits=cluster_bits, header_length=HEADER_SIZE,
-        incompatible_features=0, compatible_features=0,
+        magic=MAGIC, version=VERSION, cluster_bits=cluster_bits,
+        header_length=EXTENDED_HEADER_SIZE, incompatible_features=0,
+        compatible_features=QDB_COMPAT_IDENTITY_EXTENSION | QDB_COMPAT_HEADER_COPY,
         flags=QDB_FLAG_IN_USE if contents.in_use else 0,
         image_size=identity.size, image_mtime_ns=identity.mtime_ns,
         image_inode=identity.inode, image_device=identity.device,
@@ -188,8 +197,12 @@ def encode_qdb(contents: QdbContents) -> bytes:
     )))
     header[HEADER_CHECKSUM_OFFSET : HEADER_CHECKSUM_OFFSET + 4] = _crc(bytes(header)).to_bytes(
         4, "big")
+    ctime = identity.ctime_ns.to_bytes(8, "big")
+    header += IdentityExtension.build(dict(image_ctime_ns=identity.ctime_ns,
+                                           checksum=_crc(ctime), reserved=0))
     out = bytearray(next_cluster * cluster)
     out[: len(header)] = header
+    out[HEADER_COPY_OFFSET : HEADER_COPY_OFFSET + len(header)] = header
     out[directory_offset : directory_offset + len(directory)] = directory
     for offset, table in zip(table_offsets, tables, strict=True):
         out[offset : offset + len(table)] = table
@@ -266,9 +279,31 @@ def decode_qdb(data: bytes, *, complete: bool = False) -> QdbContents:
                 raise QdbError(f"{prefix}{what} overlaps {used[index]} in cluster {index}")
             used[index] = label
 
+    header_end = HEADER_SIZE
+    ctime_ns = 0
+    early: list[str] = []  # findings about the header (decode_qdb(complete=True))
+    if header.compatible_features & QDB_COMPAT_IDENTITY_EXTENSION and \
+            header.header_length >= EXTENDED_HEADER_SIZE and len(data) >= EXTENDED_HEADER_SIZE:
+        extension = IdentityExtension.parse(data[HEADER_SIZE:EXTENDED_HEADER_SIZE])
+        if extension.checksum != _crc(data[HEADER_SIZE:HEADER_SIZE + 8]) or \
+                extension.reserved:
+            raise QdbError("the header's identity extension is corrupted")
+        ctime_ns = extension.image_ctime_ns
+        header_end = EXTENDED_HEADER_SIZE
+    if header.compatible_features & QDB_COMPAT_HEADER_COPY:
+        if cluster < HEADER_COPY_OFFSET + header_end:
+            raise QdbError("a header copy is announced, but cluster 0 has no room for it")
+        regions[0] = (HEADER_COPY_OFFSET, header_end, "the header's copy")
+        if any(memoryview(data)[header_end:HEADER_COPY_OFFSET]):
+            early.append(f"non-zero bytes after the header (offset {header_end} to "
+                         f"{HEADER_COPY_OFFSET})")
+        if data[HEADER_COPY_OFFSET:HEADER_COPY_OFFSET + header_end] != data[:header_end]:
+            early.append("the header's copy differs from the header")
+    else:
+        regions[0] = (0, header_end, "the header")
     contents = QdbContents(
         identity=ImageIdentity(header.image_size, header.image_mtime_ns, header.image_inode,
-                               header.image_device),
+                               header.image_device, ctime_ns),
         in_use=bool(header.flags & QDB_FLAG_IN_USE),
         save_counter=header.save_counter,
         cluster_bits=header.cluster_bits,
@@ -277,7 +312,7 @@ def decode_qdb(data: bytes, *, complete: bool = False) -> QdbContents:
         if header.directory_offset or header.directory_size:
             raise QdbError("no bitmaps, but a directory is recorded")
         if complete:
-            contents.findings = _slack_findings(data, cluster, used, regions, contents)
+            contents.findings = early + _slack_findings(data, cluster, used, regions, contents)
         return contents
     claim(header.directory_offset, header.directory_size, "the bitmap directory")
     directory = bytes(memoryview(data)[header.directory_offset :
@@ -298,7 +333,7 @@ def decode_qdb(data: bytes, *, complete: bool = False) -> QdbContents:
         raise QdbError(f"directory has {len(directory) - position} bytes after its "
                        f"{header.nb_bitmaps} entries")
     if complete:
-        contents.findings = _slack_findings(data, cluster, used, regions, contents)
+        contents.findings = early + _slack_findings(data, cluster, used, regions, contents)
     return contents
 
 
@@ -392,3 +427,67 @@ def _decode_bits(data, entry, where, claim, cluster, image_size) -> bitarray:
     del raw
     del bits[granules:]
     return bits
+
+
+# -- salvage ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SalvagedBitmap:
+    """What a damaged file still says about one of its bitmaps: enough to bring it
+    back inconsistent (all-dirty) rather than let it vanish."""
+
+    name: str
+    granularity_bits: int
+    generation: int
+    recording: bool
+
+
+def salvage_bitmaps(data: bytes) -> list[SalvagedBitmap]:
+    """The bitmaps a file that ``decode_qdb`` refused still names: from the header,
+    else its copy (a header whose checksum holds is tried first), reading the
+    directory leniently. Never raises; an empty list when nothing can be read."""
+    headers = []
+    for start in (0, HEADER_COPY_OFFSET):
+        if len(data) < start + HEADER_SIZE:
+            continue
+        header = QdbHeader.parse(data[start : start + HEADER_SIZE])
+        raw = bytearray(data[start : start + HEADER_SIZE])
+        raw[HEADER_CHECKSUM_OFFSET : HEADER_CHECKSUM_OFFSET + 4] = bytes(4)
+        intact = header.magic == MAGIC and _crc(bytes(raw)) == header.header_checksum
+        headers.append((not intact, start, header))
+    for _damaged, _start, header in sorted(headers, key=lambda h: (h[0], h[1])):
+        found = _salvage_directory(data, header)
+        if found:
+            return found
+    return []
+
+
+def _salvage_directory(data: bytes, header) -> list[SalvagedBitmap]:
+    offset, size = header.directory_offset, header.directory_size
+    if not (offset > 0 and 0 < size <= len(data) - offset):
+        return []
+    directory = data[offset : offset + size]
+    found: list[SalvagedBitmap] = []
+    names: set[str] = set()
+    position = 0
+    for _ in range(min(header.nb_bitmaps, size // ENTRY_FIXED_SIZE)):
+        try:
+            entry = DirectoryEntry.parse(directory[position:])
+        except StreamError:
+            break
+        position += ENTRY_FIXED_SIZE + entry.name_size + len(entry.padding)
+        if not 1 <= entry.name_size <= MAX_NAME_BYTES:
+            break  # lengths are garbage from here on
+        try:
+            name = entry.name.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if name in names or not name.isprintable():
+            continue
+        names.add(name)
+        bits = entry.granularity_bits
+        if not MIN_GRANULARITY_BITS <= bits <= MAX_GRANULARITY_BITS:
+            bits = DEFAULT_GRANULARITY.bit_length() - 1  # all-dirty: any size is safe
+        found.append(SalvagedBitmap(name, bits, entry.generation,
+                                    bool(entry.flags & BME_FLAG_RECORDING)))
+    return found

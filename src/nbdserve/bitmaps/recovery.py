@@ -4,8 +4,9 @@ replay the crash journal after an unclean stop.
 Every bitmap the file holds comes back; one that cannot be trusted comes back
 inconsistent (all-dirty, so it never under-reports), with the reason:
 - its data is damaged, or its size does not fit the image;
-- the image changed while no server was running (size, inode, or, after a clean
-  stop, mtime);
+- the image changed while no server was running: its size or inode differ; after a
+  clean stop, its mtime or ctime differ from the saved ones; after a crash, its times
+  do not fit what the crash journal's watch slot says (bitmaps/watch.py);
 - the file was left in use (a crash) and the journal is missing, unreadable, newer than
   the file, or names granules outside a bitmap.
 A file that cannot be read at all is moved aside (QDB.corrupt-TIME) and reported.
@@ -20,9 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nbdserve.bitmaps.bitmap import Bitmap, granule_count
-from nbdserve.bitmaps.journal import Journal, JournalError, read_journal
+from nbdserve.bitmaps.journal import Journal, JournalError, WatchSlot, read_journal
 from nbdserve.bitmaps.policy import DirtyBitmap
-from nbdserve.bitmaps.qdb import ImageIdentity, QdbContents, QdbError, StoredBitmap, read_qdb
+from nbdserve.bitmaps.qdb import (
+    ImageIdentity,
+    QdbContents,
+    QdbError,
+    StoredBitmap,
+    decode_qdb,
+    salvage_bitmaps,
+)
+from nbdserve.bitmaps.watch import GRACE_NS
 
 log = logging.getLogger("nbdserve.bitmaps")
 
@@ -40,25 +49,48 @@ def recover(qdb_path: str, journal: Journal, image_size: int,
         if os.path.exists(journal.path):
             journal.remove()  # a journal without its QDB file means nothing
         return Recovered()
+    data = b""
     try:
-        contents = read_qdb(qdb_path)
+        with open(qdb_path, "rb") as f:
+            data = f.read()
+        contents = decode_qdb(data)
     except (QdbError, OSError) as error:
-        aside = f"{qdb_path}.corrupt-{int(time.time())}"
-        os.rename(qdb_path, aside)
-        log.error("QDB file %s is unusable (%s); kept as %s. Bitmaps named with --bitmap "
-                  "will be inconsistent until cleared or removed.", qdb_path, error, aside)
-        return Recovered(unreadable=str(error))
+        return _unreadable(qdb_path, data, error, image_size)
     recovered = Recovered(save_counter=contents.save_counter)
     for stored in contents.bitmaps:
         bitmap = bitmap_from_stored(stored, image_size)
         recovered.bitmaps[bitmap.name] = bitmap
-    reason = _identity_problem(contents, identity())
+    now = identity()
+    reason = _identity_problem(contents, now)
     if reason is None and contents.in_use:
-        reason = replay_journal(journal.path, contents, recovered.bitmaps, qdb_path)
+        reason = replay_journal(journal.path, contents, recovered.bitmaps, qdb_path, now)
     if reason is not None:
         log.warning("bitmaps of %s are inconsistent: %s", qdb_path, reason)
         for bitmap in recovered.bitmaps.values():
             bitmap.make_inconsistent(reason)
+    return recovered
+
+
+def _unreadable(qdb_path: str, data: bytes, error: Exception, image_size: int) -> Recovered:
+    """The file cannot be used: keep it aside for inspection, and bring back every
+    bitmap its header (or the header's copy) still names, inconsistent, so none
+    vanishes; bitmaps named with --bitmap come back the same way (BitmapStore)."""
+    aside = f"{qdb_path}.corrupt-{int(time.time())}"
+    os.rename(qdb_path, aside)
+    recovered = Recovered(unreadable=str(error))
+    reason = f"the QDB file was damaged ({error}); kept as {aside}"
+    for found in salvage_bitmaps(data):
+        bitmap = Bitmap(image_size, found.granularity_bits)
+        bitmap.set_all()
+        named = DirtyBitmap(found.name, bitmap, recording=found.recording,
+                            generation=found.generation)
+        named.make_inconsistent(reason)
+        recovered.bitmaps[found.name] = named
+    log.error("QDB file %s is unusable (%s); kept as %s. %s", qdb_path, error, aside,
+              f"Its bitmaps {', '.join(map(repr, recovered.bitmaps))} are inconsistent "
+              "until cleared or removed." if recovered.bitmaps else
+              "No bitmap names could be read from it; bitmaps named with --bitmap will "
+              "be inconsistent until cleared or removed.")
     return recovered
 
 
@@ -86,22 +118,62 @@ def _identity_problem(contents: QdbContents, now: ImageIdentity) -> str | None:
         changed.append(f"size {stored.size} -> {now.size}")
     if stored.inode != now.inode or stored.device != now.device:
         changed.append("inode (the image was replaced)")
-    if not contents.in_use and stored.mtime_ns != now.mtime_ns:
-        # After a crash our own writes moved the mtime, so only a clean file says.
-        changed.append("mtime")
+    if not contents.in_use:
+        # After a crash our own writes moved the times: the journal's watch slot says.
+        if stored.mtime_ns != now.mtime_ns:
+            changed.append("mtime")
+        if stored.ctime_ns and stored.ctime_ns != now.ctime_ns:
+            changed.append("ctime")
     if changed:
         return "the image was changed while no server was running (" + \
             ", ".join(changed) + ")"
     return None
 
 
+def changed_after_crash(watch: WatchSlot | None, saved: ImageIdentity,
+                        now: ImageIdentity) -> str | None:
+    """Did something change the image after the server that left this journal died?
+    (The rules are bitmaps/watch.py's.)"""
+    if watch is None:
+        log.warning("the crash journal predates the image watch: a change made to the "
+                    "image after that crash cannot be detected")
+        return None
+    if watch.damaged:
+        return "the crash journal's watch slot is damaged: the image's state is unknown"
+    if watch.unset or not watch.heartbeat_ns:
+        ctime, mtime = (saved.ctime_ns, saved.mtime_ns) if watch.unset else \
+            (watch.ctime_ns, watch.mtime_ns)
+        if now.mtime_ns != mtime or ctime and now.ctime_ns != ctime:
+            return ("the image was changed after the server stopped without saving "
+                    f"(its ctime is {_when(now.ctime_ns)}; the server last saw it at rest "
+                    f"with {_when(ctime)})")
+        return None
+    latest = watch.heartbeat_ns + GRACE_NS
+    if now.ctime_ns > latest or now.mtime_ns > latest:
+        return ("the image was changed after the server stopped without saving (its "
+                f"ctime is {_when(now.ctime_ns)}; the server's last heartbeat was "
+                f"{_when(watch.heartbeat_ns)})")
+    return None
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns // 10**9)) + \
+        f".{ns % 10**9:09d} UTC"
+
+
 def replay_journal(path: str, contents: QdbContents, bitmaps: dict[str, DirtyBitmap],
-                    qdb_path: str) -> str | None:
-    """The file was left in use (a crash): fold the journal in, or say why not."""
+                   qdb_path: str, now: ImageIdentity | None) -> str | None:
+    """The file was left in use (a crash): fold the journal in, or say why not. With
+    the image's identity `now`, first check that nothing changed the image after the
+    server died (the watch slot)."""
     try:
-        journal_counter, records = read_journal(path)
+        journal_counter, records, watch = read_journal(path)
     except JournalError as error:
         return f"the QDB file was left in use without a usable journal ({error})"
+    if now is not None:
+        problem = changed_after_crash(watch, contents.identity, now)
+        if problem is not None:
+            return problem
     if journal_counter > contents.save_counter:
         return "the journal is newer than the QDB file (an older QDB file was restored?)"
     by_generation = {b.generation: [b] for b in bitmaps.values()}

@@ -26,6 +26,7 @@ from nbdserve.bitmaps.qdb import ImageIdentity, QdbContents, StoredBitmap, write
 from nbdserve.bitmaps.recovery import recover
 from nbdserve.bitmaps.tracking import Recorder
 from nbdserve.bitmaps.transactions import ACTIONS, Plan, Undo
+from nbdserve.bitmaps.watch import ImageWatch
 from nbdserve.config import BitmapRequest
 from nbdserve.errors import RequestError
 from nbdserve.protocol import constants as c
@@ -77,6 +78,16 @@ class BitmapStore:
         self._lock_fd = -1
         self._unreadable = ""  # why the QDB file could not be read, when it could not
         self.closed = False
+        self.watch: ImageWatch | None = None
+
+    def watch_image(self, image_fd: int) -> ImageWatch | None:
+        """Keep the crash journal's watch slot up to date for this image (watch.py);
+        None where nothing is journaled (read-only)."""
+        if self.read_only or self.journal.fd < 0:
+            return None
+        if self.watch is None:
+            self.watch = ImageWatch(self.journal, image_fd, self.lock)
+        return self.watch
 
     # -- opening ------------------------------------------------------------------------
 
@@ -252,6 +263,8 @@ class BitmapStore:
 
     def close(self) -> None:
         """Clean stop: save with the in-use flag cleared and the image's identity."""
+        if self.watch is not None:
+            self.watch.stop()  # not under the lock, which the watch's thread takes
         with self.lock:
             if self.closed:
                 return
