@@ -401,6 +401,12 @@ def main() -> int:
             results += bitmap_workloads(args, images, workdir, sockets, rounds)
         except Exception as exc:  # report what was measured, and say what failed
             print(f"bitmap workloads failed: {exc!r}", file=sys.stderr)
+    if not args.only or "memory" in args.only:
+        print("running bitmap memory ...", file=sys.stderr)
+        try:
+            results.append(bitmap_memory(workdir, sockets, 8 if args.full else 2))
+        except Exception as exc:
+            print(f"bitmap memory failed: {exc!r}", file=sys.stderr)
     if not args.only or "backup" in args.only:
         print("running backups ...", file=sys.stderr)
         try:
@@ -492,6 +498,65 @@ def bitmap_workloads(args, images, workdir: Path, sockets: Path, rounds: int) ->
     result["bitmap_bytes_mib"] = BIG_IMAGE_SIZE / 65536 / 8 / MiB
     results.append(result)
     return results
+
+
+def bitmap_memory(workdir: Path, sockets: Path, tib: int) -> dict:
+    """Issue 11: what resident bitmaps cost, against their bits (size / granularity / 8),
+    and the peaks of loading them and of `qdb check`. The bitmaps are 4 KiB ones over a
+    sparse image, every other granule dirty, so every cluster of the file is data (the
+    worst case for a file, not for memory: the bits are the same size whatever they
+    hold)."""
+    from bitarray import bitarray
+
+    from nbdserve.bitmaps.qdb import QdbContents, StoredBitmap, write_qdb
+    from nbdserve.image import path_identity
+
+    image = workdir / f"sparse-{tib}t.raw"
+    qdb = Path(str(image) + ".qdb")
+    image.unlink(missing_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(tib << 40)
+    granules = (tib << 40) // 4096
+    bits_mib = granules / 8 / MiB
+    nbdserve = str(ROOT / ".venv/bin/nbdserve")
+    resident, loading, checking = {}, {}, {}
+    try:
+        for count in (0, 1, 2, 4):
+            for stale in workdir.glob(f"{image.name}.qdb*"):
+                stale.unlink()
+            if count:
+                pattern = bitarray("01", endian="little") * (granules // 2)
+                write_qdb(str(qdb), QdbContents(path_identity(str(image)), bitmaps=[
+                    StoredBitmap(f"b{i}", 12, i + 1, True, False, pattern)
+                    for i in range(count)]))
+                del pattern
+            (server,) = make_servers({"nbdserve": image}, sockets, False,
+                                     names=("nbdserve",), tag=f"mem{count}")
+            server.start()
+            try:
+                # The listeners are bound before the bitmaps load: one request waits
+                # for the export.
+                run(["nbdinfo", "--size", server.uri])
+                resident[count] = server.rss_mib()
+                loading[count] = server.peak_rss_mib()
+            finally:
+                server.stop()
+            if count:
+                out = subprocess.run(["/usr/bin/time", "-f", "%M", nbdserve, "qdb", "check",
+                                      str(qdb)], capture_output=True, text=True, check=True)
+                checking[count] = int(out.stderr.strip().splitlines()[-1]) / 1024
+    finally:
+        for stale in workdir.glob(f"{image.name}*"):
+            stale.unlink()
+    per_bitmap = {n: round((resident[n] - resident[0]) / (n * bits_mib), 2)
+                  for n in (1, 2, 4)}
+    return {"workload": f"bitmap memory, {tib} TiB at 4 KiB ({bits_mib:.0f} MiB of bits each)",
+            "unit": "MiB",
+            "runs": {"nbdserve": [round(resident[n], 1) for n in (0, 1, 2, 4)]},
+            "resident_mib_by_bitmaps": {n: round(v, 1) for n, v in resident.items()},
+            "load_peak_mib_by_bitmaps": {n: round(v, 1) for n, v in loading.items()},
+            "qdb_check_peak_mib_by_bitmaps": {n: round(v, 1) for n, v in checking.items()},
+            "resident_cost_per_bitmap_x_bits": per_bitmap}
 
 
 def bitmap_cycle_memory(workdir: Path, sockets: Path, tcp: bool, cycles: int = 30) -> dict:

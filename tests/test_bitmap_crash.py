@@ -131,8 +131,10 @@ async def test_a_change_made_after_a_crash_makes_the_bitmaps_inconsistent(
         server.proc.send_signal(signal.SIGKILL)
         await load
         server.proc.wait()
-        assert watch_slot(image).heartbeat_ns, "the crash did not find changes under way"
-        await asyncio.sleep(GRACE_NS / 1e9 + 0.1)  # past what the server could have written
+        # The slot says "under way" (a heartbeat) or "at rest" (a look found no change
+        # in progress at that instant): either way, past the grace period nothing the
+        # server did can explain a newer ctime.
+        await asyncio.sleep(GRACE_NS / 1e9 + 0.1)
     with open(image, "r+b") as f:  # at once, for "at rest": no delay is needed
         f.seek(32 * MiB)
         f.write(b"written while no server ran")
@@ -158,3 +160,30 @@ async def test_a_crash_at_rest_with_no_change_after_it_keeps_the_bitmaps_exact(
     assert "inconsistent" not in server.log, server.log
     dirty, _ = await dirty_granules(server, "coarse")
     assert dirty == {3 * MiB // 65536}
+
+
+def test_the_watch_slot_rules():
+    """The decisions of recovery.changed_after_crash, case by case (bitmaps/watch.py)."""
+    from nbdserve.bitmaps.journal import WatchSlot
+    from nbdserve.bitmaps.recovery import changed_after_crash
+    from nbdserve.image import ImageIdentity
+
+    saved = ImageIdentity(MiB, mtime_ns=100, ctime_ns=200)
+    at = ImageIdentity  # the image's identity found at the next start
+    unset = WatchSlot(0, 0, 0, unset=True)
+    assert changed_after_crash(unset, saved, at(MiB, 100, ctime_ns=200)) is None
+    assert "changed after the server stopped" in changed_after_crash(
+        unset, saved, at(MiB, 100, ctime_ns=201))
+    rest = WatchSlot(5_000, 4_000, 0)
+    assert changed_after_crash(rest, saved, at(MiB, 4_000, ctime_ns=5_000)) is None
+    assert changed_after_crash(rest, saved, at(MiB, 4_000, ctime_ns=5_001))
+    assert changed_after_crash(rest, saved, at(MiB, 4_001, ctime_ns=5_000))
+    heartbeat = 10**18
+    busy = WatchSlot(0, 0, heartbeat)
+    within = heartbeat + GRACE_NS
+    assert changed_after_crash(busy, saved, at(MiB, within, ctime_ns=within)) is None
+    assert "last heartbeat" in changed_after_crash(busy, saved,
+                                                   at(MiB, within, ctime_ns=within + 1))
+    assert "damaged" in changed_after_crash(WatchSlot(0, 0, 0, damaged=True), saved,
+                                            at(MiB, 100, ctime_ns=200))
+    assert changed_after_crash(None, saved, at(MiB, 1, ctime_ns=2)) is None  # a v2 journal

@@ -251,7 +251,7 @@ def test_an_mtime_put_back_after_an_offline_write_is_still_seen(raw, image, capl
     store.close()
 
 
-@pytest.mark.parametrize("failing", ["write", "fsync"])
+@pytest.mark.parametrize("failing", ["pwrite", "fsync"])
 def test_a_full_disk_during_a_save_keeps_the_previous_file(raw, monkeypatch, failing):
     import errno
 
@@ -330,15 +330,18 @@ def test_group_records_replay_onto_the_recording_bitmaps_of_their_granularity(ra
 
 def test_one_recording_bitmap_costs_its_bits_once(raw):
     """Issue 11: a group of one recording bitmap is its own summary (no second copy of
-    the bits); groups of several keep a summary, and marking stays exact either way."""
+    the bits); groups of several keep a coarse one, and marking stays exact either way."""
     store = open_store(raw, ("solo", 4096), ("pair1", None), ("pair2", None))
     try:
-        groups = {shift: (members, summary) for shift, members, summary
+        groups = {shift: (members, summary) for shift, members, summary, _several
                   in store.recorder.groups}
         (solo,), summary = groups[12]
         assert summary is solo.bitmap
         pair, pair_summary = groups[16]
         assert len(pair) == 2 and all(pair_summary is not b.bitmap for b in pair)
+        # The pair's summary is coarse: 64 granules to a bit, 1/64 of a member.
+        assert pair_summary.granularity_bits == 16 + 6
+        assert len(pair_summary) * 64 >= len(pair[0].bitmap) > (len(pair_summary) - 1) * 64
         store.mark_dirty(5 * MiB, 4096)
         store.mark_dirty(5 * MiB, 4096)  # already dirty: the summary says so
         assert info(store, "solo")["count"] == 4096
@@ -348,3 +351,36 @@ def test_one_recording_bitmap_costs_its_bits_once(raw):
         assert info(store, "solo")["count"] == 4096  # recorded again after the clear
     finally:
         store.close()
+
+
+def test_a_coarse_summary_never_claims_a_granule_some_member_lacks():
+    """The summary of several bitmaps (tracking.py) is set only where every member is
+    dirty over its whole group of 64 granules: over-claiming would skip a record."""
+    import random
+
+    from nbdserve.bitmaps.bitmap import Bitmap
+
+    rng = random.Random(11)
+    size = (64 * 37 + 5) * 4096  # a partial last group
+    members = [Bitmap(size, 12) for _ in range(3)]
+
+    def expected(summary):
+        n = len(members[0])
+        return [all(all(m.is_set(g * 4096, 4096) for g in range(k * 64, min(n, k * 64 + 64)))
+                    for m in members) for k in range(len(summary))]
+
+    for _ in range(200):
+        first = rng.randrange(len(members[0]))
+        stop = min(len(members[0]), first + rng.choice([1, 7, 64, 200]))
+        for member in rng.sample(members, rng.choice([1, 2, 3])):
+            member.set_granules(first, stop)
+    summary = Bitmap.summary_of(members, 6)
+    assert [summary.is_set(k << 18, 1) for k in range(len(summary))] == expected(summary)
+    assert any(expected(summary))  # the random fill made some groups whole
+    for _ in range(100):  # now kept up to date as the tracker does
+        first = rng.randrange(len(members[0]))
+        stop = min(len(members[0]), first + rng.choice([1, 64, 300]))
+        for member in members:
+            member.set_granules(first, stop)
+        summary.update_summary(members, first, stop)
+    assert [summary.is_set(k << 18, 1) for k in range(len(summary))] == expected(summary)

@@ -87,6 +87,35 @@ class Bitmap:
         return (other.granularity_bits == self.granularity_bits
                 and len(other._bits) == len(self._bits))
 
+    @classmethod
+    def summary_of(cls, members: list[Bitmap], shift: int) -> Bitmap:
+        """A coarse summary of bitmaps of one shape: bit k set where every member has
+        all the 2**shift granules from k << shift on set (a partial last group counts
+        its missing granules as set). It costs 2**-shift of one member: 64 ways of
+        slicing each member with a stride, no full-size temporary."""
+        first = members[0]
+        summary = cls(first.size, first.granularity_bits + shift)
+        bits = summary._bits
+        bits.setall(1)
+        stride = 1 << shift
+        for member in members:
+            for phase in range(stride):
+                column = member._bits[phase::stride]
+                if len(column) < len(bits):  # the partial last group: missing = set
+                    column.extend([1] * (len(bits) - len(column)))
+                bits &= column
+        return summary
+
+    def update_summary(self, members: list[Bitmap], first: int, stop: int) -> None:
+        """After members' granules [first, stop) were set: set the summary bits (this
+        is the summary, made by summary_of) whose groups are now set in every member."""
+        shift = self.granularity_bits - members[0].granularity_bits
+        for group in range(first >> shift, ((stop - 1) >> shift) + 1):
+            low = group << shift
+            high = low + (1 << shift)
+            if all(not member._bits.count(0, low, high) for member in members):
+                self._bits[group] = 1
+
     def copy(self) -> Bitmap:
         return Bitmap(self.size, self.granularity_bits, self._bits.copy())
 

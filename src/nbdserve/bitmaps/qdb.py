@@ -8,14 +8,16 @@ fsync), so a crash or a full disk during a save leaves the previous file intact.
 
 from __future__ import annotations
 
+import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bitarray import bitarray
 from construct import Bytes, Int8ub, Int16ub, Int32ub, Int64ub, StreamError, Struct, this
 
 from nbdserve.bitmaps.bitmap import granule_count
-from nbdserve.bitmaps.files import replace_atomically
+from nbdserve.bitmaps.files import replace_atomically_by
 from nbdserve.image import ImageIdentity
 from nbdserve.values import DEFAULT_GRANULARITY, MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS
 from nbdserve.values import MAX_BITMAP_NAME_BYTES as MAX_NAME_BYTES
@@ -138,49 +140,123 @@ def bitmap_bytes(bits: bitarray) -> bytes:
 # -- writing ------------------------------------------------------------------------------
 
 def encode_qdb(contents: QdbContents) -> bytes:
+    """The whole file as bytes (for tests and small files; saves stream, write_qdb)."""
+    out = bytearray()
+
+    def put(offset: int, chunk: bytes) -> None:
+        if len(out) < offset + len(chunk):
+            out.extend(bytes(offset + len(chunk) - len(out)))
+        out[offset : offset + len(chunk)] = chunk
+
+    size = encode_qdb_into(contents, put)
+    out.extend(bytes(size - len(out)))
+    return bytes(out)
+
+
+def write_qdb(path: str, contents: QdbContents) -> None:
+    """Replace the file at path atomically and durably, writing it cluster by cluster:
+    a save holds no second copy of the bits (issue 11)."""
+    def fill(fd: int) -> None:
+        size = encode_qdb_into(contents, lambda offset, chunk: _pwrite_all(fd, chunk, offset))
+        os.ftruncate(fd, size)  # what was not written is zero
+    replace_atomically_by(path, fill)
+
+
+def _pwrite_all(fd: int, chunk: bytes, offset: int) -> None:
+    view = memoryview(chunk)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+class _Pieces:
+    """One bitmap's bits cut into clusters of the file: each cluster is all zeros,
+    all ones (both encoded in the table alone) or data. Nothing is copied whole."""
+
+    def __init__(self, bits: bitarray | None, cluster: int) -> None:
+        self.bits = bits
+        self.cluster = cluster
+        self.size = (len(bits) + 7) // 8 if bits is not None else 0  # serialised bytes
+        self.count = (self.size + cluster - 1) // cluster
+        self.kinds = bytearray(self.count)  # 0 zeros, 1 ones, 2 data
+        crc = 0
+        for index in range(self.count):
+            kind, piece = self._classify(index)
+            self.kinds[index] = kind
+            crc = zlib.crc32(piece, crc)
+        self.checksum = crc & 0xFFFFFFFF
+
+    def _classify(self, index: int) -> tuple[int, bytes]:
+        bits, cluster = self.bits, self.cluster
+        low = index * cluster * 8
+        high = min(low + cluster * 8, len(bits))
+        piece_size = min(cluster, self.size - index * cluster)
+        ones = bits.count(1, low, high)
+        if ones == 0:
+            return 0, _filled(0, piece_size)
+        if ones == high - low == cluster * 8:
+            return 1, _filled(0xFF, piece_size)
+        return 2, self.piece(index)
+
+    def piece(self, index: int) -> bytes:
+        low = index * self.cluster * 8
+        return self.bits[low : low + self.cluster * 8].tobytes()  # zero tail bits
+
+
+_FILLED: dict[tuple[int, int], bytes] = {}
+
+
+def _filled(value: int, size: int) -> bytes:
+    key = (value, size)
+    if key not in _FILLED:
+        _FILLED[key] = bytes([value]) * size
+    return _FILLED[key]
+
+
+def encode_qdb_into(contents: QdbContents, put: Callable[[int, bytes], None]) -> int:
+    """Lay the file out and hand it to put(offset, bytes) in increasing offsets;
+    returns the file's size (bytes not put are zero)."""
     cluster_bits = contents.cluster_bits
     cluster = 1 << cluster_bits
 
     def clusters_for(size: int) -> int:
         return max(1, (size + cluster - 1) // cluster)
 
-    payloads = [(b, bitmap_bytes(b.bits) if b.bits is not None else b"")
-                for b in contents.bitmaps]
+    pieces = [_Pieces(b.bits, cluster) for b in contents.bitmaps]
     names = [b.name.encode() for b in contents.bitmaps]
     directory_size = sum(ENTRY_FIXED_SIZE + len(n) + (-(ENTRY_FIXED_SIZE + len(n))) % 8
                          for n in names)
     next_cluster = 1 + (clusters_for(directory_size) if contents.bitmaps else 0)
     directory_offset = cluster if contents.bitmaps else 0
-    # Lay out each bitmap: its table, then its data clusters (all-zero and all-one
-    # clusters are encoded in the table and take no space).
-    tables: list[bytes] = []
-    data_clusters: list[tuple[int, bytes]] = []
-    table_offsets: list[int] = []
-    for _bitmap, data in payloads:
-        entries_count = (len(data) + cluster - 1) // cluster
-        table_offsets.append(next_cluster * cluster)
-        next_cluster += clusters_for(entries_count * 8)
+    # Each bitmap: its table, then its data clusters (all-zero and all-one clusters are
+    # encoded in the table and take no space).
+    tables: list[tuple[int, bytes, list[tuple[int, int]]]] = []
+    for bitmap_pieces in pieces:
+        table_offset = next_cluster * cluster
+        next_cluster += clusters_for(bitmap_pieces.count * 8)
         entries = bytearray()
-        for index in range(entries_count):
-            piece = data[index * cluster : (index + 1) * cluster]
-            if piece.count(0) == len(piece):
-                entries += (0).to_bytes(8, "big")
-            elif piece.count(0xFF) == len(piece) and len(piece) == cluster:
+        placed = []  # (offset in the file, piece index)
+        for index, kind in enumerate(bitmap_pieces.kinds):
+            if kind == 0:
+                entries += bytes(8)
+            elif kind == 1:
                 entries += TABLE_ALL_ONES.to_bytes(8, "big")
             else:
                 entries += (next_cluster * cluster).to_bytes(8, "big")
-                data_clusters.append((next_cluster * cluster, piece))
+                placed.append((next_cluster * cluster, index))
                 next_cluster += 1
-        tables.append(bytes(entries))
+        tables.append((table_offset, bytes(entries), placed))
     directory = bytearray()
-    for (bitmap, data), name, table_offset in zip(payloads, names, table_offsets, strict=True):
+    for bitmap, bitmap_pieces, name, (table_offset, _, _) in zip(
+            contents.bitmaps, pieces, names, tables, strict=True):
         flags = (BME_FLAG_RECORDING if bitmap.recording else 0) | (
             BME_FLAG_INCONSISTENT if bitmap.inconsistent or bitmap.bits is None else 0)
         directory += DirectoryEntry.build(dict(
-            table_offset=table_offset, table_entries=(len(data) + cluster - 1) // cluster,
+            table_offset=table_offset, table_entries=bitmap_pieces.count,
             flags=flags, type=BME_TYPE_DIRTY_TRACKING,
             granularity_bits=bitmap.granularity_bits, name_size=len(name),
-            extra_data_size=0, generation=bitmap.generation, data_checksum=_crc(data),
+            extra_data_size=0, generation=bitmap.generation,
+            data_checksum=bitmap_pieces.checksum,
             reserved=0, name=name, padding=bytes((-(ENTRY_FIXED_SIZE + len(name))) % 8),
         ))
     identity = contents.identity
@@ -200,28 +276,46 @@ def encode_qdb(contents: QdbContents) -> bytes:
     ctime = identity.ctime_ns.to_bytes(8, "big")
     header += IdentityExtension.build(dict(image_ctime_ns=identity.ctime_ns,
                                            checksum=_crc(ctime), reserved=0))
-    out = bytearray(next_cluster * cluster)
-    out[: len(header)] = header
-    out[HEADER_COPY_OFFSET : HEADER_COPY_OFFSET + len(header)] = header
-    out[directory_offset : directory_offset + len(directory)] = directory
-    for offset, table in zip(table_offsets, tables, strict=True):
-        out[offset : offset + len(table)] = table
-    for offset, piece in data_clusters:
-        out[offset : offset + len(piece)] = piece
-    return bytes(out)
-
-
-def write_qdb(path: str, contents: QdbContents) -> None:
-    """Replace the file at path atomically and durably."""
-    replace_atomically(path, encode_qdb(contents))
+    put(0, bytes(header))
+    put(HEADER_COPY_OFFSET, bytes(header))
+    if directory:
+        put(directory_offset, bytes(directory))
+    for bitmap_pieces, (table_offset, table, placed) in zip(pieces, tables, strict=True):
+        put(table_offset, table)
+        for offset, index in placed:
+            put(offset, bitmap_pieces.piece(index))
+    return next_cluster * cluster
 
 
 # -- reading ------------------------------------------------------------------------------
 
 def read_qdb(path: str, *, complete: bool = False) -> QdbContents:
     with open(path, "rb") as f:
-        data = f.read()
-    return decode_qdb(data, complete=complete)
+        return decode_qdb(FileView(f.fileno()), complete=complete)
+
+
+class FileView:
+    """An open file read on demand with pread: what decode_qdb needs of bytes (len
+    and slices), so reading a file never holds it whole (issue 11: a check of an
+    8 TiB image's 4 KiB bitmap peaked at three times its bits)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, where: slice) -> bytes:
+        start, stop, _ = where.indices(self.size)
+        chunks = []
+        while start < stop:
+            chunk = os.pread(self.fd, stop - start, start)
+            if not chunk:
+                break  # the file shrank: what a reader sees is what is there
+            chunks.append(chunk)
+            start += len(chunk)
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
 
 def decode_qdb(data: bytes, *, complete: bool = False) -> QdbContents:
@@ -234,7 +328,7 @@ def decode_qdb(data: bytes, *, complete: bool = False) -> QdbContents:
     ``findings``; they do not make a bitmap unusable, so a server loads such a file."""
     if len(data) < HEADER_SIZE:
         raise QdbError(f"file is {len(data)} bytes, shorter than the {HEADER_SIZE}-byte header")
-    header = QdbHeader.parse(data)
+    header = QdbHeader.parse(data[:HEADER_SIZE])
     if header.magic != MAGIC:
         raise QdbError(f"bad magic {header.magic!r} (expected {MAGIC!r}): not a QDB file")
     if header.version != VERSION:
@@ -294,7 +388,7 @@ def decode_qdb(data: bytes, *, complete: bool = False) -> QdbContents:
         if cluster < HEADER_COPY_OFFSET + header_end:
             raise QdbError("a header copy is announced, but cluster 0 has no room for it")
         regions[0] = (HEADER_COPY_OFFSET, header_end, "the header's copy")
-        if any(memoryview(data)[header_end:HEADER_COPY_OFFSET]):
+        if any(data[header_end:HEADER_COPY_OFFSET]):
             early.append(f"non-zero bytes after the header (offset {header_end} to "
                          f"{HEADER_COPY_OFFSET})")
         if data[HEADER_COPY_OFFSET:HEADER_COPY_OFFSET + header_end] != data[:header_end]:
@@ -315,8 +409,8 @@ def decode_qdb(data: bytes, *, complete: bool = False) -> QdbContents:
             contents.findings = early + _slack_findings(data, cluster, used, regions, contents)
         return contents
     claim(header.directory_offset, header.directory_size, "the bitmap directory")
-    directory = bytes(memoryview(data)[header.directory_offset :
-                                       header.directory_offset + header.directory_size])
+    directory = data[header.directory_offset :
+                     header.directory_offset + header.directory_size]
     if _crc(directory) != header.directory_checksum:
         raise QdbError("directory checksum mismatch: the bitmap directory is corrupted")
     position = 0
@@ -343,7 +437,7 @@ def _slack_findings(data, cluster: int, used: dict[int, str],
     findings = []
     for offset, size, what in regions:
         end = -(-(offset + size) // cluster) * cluster
-        if any(memoryview(data)[offset + size : end]):
+        if any(data[offset + size : end]):
             findings.append(f"non-zero bytes after {what} (offset {offset + size} to {end})")
     if any(b.bits is None for b in contents.bitmaps):
         return findings  # a damaged bitmap's clusters were not all claimed: no leak report
@@ -400,32 +494,41 @@ def _decode_bits(data, entry, where, claim, cluster, image_size) -> bitarray:
                        f"{(size + cluster - 1) // cluster} expected for the image size")
     claim(entry.table_offset, entry.table_entries * 8, "the table", where)
     table = data[entry.table_offset : entry.table_offset + entry.table_entries * 8]
-    raw = bytearray(size)
+    # Cluster by cluster into the bits: no whole-bitmap buffer beside them.
+    bits = bitarray(granules, endian="little")
+    bits.setall(0)
+    crc = 0
     for i in range(entry.table_entries):
         value = int.from_bytes(table[i * 8 : i * 8 + 8], "big")
         if value & TABLE_RESERVED_MASK:
             raise QdbError(f"{where}: table entry {i} has reserved bits set")
         offset = value & TABLE_OFFSET_MASK
         piece_size = min(cluster, size - i * cluster)
+        low = i * cluster * 8
+        high = min(low + piece_size * 8, granules)
         if offset:
             if value & TABLE_ALL_ONES:
                 raise QdbError(f"{where}: table entry {i} has both an offset and all-ones")
             claim(offset, cluster, f"data cluster {i}", where)
-            piece = memoryview(data)[offset : offset + cluster]
+            piece = data[offset : offset + cluster]
             if any(piece[piece_size:]):
                 raise QdbError(f"{where}: non-zero bytes after the end of the bitmap")
-            raw[i * cluster : i * cluster + piece_size] = piece[:piece_size]
+            piece = piece[:piece_size]
+            crc = zlib.crc32(piece, crc)
+            chunk = bitarray(endian="little")
+            chunk.frombytes(piece)
+            if chunk.count(1, high - low):
+                raise QdbError(f"{where}: bits set past the end of the image")
+            bits[low:high] = chunk[: high - low]
         elif value & TABLE_ALL_ONES:
-            raw[i * cluster : i * cluster + piece_size] = b"\xff" * piece_size
-    tail = granules % 8
-    if tail and raw[-1] >> tail:
-        raise QdbError(f"{where}: bits set past the end of the image")
-    if _crc(raw) != entry.data_checksum:
+            crc = zlib.crc32(_filled(0xFF, piece_size), crc)
+            if high - low < piece_size * 8:
+                raise QdbError(f"{where}: bits set past the end of the image")
+            bits[low:high] = 1
+        else:
+            crc = zlib.crc32(_filled(0, piece_size), crc)
+    if crc & 0xFFFFFFFF != entry.data_checksum:
         raise QdbError(f"{where}: data checksum mismatch")
-    bits = bitarray(endian="little")
-    bits.frombytes(raw)
-    del raw
-    del bits[granules:]
     return bits
 
 

@@ -24,9 +24,11 @@ from nbdserve.bitmaps.bitmap import Bitmap, granule_count
 from nbdserve.bitmaps.journal import Journal, JournalError, WatchSlot, read_journal
 from nbdserve.bitmaps.policy import DirtyBitmap
 from nbdserve.bitmaps.qdb import (
+    FileView,
     ImageIdentity,
     QdbContents,
     QdbError,
+    SalvagedBitmap,
     StoredBitmap,
     decode_qdb,
     salvage_bitmaps,
@@ -49,13 +51,20 @@ def recover(qdb_path: str, journal: Journal, image_size: int,
         if os.path.exists(journal.path):
             journal.remove()  # a journal without its QDB file means nothing
         return Recovered()
-    data = b""
     try:
         with open(qdb_path, "rb") as f:
-            data = f.read()
-        contents = decode_qdb(data)
-    except (QdbError, OSError) as error:
-        return _unreadable(qdb_path, data, error, image_size)
+            data = FileView(f.fileno())
+            try:
+                contents = decode_qdb(data)
+            except (QdbError, OSError) as error:
+                found = salvage_bitmaps(data)
+                problem = error
+            else:
+                problem = None
+    except OSError as error:
+        found, problem = [], error
+    if problem is not None:
+        return _unreadable(qdb_path, found, problem, image_size)
     recovered = Recovered(save_counter=contents.save_counter)
     for stored in contents.bitmaps:
         bitmap = bitmap_from_stored(stored, image_size)
@@ -71,7 +80,8 @@ def recover(qdb_path: str, journal: Journal, image_size: int,
     return recovered
 
 
-def _unreadable(qdb_path: str, data: bytes, error: Exception, image_size: int) -> Recovered:
+def _unreadable(qdb_path: str, found: list[SalvagedBitmap], error: Exception,
+                image_size: int) -> Recovered:
     """The file cannot be used: keep it aside for inspection, and bring back every
     bitmap its header (or the header's copy) still names, inconsistent, so none
     vanishes; bitmaps named with --bitmap come back the same way (BitmapStore)."""
@@ -79,13 +89,13 @@ def _unreadable(qdb_path: str, data: bytes, error: Exception, image_size: int) -
     os.rename(qdb_path, aside)
     recovered = Recovered(unreadable=str(error))
     reason = f"the QDB file was damaged ({error}); kept as {aside}"
-    for found in salvage_bitmaps(data):
-        bitmap = Bitmap(image_size, found.granularity_bits)
+    for salvaged in found:
+        bitmap = Bitmap(image_size, salvaged.granularity_bits)
         bitmap.set_all()
-        named = DirtyBitmap(found.name, bitmap, recording=found.recording,
-                            generation=found.generation)
+        named = DirtyBitmap(salvaged.name, bitmap, recording=salvaged.recording,
+                            generation=salvaged.generation)
         named.make_inconsistent(reason)
-        recovered.bitmaps[found.name] = named
+        recovered.bitmaps[salvaged.name] = named
     log.error("QDB file %s is unusable (%s); kept as %s. %s", qdb_path, error, aside,
               f"Its bitmaps {', '.join(map(repr, recovered.bitmaps))} are inconsistent "
               "until cleared or removed." if recovered.bitmaps else

@@ -5,12 +5,14 @@ and writes a crash-journal record for granules that go from clean to dirty befor
 bit is set (and before the caller writes data), so a process killed at any point never
 loses an acknowledged write (dm-era's rule).
 
-Recording bitmaps are grouped by granularity, each group with a summary bitmap whose
-granule is set where every member is already dirty (a group of one is its own summary).
-The common write, to granules already dirty, costs one summary test per granularity
-however many bitmaps there are, and takes no lock. Setting bits in a member never
-falsifies a summary; anything that resets bits (clear, add, enable, checkpoint) calls
-``refresh``, which bumps ``epoch``.
+Recording bitmaps are grouped by granularity. A group of one is its own summary. A
+group of several has a coarse summary, 64 granules to a bit, set where every member is
+dirty over all 64 (Bitmap.summary_of): it costs 1/64 of a member, so each bitmap costs
+its bits about once in memory (issue 11: an exact summary was a whole extra bitmap).
+A write to granules already dirty costs one summary test per granularity once the
+bitmaps are dirty in whole groups of 64, else one test per member; it takes no lock
+either way. Setting bits in a member never falsifies a summary; anything that resets
+bits (clear, add, enable, checkpoint) calls ``refresh``, which bumps ``epoch``.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ from nbdserve.bitmaps.bitmap import Bitmap
 from nbdserve.bitmaps.journal import Journal, encode_group_record
 from nbdserve.bitmaps.policy import DirtyBitmap
 
+SUMMARY_SHIFT = 6  # a coarse summary bit covers 64 granules
+
 
 class Recorder:
     def __init__(self, journal: Journal, lock: threading.RLock) -> None:
         self.journal = journal
         self.lock = lock  # the store's: operations and marking exclude each other
-        self.groups: list[tuple[int, list[DirtyBitmap], Bitmap]] = []
+        # (granularity bits, members, summary, the members' bits when several, else
+        # an empty list: the summary is then the one member's bits)
+        self.groups: list[tuple[int, list[DirtyBitmap], Bitmap, list[Bitmap]]] = []
         self.epoch = 0  # bumped whenever bits may have been reset (see mark_dirty)
 
     def refresh(self, bitmaps: Iterable[DirtyBitmap]) -> None:
@@ -39,15 +45,10 @@ class Recorder:
                 groups.setdefault(bitmap.granularity_bits, []).append(bitmap)
         rebuilt = []
         for shift, members in groups.items():
-            if len(members) == 1:
-                # One member is its own summary: no copy, so one recording bitmap costs
-                # its bits once (issue 11: a resident bitmap cost twice its size).
-                summary = members[0].bitmap
-            else:
-                summary = members[0].bitmap.copy()
-                for other in members[1:]:
-                    summary.intersect(other.bitmap)
-            rebuilt.append((shift, members, summary))
+            bits = [member.bitmap for member in members]
+            # One member is its own (exact) summary; several share a coarse one.
+            summary = bits[0] if len(bits) == 1 else Bitmap.summary_of(bits, SUMMARY_SHIFT)
+            rebuilt.append((shift, members, summary, bits[1:] and bits))
         self.groups = rebuilt  # one assignment: mark_dirty reads it without the lock
         self.epoch += 1
 
@@ -62,20 +63,29 @@ class Recorder:
         epoch = self.epoch
         if not length:
             return epoch
-        for _shift, _members, summary in self.groups:
-            if not summary.is_set(offset, length):
-                break  # something to record: do it all under the lock
+        for _shift, _members, summary, several in self.groups:
+            if summary.is_set(offset, length):
+                continue
+            for bits in several:  # the coarse summary could not say: ask each member
+                if not bits.is_set(offset, length):
+                    break
+            else:
+                if several:
+                    continue
+            break  # something to record: do it all under the lock
         else:
             return epoch
         with self.lock:
             journal = self.journal
-            for shift, members, summary in self.groups:
-                if summary.is_set(offset, length):
+            for shift, members, summary, several in self.groups:
+                if summary.is_set(offset, length) or \
+                        several and all(b.is_set(offset, length) for b in several):
                     continue  # already dirty in every member: nothing to do
+                first, stop = members[0].bitmap.granules(offset, length)
                 if journal.fd >= 0:  # one record for the group, before any bit is set
-                    first, stop = summary.granules(offset, length)
                     journal.append(encode_group_record(shift, first, stop - first))
                 for bitmap in members:
                     bitmap.bitmap.set(offset, length)
-                summary.set(offset, length)
+                if several:
+                    summary.update_summary(several, first, stop)
         return epoch

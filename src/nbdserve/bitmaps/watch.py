@@ -8,9 +8,10 @@ change:
 
 - The first change after the image was at rest stores a heartbeat (the wall clock)
   in the slot and wakes the watch thread. That is one store into the mapped journal.
-- The thread looks again after ``PERIOD``. Changes still under way: a fresh
+- The thread looks ``PERIOD`` later. A change in progress at that instant: a fresh
   heartbeat, and another look later. None: it reads the image's ctime and mtime
-  (fstat) and stores them with no heartbeat: at rest.
+  (fstat) and stores them with no heartbeat: at rest. That holds until the next
+  change, which unsettles again before it lands, so the stored times are exact.
 
 After a crash (recovery.py) the slot decides:
 - at rest: the image's ctime and mtime must be exactly those stored. Reading the
