@@ -66,22 +66,28 @@ def test_handshake_framing_survives_any_option_stream(stream, split):
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(magic=st.one_of(st.just(c.NBD_REQUEST_MAGIC), st.integers(0, 2**32 - 1)),
+@given(magic=st.one_of(st.sampled_from([c.NBD_REQUEST_MAGIC, c.NBD_EXTENDED_REQUEST_MAGIC]),
+                      st.integers(0, 2**32 - 1)),
        flags=st.integers(0, 2**16 - 1), command=st.integers(0, 2**16 - 1),
-       offset=st.integers(0, 2**64 - 1), length=st.integers(0, 2**32 - 1),
+       offset=st.integers(0, 2**64 - 1), length=st.integers(0, 2**64 - 1),
        transmission_flags=st.integers(0, 2**16 - 1), structured=st.booleans(),
-       contexts=st.booleans(), discard_only=st.booleans())
+       contexts=st.booleans(), discard_only=st.booleans(), extended=st.booleans())
 def test_request_rules_answer_every_header(magic, flags, command, offset, length,
                                            transmission_flags, structured, contexts,
-                                           discard_only):
-    """Every header is framed (or is a protocol violation) and checked to a valid NBD
-    error or 0; nothing else escapes."""
+                                           discard_only, extended):
+    """Every header, compact or extended, is framed (or is a protocol violation) and
+    checked to a valid NBD error or 0; nothing else escapes, and no payload over the
+    maximum is ever asked to be read."""
+    if not extended:
+        length &= 2**32 - 1
     rules = TransmissionRules(RequestValidator(64 << 20, transmission_flags, structured,
-                                               contexts, discard_only))
+                                               contexts, discard_only, extended),
+                              extended_headers=extended)
     try:
-        rules.frame(magic, command, length)
+        wanted = rules.frame(magic, flags, command, length)
     except ProtocolViolation:
         return
+    assert wanted <= c.MAX_PAYLOAD
     error, reason = rules.check(command, flags, offset, length)
     assert error in (0, c.NBD_EPERM, c.NBD_EINVAL, c.NBD_ENOSPC, c.NBD_EOVERFLOW)
     assert isinstance(reason, str)

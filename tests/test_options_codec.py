@@ -158,8 +158,7 @@ def test_starttls_without_tls_is_policy_refused():
         c.NBD_REP_ERR_INVALID
 
 
-@pytest.mark.parametrize("option", [c.NBD_OPT_PEEK_EXPORT, c.NBD_OPT_EXTENDED_HEADERS, 99,
-                                    0xFFFFFFFF])
+@pytest.mark.parametrize("option", [c.NBD_OPT_PEEK_EXPORT, 99, 0xFFFFFFFF])
 def test_unknown_options_are_unsupported(option):
     result = negotiator().handle_option(option, b"payload")
     ((echoed, kind, message),) = replies(result.replies)
@@ -517,3 +516,72 @@ def test_before_tls_in_require_mode_no_option_data_is_buffered(option, expected)
     assert f.step(struct.pack(">QII", c.IHAVEOPT, option, 10)) == (16, None)
     consumed, result = f.step(b"0123456789")
     assert consumed == 10 and struct.unpack(">I", result.replies[12:16])[0] == expected
+
+
+# -- extended headers (issue 18; spec extension-ext-header, reference §9) ----------------------
+
+EXTENDED_HEADERS = 11
+
+
+def test_extended_headers_are_acknowledged_byte_for_byte():
+    n = negotiator()
+    result = n.handle_option(EXTENDED_HEADERS, b"")
+    assert result.replies == REP + bytes.fromhex("0000000b 00000001 00000000")
+    assert result.outcome is Outcome.CONTINUE
+
+
+def test_extended_headers_with_data_a_second_time_and_then_structured_replies():
+    n = negotiator()
+    ((_, kind, _),) = replies(n.handle_option(EXTENDED_HEADERS, b"x").replies)
+    assert kind == c.NBD_REP_ERR_INVALID  # data present
+    assert not n.extended_headers
+    n.handle_option(EXTENDED_HEADERS, b"")
+    ((_, kind, _),) = replies(n.handle_option(EXTENDED_HEADERS, b"").replies)
+    assert kind == c.NBD_REP_ERR_INVALID  # a second one
+    ((_, kind, _),) = replies(n.handle_option(c.NBD_OPT_STRUCTURED_REPLY, b"").replies)
+    assert kind == c.NBD_REP_ERR_EXT_HEADER_REQD == 0x8000000A  # EH takes precedence
+
+
+def test_structured_replies_first_then_extended_headers_is_fine():
+    n = negotiator()
+    n.handle_option(c.NBD_OPT_STRUCTURED_REPLY, b"")
+    ((_, kind, _),) = replies(n.handle_option(EXTENDED_HEADERS, b"").replies)
+    assert kind == c.NBD_REP_ACK
+
+
+def test_export_name_after_extended_headers_hangs_up():
+    n = negotiator()
+    n.handle_option(EXTENDED_HEADERS, b"")
+    result = n.handle_option(c.NBD_OPT_EXPORT_NAME, b"")
+    assert (result.replies, result.outcome) == (b"", Outcome.DISCONNECT)
+
+
+def test_starttls_forgets_extended_headers():
+    n = negotiator(tls_mode="optional")
+    n.handle_option(EXTENDED_HEADERS, b"")
+    n.tls_started()
+    assert not n.extended_headers and not n.structured_replies
+
+
+def test_go_with_extended_headers_and_contexts_offers_block_status_payload():
+    n = negotiator()
+    n.handle_option(EXTENDED_HEADERS, b"")
+    result = n.handle_option(c.NBD_OPT_GO, info_payload(b""))
+    assert result.session.extended_headers and result.session.structured_replies
+    assert not result.session.transmission_flags & c.NBD_FLAG_BLOCK_STATUS_PAYLOAD
+    n.handle_option(c.NBD_OPT_SET_META_CONTEXT, meta_payload(b"", b"base:allocation"))
+    result = n.handle_option(c.NBD_OPT_GO, info_payload(b""))
+    # HAS_FLAGS|FLUSH|FUA|TRIM|WRITE_ZEROES|DF|MULTI_CONN|CACHE|FAST_ZERO|STATUS_PAYLOAD
+    assert result.session.transmission_flags == 0x1DED
+    (export_info,) = [d for _, kind, d in replies(result.replies)
+                      if kind == c.NBD_REP_INFO and d[:2] == b"\0\0"]
+    assert export_info == bytes.fromhex("0000 0000000000100000 1ded")
+
+
+def test_without_extended_headers_nothing_changes():
+    n = negotiator()
+    n.handle_option(c.NBD_OPT_STRUCTURED_REPLY, b"")
+    n.handle_option(c.NBD_OPT_SET_META_CONTEXT, meta_payload(b"", b"base:allocation"))
+    result = n.handle_option(c.NBD_OPT_GO, info_payload(b""))
+    assert not result.session.extended_headers
+    assert result.session.transmission_flags == 0x0DED

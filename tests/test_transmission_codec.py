@@ -7,10 +7,12 @@ from array import array
 import pytest
 
 from nbdserve.errors import nbd_error
+from nbdserve.protocol import ProtocolViolation
 from nbdserve.protocol import constants as c
 from nbdserve.protocol.transmission import (
     REQUEST_HEADER,
     RequestValidator,
+    alternating_descriptors,
     block_status_chunk,
     encode_words,
     error_chunk,
@@ -177,9 +179,9 @@ def rules(stopping=False):
 
 def test_frame_says_how_many_payload_bytes_follow():
     r = rules()
-    assert r.frame(c.NBD_REQUEST_MAGIC, c.NBD_CMD_WRITE, 4096) == 4096
-    assert r.frame(c.NBD_REQUEST_MAGIC, c.NBD_CMD_WRITE, c.MAX_PAYLOAD) == c.MAX_PAYLOAD
-    assert r.frame(c.NBD_REQUEST_MAGIC, c.NBD_CMD_READ, 1 << 30) == 0  # no payload
+    assert r.frame(c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_WRITE, 4096) == 4096
+    assert r.frame(c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_WRITE, c.MAX_PAYLOAD) == c.MAX_PAYLOAD
+    assert r.frame(c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_READ, 1 << 30) == 0  # no payload
 
 
 @pytest.mark.parametrize("magic, command, length", [
@@ -191,7 +193,7 @@ def test_frame_hangs_up_when_the_stream_cannot_stay_in_step(magic, command, leng
     from nbdserve.protocol.transmission import Phase
     r = rules()
     with pytest.raises(ProtocolViolation):
-        r.frame(magic, command, length)
+        r.frame(magic, 0, command, length)
     assert r.phase is Phase.CLOSED
 
 
@@ -204,5 +206,66 @@ def test_disc_closes_and_stopping_answers_eshutdown():
     assert r.check(c.NBD_CMD_READ, 0, 0, 512)[0] == c.NBD_ESHUTDOWN
     assert r.check(42, 0, 0, 0)[0] == c.NBD_ESHUTDOWN  # even what would be EINVAL
     assert rules(stopping=True).check(c.NBD_CMD_FLUSH, 0, 0, 0)[0] == c.NBD_ESHUTDOWN
-    assert r.frame(c.NBD_REQUEST_MAGIC, c.NBD_CMD_DISC, 0) == DISCONNECT
+    assert r.frame(c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_DISC, 0) == DISCONNECT
     assert r.phase is Phase.CLOSED
+
+
+# -- extended headers (issue 18) ---------------------------------------------------------------
+
+def test_extended_reply_chunks_byte_for_byte():
+    from nbdserve.protocol.transmission import (
+        extended_block_status_chunk,
+        extended_error_chunk,
+        extended_none_chunk,
+        extended_offset_data_header,
+        extended_offset_hole_chunk,
+    )
+    head = "6e8a278c"  # NBD_EXTENDED_REPLY_MAGIC
+    cookie, offset = "0000000000000007", "0000000100000000"  # the request's offset: 4 GiB
+    assert extended_none_chunk(7, 1 << 32) == bytes.fromhex(
+        head + "0001 0000" + cookie + offset + "0000000000000000")
+    assert extended_error_chunk(7, 1 << 32, c.NBD_EINVAL, "no") == bytes.fromhex(
+        head + "0001 8001" + cookie + offset + "0000000000000008" + "00000016 0002") + b"no"
+    assert extended_offset_data_header(7, 1 << 32, (1 << 32) + 512, 4096, False) == \
+        bytes.fromhex(head + "0000 0001" + cookie + offset + "0000000000001008"
+                      + "0000000100000200")
+    assert extended_offset_hole_chunk(7, 1 << 32, 1 << 32, 65536, True) == bytes.fromhex(
+        head + "0001 0002" + cookie + offset + "000000000000000c" + "0000000100000000"
+        + "00010000")
+    descriptors = bytes.fromhex("0000000500000000 0000000000000001")  # 20 GiB, dirty
+    assert extended_block_status_chunk(7, 1 << 32, 3, descriptors, True) == bytes.fromhex(
+        head + "0001 0006" + cookie + offset + "0000000000000018" + "00000003 00000001"
+    ) + descriptors
+
+
+def test_wide_descriptors_carry_extents_above_4_gib():
+    assert alternating_descriptors([5 << 32, 4096], c.NBD_STATE_DIRTY, 0, "Q") == \
+        bytes.fromhex("0000000500000000 0000000000000001 0000000000001000 0000000000000000")
+
+
+def test_extended_framing():
+    from nbdserve.protocol.transmission import TransmissionRules
+    r = TransmissionRules(validator(), extended_headers=True)
+    magic = c.NBD_EXTENDED_REQUEST_MAGIC
+    payload_len = c.NBD_CMD_FLAG_PAYLOAD_LEN
+    assert r.frame(magic, payload_len, c.NBD_CMD_WRITE, 4096) == 4096
+    assert r.frame(magic, 0, c.NBD_CMD_WRITE, 4096) == 4096  # QEMU 10: no PAYLOAD_LEN
+    assert r.frame(magic, 0, c.NBD_CMD_WRITE_ZEROES, 8 << 30) == 0  # an effect length
+    assert r.frame(magic, payload_len, c.NBD_CMD_BLOCK_STATUS, 12) == 12
+    assert r.frame(magic, payload_len, c.NBD_CMD_FLUSH, 3) == 3  # read, then refused
+    with pytest.raises(ProtocolViolation):
+        r.frame(magic, payload_len, c.NBD_CMD_TRIM, c.MAX_PAYLOAD + 1)
+    with pytest.raises(ProtocolViolation):
+        TransmissionRules(validator(), extended_headers=True).frame(
+            c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_READ, 512)  # a compact header now
+
+
+def test_block_status_payloads():
+    from nbdserve.protocol.transmission import parse_status_payload
+    contexts = {1: "base:allocation", 2: "qemu:dirty-bitmap:b0"}
+    assert parse_status_payload(bytes.fromhex("0000000200000000 00000002"), contexts) == \
+        (8 << 30, [2])
+    for bad in ("0000000200000000", "0000000200000000 000000", "0000000200000000 00000003",
+                "0000000200000000 00000001 00000001"):
+        with pytest.raises(ValueError):
+            parse_status_payload(bytes.fromhex(bad), contexts)

@@ -20,7 +20,13 @@ from dataclasses import dataclass, field
 
 from nbdserve.protocol import constants as c
 from nbdserve.protocol.options import INFO_EXPORT, OPTION_HEADER, OPTION_REPLY_HEADER
-from nbdserve.protocol.transmission import CHUNK_HEADER, REQUEST_HEADER, SIMPLE_REPLY
+from nbdserve.protocol.transmission import (
+    CHUNK_HEADER,
+    EXTENDED_CHUNK_HEADER,
+    EXTENDED_REQUEST_HEADER,
+    REQUEST_HEADER,
+    SIMPLE_REPLY,
+)
 
 
 class NbdError(Exception):
@@ -91,6 +97,7 @@ class NbdClient:
         self.reader = reader
         self.writer = writer
         self.structured = False
+        self.extended = False  # extended headers: 32-byte requests and reply chunks
         self.export = ExportInfo("")
         self.contexts: dict[int, str] = {}
         self._cookies = itertools.count(1)
@@ -104,11 +111,12 @@ class NbdClient:
     @classmethod
     async def connect(cls, host: str = "127.0.0.1", port: int = 10809, *,
                       unix: str | None = None, export: str = "", structured: bool = True,
-                      meta_contexts: Sequence[str] = (),
+                      extended: bool = True, meta_contexts: Sequence[str] = (),
                       use_export_name: bool = False, tls: ssl.SSLContext | None = None,
                       tls_hostname: str | None = None) -> NbdClient:
         """Connect, negotiate (STARTTLS first when `tls` is given) and enter
-        transmission."""
+        transmission. Extended headers are asked for first (as libnbd does) when
+        `extended` and `structured`; a server without them gets structured replies."""
         if unix is not None:
             reader, writer = await asyncio.open_unix_connection(unix, limit=4 << 20)
         else:
@@ -121,7 +129,9 @@ class NbdClient:
             if use_export_name:
                 await client._export_name(export)
             else:
-                if structured:
+                if structured and extended:
+                    await client.extended_headers()
+                if structured and not client.extended:
                     await client.structured_reply()
                 if meta_contexts:
                     await client.set_meta_context(export, meta_contexts)
@@ -182,12 +192,24 @@ class NbdClient:
         """STARTTLS, then the TLS handshake over the same connection."""
         await self.option(c.NBD_OPT_STARTTLS)
         await self.writer.start_tls(context, server_hostname=hostname)
-        self.structured = False  # forgotten by the server on STARTTLS, as everything else
+        # Forgotten by the server on STARTTLS, as everything else.
+        self.structured = self.extended = False
         self.contexts = {}
 
     async def structured_reply(self) -> None:
         await self.option(c.NBD_OPT_STRUCTURED_REPLY)
         self.structured = True
+
+    async def extended_headers(self) -> bool:
+        """Ask for extended headers; False (and nothing changed) if the server has none."""
+        try:
+            await self.option(c.NBD_OPT_EXTENDED_HEADERS)
+        except OptionRefused as refused:
+            if refused.reply_type != c.NBD_REP_ERR_UNSUP:
+                raise
+            return False
+        self.structured = self.extended = True
+        return True
 
     async def list_exports(self) -> list[tuple[str, str]]:
         exports = []
@@ -277,8 +299,15 @@ class NbdClient:
         future = asyncio.get_running_loop().create_future()
         pending = _Pending(command, offset, length, future)
         self._pending[cookie] = pending
-        header = REQUEST_HEADER.pack(c.NBD_REQUEST_MAGIC, flags, command, cookie, offset,
-                                     length)
+        if self.extended:
+            if payload is not None:  # the length is the payload's (WRITE, status filter)
+                flags |= c.NBD_CMD_FLAG_PAYLOAD_LEN
+                length = len(payload)
+            header = EXTENDED_REQUEST_HEADER.pack(c.NBD_EXTENDED_REQUEST_MAGIC, flags, command,
+                                                  cookie, offset, length)
+        else:
+            header = REQUEST_HEADER.pack(c.NBD_REQUEST_MAGIC, flags, command, cookie, offset,
+                                         length)
         if payload is None:
             self.writer.write(header)
         else:
@@ -316,12 +345,15 @@ class NbdClient:
                 for context_id, extents in by_id.items()}
 
     async def walk_extents(self, context: str,
-                           span: int = 1 << 30) -> list[tuple[int, int, int]]:
+                           span: int | None = None) -> list[tuple[int, int, int]]:
         """(offset, length, flags) of one negotiated context over the whole export,
         neighbours with the same flags merged; BLOCK_STATUS asks up to span bytes at a
-        time. Raises ConnectionError if the server answers no extents for it."""
+        time (by default 1 GiB, or the whole export with extended headers). Raises
+        ConnectionError if the server answers no extents for it."""
         out: list[tuple[int, int, int]] = []
         offset, size = 0, self.size
+        if span is None:
+            span = size if self.extended else 1 << 30
         while offset < size:
             extents = (await self.block_status(offset, min(size - offset, span))).get(context)
             if not extents:
@@ -357,7 +389,12 @@ class NbdClient:
         self.writer.close()
 
     def _send_disc(self) -> None:
-        self.writer.write(REQUEST_HEADER.pack(c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_DISC, 0, 0, 0))
+        if self.extended:
+            self.writer.write(EXTENDED_REQUEST_HEADER.pack(c.NBD_EXTENDED_REQUEST_MAGIC, 0,
+                                                           c.NBD_CMD_DISC, 0, 0, 0))
+        else:
+            self.writer.write(REQUEST_HEADER.pack(c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_DISC, 0,
+                                                  0, 0))
 
     async def __aenter__(self) -> NbdClient:
         return self
@@ -383,9 +420,13 @@ class NbdClient:
                         pending.future.set_result(await readexactly(pending.length))
                     else:
                         pending.future.set_result(None)
-                elif magic == c.NBD_STRUCTURED_REPLY_MAGIC:
-                    _, flags, kind, cookie, length = CHUNK_HEADER.unpack(
-                        struct.pack(">I", magic) + await readexactly(16))
+                elif magic in (c.NBD_STRUCTURED_REPLY_MAGIC, c.NBD_EXTENDED_REPLY_MAGIC):
+                    if magic == c.NBD_EXTENDED_REPLY_MAGIC:
+                        _, flags, kind, cookie, _offset, length = EXTENDED_CHUNK_HEADER.unpack(
+                            struct.pack(">I", magic) + await readexactly(28))
+                    else:
+                        _, flags, kind, cookie, length = CHUNK_HEADER.unpack(
+                            struct.pack(">I", magic) + await readexactly(16))
                     if kind == c.NBD_REPLY_TYPE_OFFSET_DATA and length >= 8:
                         # The data apart from its offset: a whole READ in one chunk
                         # is then the result as it arrived, with no copy.
@@ -427,6 +468,10 @@ class NbdClient:
         elif kind == c.NBD_REPLY_TYPE_BLOCK_STATUS:
             (context_id,) = struct.unpack_from(">I", payload)
             words = struct.unpack_from(f">{(len(payload) - 4) // 4}I", payload, 4)
+            pending.extents[context_id] = list(zip(words[0::2], words[1::2], strict=True))
+        elif kind == c.NBD_REPLY_TYPE_BLOCK_STATUS_EXT:
+            context_id, count = struct.unpack_from(">II", payload)
+            words = struct.unpack_from(f">{2 * count}Q", payload, 8)
             pending.extents[context_id] = list(zip(words[0::2], words[1::2], strict=True))
         elif kind & 0x8000:
             error, length = struct.unpack_from(">IH", payload)

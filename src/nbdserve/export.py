@@ -15,6 +15,7 @@ import errno
 import logging
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -288,19 +289,30 @@ class Export:
         except OSError:
             pass
 
-    def block_status(self, context: str, offset: int, length: int, limit: int) -> bytes:
-        """One context's extents as BLOCK_STATUS descriptors, never past the request."""
+    def block_status(self, context: str, offset: int, length: int, limit: int,
+                     typecode: str = "I") -> bytes:
+        """One context's extents as BLOCK_STATUS descriptors, never past the request:
+        32-bit words, or with typecode "Q" BLOCK_STATUS_EXT's 64-bit ones."""
         if context == c.BASE_ALLOCATION:
-            return encode_words(self.image.allocation_words(
-                offset, length, limit, 0, c.NBD_STATE_HOLE | c.NBD_STATE_ZERO))
+            return encode_words(self.allocation_words(
+                offset, length, limit, 0, c.NBD_STATE_HOLE | c.NBD_STATE_ZERO, typecode))
         if context == c.QEMU_ALLOCATION_DEPTH:  # depth 1: in this (the only) layer
-            return encode_words(self.image.allocation_words(offset, length, limit, 1, 0))
-        if self.tracker is not None:
-            lengths, first_dirty = self.tracker.dirty_runs(context, offset, length, limit)
-            if first_dirty:
-                return alternating_descriptors(lengths, c.NBD_STATE_DIRTY, 0)
-            return alternating_descriptors(lengths, 0, c.NBD_STATE_DIRTY)
-        raise RequestError(errno.EINVAL, f"no metadata context {context!r}")
+            return encode_words(self.allocation_words(offset, length, limit, 1, 0, typecode))
+        lengths, first_dirty = self.dirty_runs(context, offset, length, limit)
+        if first_dirty:
+            return alternating_descriptors(lengths, c.NBD_STATE_DIRTY, 0, typecode)
+        return alternating_descriptors(lengths, 0, c.NBD_STATE_DIRTY, typecode)
+
+    def allocation_words(self, offset: int, length: int, limit: int, data: int, hole: int,
+                         typecode: str) -> array:
+        return self.image.allocation_words(offset, length, limit, data, hole, typecode)
+
+    def dirty_runs(self, context: str, offset: int, length: int,
+                   limit: int) -> tuple[list[int], bool]:
+        """A dirty bitmap's alternating clean and dirty runs (DirtyTracker.dirty_runs)."""
+        if self.tracker is None:
+            raise RequestError(errno.EINVAL, f"no metadata context {context!r}")
+        return self.tracker.dirty_runs(context, offset, length, limit)
 
     def describe(self) -> dict:
         """What status and the control socket report of this export."""

@@ -206,16 +206,17 @@ class RawImage:
         return zip(words[0::2], map(bool, words[1::2]), strict=True)
 
     def allocation_words(self, offset: int, length: int, limit: int, data: int,
-                         hole: int) -> array:
+                         hole: int, typecode: str = "I") -> array:
         """The runs covering [offset, offset+length) as [length, flags, length, flags,
         ...] (at most limit runs; flags are data or hole), ready to become BLOCK_STATUS
-        descriptors. Lengths must fit in 32 bits, as a request's length does.
+        descriptors: 32-bit words ("I"), as a compact request's length is, or 64-bit
+        ones ("Q") for BLOCK_STATUS_EXT.
 
         SEEK_DATA/SEEK_HOLE tell where data is; where the file system cannot say, the
         whole range is reported as data (always a safe answer). A map is mostly these
         calls, so the loop is kept flat: two calls per hole-and-data pair, no more.
         """
-        words = array("I")
+        words = array(typecode)
         append = words.append
         lseek, fd = os.lseek, self.fd
         end = offset + length + self.base  # the file's positions from here on

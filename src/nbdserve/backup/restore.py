@@ -164,8 +164,8 @@ class ChainImage:
         return pieces
 
     def allocation_words(self, offset: int, length: int, limit: int, data: int,
-                         hole: int) -> array:
-        words = array("I")
+                         hole: int, typecode: str = "I") -> array:
+        words = array(typecode)
         for start, end, piece in self.map.covering(offset, length):
             flags = data if piece is not None and piece.chunk.kind == "data" else hole
             if len(words) and words[-1] == flags:

@@ -66,6 +66,7 @@ class Session:
     transmission_flags: int
     meta_contexts: dict[int, str] = field(default_factory=dict)
     tls: bool = False
+    extended_headers: bool = False
 
 
 @dataclass(slots=True)
@@ -94,7 +95,7 @@ def encode_option_error(option: int, reply_type: int, message: str) -> bytes:
 
 
 _OPTIONS_WITHOUT_DATA = frozenset((c.NBD_OPT_ABORT, c.NBD_OPT_LIST, c.NBD_OPT_STARTTLS,
-                                   c.NBD_OPT_STRUCTURED_REPLY))
+                                   c.NBD_OPT_STRUCTURED_REPLY, c.NBD_OPT_EXTENDED_HEADERS))
 
 
 def parse_client_flags(data: bytes) -> tuple[bool, bool]:
@@ -167,7 +168,8 @@ def match_list_query(query: str, available: Sequence[str]) -> list[str]:
     return [query] if query in available else []
 
 
-def transmission_flags(export: ExportView, structured_replies: bool) -> int:
+def transmission_flags(export: ExportView, structured_replies: bool,
+                       status_payload: bool = False) -> int:
     flags = (
         c.NBD_FLAG_HAS_FLAGS
         | c.NBD_FLAG_SEND_FLUSH
@@ -188,6 +190,8 @@ def transmission_flags(export: ExportView, structured_replies: bool) -> int:
         flags |= c.NBD_FLAG_CAN_MULTI_CONN
     if structured_replies:
         flags |= c.NBD_FLAG_SEND_DF  # spec: DF only once structured replies are on
+    if status_payload:
+        flags |= c.NBD_FLAG_BLOCK_STATUS_PAYLOAD
     return flags
 
 
@@ -210,6 +214,7 @@ class OptionNegotiator:
         self.fixed_newstyle = False
         self.no_zeroes = False
         self.structured_replies = False
+        self.extended_headers = False
         self.options_seen = 0
         # The selection of the last SET_META_CONTEXT and the export it named.
         self.meta_export: str | None = None
@@ -252,6 +257,11 @@ class OptionNegotiator:
         if self.options_seen > self.max_options:
             return OptionResult(b"", Outcome.DISCONNECT, note="too many options")
         if option == c.NBD_OPT_EXPORT_NAME:
+            if self.extended_headers:
+                # Spec: a client that negotiated extended headers MUST NOT use it;
+                # there is no error reply for EXPORT_NAME.
+                return OptionResult(b"", Outcome.DISCONNECT,
+                                    note="EXPORT_NAME after EXTENDED_HEADERS")
             return self._export_name(payload)
         if not self.fixed_newstyle:
             # Only EXPORT_NAME exists for non-fixed clients; QEMU hangs up too.
@@ -333,14 +343,30 @@ class OptionNegotiator:
         """The TLS handshake succeeded: forget everything negotiated before it (spec)."""
         self.tls_active = True
         self.structured_replies = False
+        self.extended_headers = False
         self.meta_contexts = {}
         self.meta_export = None
 
     def _structured_reply(self, option: int, payload: bytes) -> OptionResult:
         if payload:
             raise OptionError(c.NBD_REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")
+        if self.extended_headers:
+            # Extended headers take precedence (as QEMU answers).
+            raise OptionError(c.NBD_REP_ERR_EXT_HEADER_REQD,
+                              "extended headers are negotiated already")
         if self.structured_replies:
             raise OptionError(c.NBD_REP_ERR_INVALID, "structured replies already negotiated")
+        self.structured_replies = True
+        return OptionResult(encode_option_reply(option, c.NBD_REP_ACK))
+
+    def _extended_headers(self, option: int, payload: bytes) -> OptionResult:
+        """32-byte requests and reply chunks with 64-bit lengths (docs/protocol.md).
+        Structured replies come with them (a client may have asked for those first)."""
+        if payload:
+            raise OptionError(c.NBD_REP_ERR_INVALID, "EXTENDED_HEADERS takes no data")
+        if self.extended_headers:
+            raise OptionError(c.NBD_REP_ERR_INVALID, "extended headers already negotiated")
+        self.extended_headers = True
         self.structured_replies = True
         return OptionResult(encode_option_reply(option, c.NBD_REP_ACK))
 
@@ -355,7 +381,7 @@ class OptionNegotiator:
             raise OptionError(c.NBD_REP_ERR_POLICY,
                               f"export {name!r} is at its limit of {export.max_connections} "
                               "connections")
-        session = self._session(export)
+        session = self._session(export, informing=option == c.NBD_OPT_INFO)
         replies = [
             self._info(option, INFO_EXPORT.pack(c.NBD_INFO_EXPORT, export.size,
                                                 session.transmission_flags)),
@@ -417,6 +443,7 @@ class OptionNegotiator:
         c.NBD_OPT_INFO: _info_or_go,
         c.NBD_OPT_GO: _info_or_go,
         c.NBD_OPT_STRUCTURED_REPLY: _structured_reply,
+        c.NBD_OPT_EXTENDED_HEADERS: _extended_headers,
         c.NBD_OPT_LIST_META_CONTEXT: _list_meta_context,
         c.NBD_OPT_SET_META_CONTEXT: _set_meta_context,
     }
@@ -439,15 +466,21 @@ class OptionNegotiator:
     def _needs_tls(self, export: ExportView) -> bool:
         return self.tls_mode == "optional" and export.tls_required and not self.tls_active
 
-    def _session(self, export: ExportView) -> Session:
+    def _session(self, export: ExportView, informing: bool = False) -> Session:
         # Contexts chosen by SET for another export do not carry over (spec).
         contexts = dict(self.meta_contexts) if self.meta_export == export.name else {}
+        # BLOCK_STATUS_PAYLOAD: with extended headers, and (spec: SHOULD NOT
+        # otherwise) only when GO enters transmission with contexts selected; INFO
+        # announces it, as QEMU does.
+        status_payload = self.extended_headers and (informing or bool(contexts))
         return Session(
             export=export,
             structured_replies=self.structured_replies,
-            transmission_flags=transmission_flags(export, self.structured_replies),
+            transmission_flags=transmission_flags(export, self.structured_replies,
+                                                  status_payload),
             meta_contexts=contexts,
             tls=self.tls_active,
+            extended_headers=self.extended_headers,
         )
 
     @staticmethod

@@ -21,12 +21,21 @@ from nbdserve.protocol import ProtocolViolation
 from nbdserve.protocol import constants as c
 
 REQUEST_HEADER = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+# Extended headers (NBD_OPT_EXTENDED_HEADERS): the same fields, a 64-bit length.
+EXTENDED_REQUEST_HEADER = struct.Struct(">IHHQQQ")
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 CHUNK_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
 OFFSET_DATA_HEADER = struct.Struct(">IHHQIQ")  # chunk header + offset
 OFFSET_HOLE_CHUNK = struct.Struct(">IHHQIQI")  # chunk header + offset + hole size
 ERROR_CHUNK_HEADER = struct.Struct(">IHHQIIH")  # chunk header + error + message length
 BLOCK_STATUS_HEADER = struct.Struct(">IHHQII")  # chunk header + context id
+# Extended reply chunks: magic, flags, type, cookie, the request's offset, a 64-bit
+# payload length; then each type's fields as in the compact form.
+EXTENDED_CHUNK_HEADER = struct.Struct(">IHHQQQ")
+EXTENDED_OFFSET_DATA_HEADER = struct.Struct(">IHHQQQQ")  # + offset
+EXTENDED_OFFSET_HOLE_CHUNK = struct.Struct(">IHHQQQQI")  # + offset + hole size
+EXTENDED_ERROR_CHUNK_HEADER = struct.Struct(">IHHQQQIH")  # + error + message length
+EXTENDED_BLOCK_STATUS_HEADER = struct.Struct(">IHHQQQII")  # + context id + count
 
 _WRITE_COMMANDS = (c.NBD_CMD_WRITE, c.NBD_CMD_WRITE_ZEROES, c.NBD_CMD_TRIM)
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
@@ -42,7 +51,8 @@ class RequestValidator:
     __slots__ = ("size", "read_only", "discard_only", "allowed_flags", "has_contexts")
 
     def __init__(self, size: int, transmission_flags: int, structured_replies: bool,
-                 has_contexts: bool, discard_only: bool = False) -> None:
+                 has_contexts: bool, discard_only: bool = False,
+                 extended_headers: bool = False) -> None:
         self.size = size
         self.read_only = bool(transmission_flags & c.NBD_FLAG_READ_ONLY)
         # A snapshot export: not flagged read-only (TRIM is how a client releases what
@@ -55,15 +65,20 @@ class RequestValidator:
         zero_flags = fua | c.NBD_CMD_FLAG_NO_HOLE
         if transmission_flags & c.NBD_FLAG_SEND_FAST_ZERO:
             zero_flags |= c.NBD_CMD_FLAG_FAST_ZERO
+        # Extended headers: PAYLOAD_LEN on WRITE (where it is the rule), and on
+        # BLOCK_STATUS once BLOCK_STATUS_PAYLOAD is advertised.
+        payload_len = c.NBD_CMD_FLAG_PAYLOAD_LEN if extended_headers else 0
+        status_payload = payload_len if \
+            transmission_flags & c.NBD_FLAG_BLOCK_STATUS_PAYLOAD else 0
         self.allowed_flags = {
             c.NBD_CMD_READ: fua | (c.NBD_CMD_FLAG_DF if structured_replies else 0),
-            c.NBD_CMD_WRITE: fua,
+            c.NBD_CMD_WRITE: fua | payload_len,
             c.NBD_CMD_DISC: fua,
             c.NBD_CMD_FLUSH: fua,
             c.NBD_CMD_TRIM: fua,
             c.NBD_CMD_CACHE: fua,
             c.NBD_CMD_WRITE_ZEROES: zero_flags,
-            c.NBD_CMD_BLOCK_STATUS: fua | c.NBD_CMD_FLAG_REQ_ONE,
+            c.NBD_CMD_BLOCK_STATUS: fua | c.NBD_CMD_FLAG_REQ_ONE | status_payload,
         }
 
     def check(self, command: int, flags: int, offset: int, length: int) -> tuple[int, str]:
@@ -104,11 +119,14 @@ DISCONNECT = -1  # what frame() returns for NBD_CMD_DISC
 class TransmissionRules:
     """Framing and validation of one connection's requests, with its phase."""
 
-    __slots__ = ("validator", "phase", "check")
+    __slots__ = ("validator", "phase", "check", "frame")
 
-    def __init__(self, validator: RequestValidator, stopping: bool = False) -> None:
+    def __init__(self, validator: RequestValidator, stopping: bool = False,
+                 extended_headers: bool = False) -> None:
         self.validator = validator
         self.phase = Phase.SERVING
+        # frame(magic, flags, command, length): one per header format.
+        self.frame = self._frame_extended if extended_headers else self._frame_compact
         # check(command, flags, offset, length) -> (0, "") or (NBD error, reason): the
         # validator's while serving, ESHUTDOWN for everything once stopping. Bound
         # per phase, so the per-request call is the rule itself.
@@ -116,7 +134,7 @@ class TransmissionRules:
         if stopping:
             self.stop()
 
-    def frame(self, magic: int, command: int, length: int) -> int:
+    def _frame_compact(self, magic: int, flags: int, command: int, length: int) -> int:
         """Payload bytes that follow this header (a WRITE's length, else 0), or
         DISCONNECT for DISC. Raises ProtocolViolation when the only safe answer is to
         hang up: after a bad magic or an unreadable payload the stream is out of step."""
@@ -133,6 +151,25 @@ class TransmissionRules:
         if command == c.NBD_CMD_DISC:
             self.phase = Phase.CLOSED
             return DISCONNECT
+        return 0
+
+    def _frame_extended(self, magic: int, flags: int, command: int, length: int) -> int:
+        """The same for a 32-byte request. With PAYLOAD_LEN the length is the payload's
+        (any command: one that takes none is read and then refused); without it, the
+        effect length and no payload, except for WRITE, whose length is its payload
+        either way: QEMU 10's client sends WRITE without the flag, and QEMU's server
+        takes it (docs/protocol.md)."""
+        if magic != c.NBD_EXTENDED_REQUEST_MAGIC:
+            self.phase = Phase.CLOSED
+            raise ProtocolViolation(f"bad extended request magic 0x{magic:x}")
+        if command == c.NBD_CMD_DISC:
+            self.phase = Phase.CLOSED
+            return DISCONNECT
+        if command == c.NBD_CMD_WRITE or flags & c.NBD_CMD_FLAG_PAYLOAD_LEN:
+            if length > c.MAX_PAYLOAD:
+                self.phase = Phase.CLOSED
+                raise ProtocolViolation(f"request payload of {length} bytes")
+            return length
         return 0
 
     @staticmethod
@@ -189,13 +226,14 @@ def encode_words(words: array) -> bytes:
     return words.tobytes()
 
 
-def alternating_descriptors(lengths: list[int], first: int, second: int) -> bytes:
+def alternating_descriptors(lengths: list[int], first: int, second: int,
+                            typecode: str = "I") -> bytes:
     """Descriptors for runs whose flags alternate (first, second, first, ...), as a
-    dirty bitmap's clean and dirty runs do."""
+    dirty bitmap's clean and dirty runs do; typecode "Q" for BLOCK_STATUS_EXT."""
     count = len(lengths)
-    words = array("I", bytes(8 * count))
-    words[0::2] = array("I", lengths)
-    words[1::2] = array("I", ([first, second] * ((count + 1) // 2))[:count])
+    words = array(typecode, bytes(2 * array(typecode).itemsize * count))
+    words[0::2] = array(typecode, lengths)
+    words[1::2] = array(typecode, ([first, second] * ((count + 1) // 2))[:count])
     return encode_words(words)
 
 
@@ -203,4 +241,60 @@ def block_status_chunk(cookie: int, context_id: int, descriptors: bytes, done: b
     return BLOCK_STATUS_HEADER.pack(
         c.NBD_STRUCTURED_REPLY_MAGIC, c.NBD_REPLY_FLAG_DONE if done else 0,
         c.NBD_REPLY_TYPE_BLOCK_STATUS, cookie, 4 + len(descriptors), context_id,
+    ) + descriptors
+
+
+# -- extended headers ---------------------------------------------------------------------
+
+STATUS_PAYLOAD_HEAD = struct.Struct(">Q")
+
+
+def parse_status_payload(payload: bytes, contexts: dict[int, str]) -> tuple[int, list[int]]:
+    """A BLOCK_STATUS payload (BLOCK_STATUS_PAYLOAD): the u64 effect length, then the
+    u32 ids of the contexts to answer for, each selected once. Raises ValueError."""
+    if len(payload) < 12 or (len(payload) - 8) % 4:
+        raise ValueError(f"a block status payload of {len(payload)} bytes")
+    (effect,) = STATUS_PAYLOAD_HEAD.unpack_from(payload)
+    ids = list(struct.unpack_from(f">{(len(payload) - 8) // 4}I", payload, 8))
+    if len(set(ids)) != len(ids) or not all(i in contexts for i in ids):
+        raise ValueError("a block status payload naming a context twice or one not selected")
+    return effect, ids
+
+
+def extended_none_chunk(cookie: int, offset: int) -> bytes:
+    return EXTENDED_CHUNK_HEADER.pack(c.NBD_EXTENDED_REPLY_MAGIC, c.NBD_REPLY_FLAG_DONE,
+                                      c.NBD_REPLY_TYPE_NONE, cookie, offset, 0)
+
+
+def extended_error_chunk(cookie: int, offset: int, error: int, message: str) -> bytes:
+    text = message.encode()[: c.MAX_ERROR_MESSAGE]
+    return EXTENDED_ERROR_CHUNK_HEADER.pack(
+        c.NBD_EXTENDED_REPLY_MAGIC, c.NBD_REPLY_FLAG_DONE, c.NBD_REPLY_TYPE_ERROR,
+        cookie, offset, 6 + len(text), error, len(text),
+    ) + text
+
+
+def extended_offset_data_header(cookie: int, offset: int, position: int, length: int,
+                                done: bool) -> bytes:
+    return EXTENDED_OFFSET_DATA_HEADER.pack(
+        c.NBD_EXTENDED_REPLY_MAGIC, c.NBD_REPLY_FLAG_DONE if done else 0,
+        c.NBD_REPLY_TYPE_OFFSET_DATA, cookie, offset, 8 + length, position,
+    )
+
+
+def extended_offset_hole_chunk(cookie: int, offset: int, position: int, length: int,
+                               done: bool) -> bytes:
+    return EXTENDED_OFFSET_HOLE_CHUNK.pack(
+        c.NBD_EXTENDED_REPLY_MAGIC, c.NBD_REPLY_FLAG_DONE if done else 0,
+        c.NBD_REPLY_TYPE_OFFSET_HOLE, cookie, offset, 12, position, length,
+    )
+
+
+def extended_block_status_chunk(cookie: int, offset: int, context_id: int,
+                                descriptors: bytes, done: bool) -> bytes:
+    """BLOCK_STATUS_EXT: descriptors are (u64 length, u64 flags) pairs."""
+    return EXTENDED_BLOCK_STATUS_HEADER.pack(
+        c.NBD_EXTENDED_REPLY_MAGIC, c.NBD_REPLY_FLAG_DONE if done else 0,
+        c.NBD_REPLY_TYPE_BLOCK_STATUS_EXT, cookie, offset, 8 + len(descriptors),
+        context_id, len(descriptors) // 16,
     ) + descriptors

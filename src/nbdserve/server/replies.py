@@ -22,6 +22,11 @@ from nbdserve.protocol import constants as c
 from nbdserve.protocol.transmission import (
     block_status_chunk,
     error_chunk,
+    extended_block_status_chunk,
+    extended_error_chunk,
+    extended_none_chunk,
+    extended_offset_data_header,
+    extended_offset_hole_chunk,
     none_chunk,
     offset_data_header,
     offset_hole_chunk,
@@ -37,10 +42,14 @@ Pieces = list[tuple[int, int, "bytes | bytearray | None"]]
 
 class ReplyWriter:
     def __init__(self, transport, export: Export, structured: bool, peer: str,
-                 sock: socket.socket | None, unix: bool = False) -> None:
+                 sock: socket.socket | None, unix: bool = False,
+                 extended: bool = False) -> None:
         self.transport = transport
         self.export = export
-        self.structured = structured
+        # Extended headers: every reply is a 32-byte chunk that echoes the request's
+        # offset, so each method takes it (compact replies ignore it).
+        self.extended = extended
+        self.structured = structured or extended
         self.peer = peer
         self.errors = export.stats.errors
         self.out: list[bytes | bytearray] = []  # replies not yet handed to the transport
@@ -67,47 +76,66 @@ class ReplyWriter:
 
     # -- framing --------------------------------------------------------------------------------
 
-    def ok(self, cookie: int) -> None:
-        self.out.append(simple_reply(cookie))
+    def ok(self, cookie: int, offset: int) -> None:
+        if self.extended:  # no simple replies: a NONE chunk
+            self.out.append(extended_none_chunk(cookie, offset))
+        else:
+            self.out.append(simple_reply(cookie))
 
-    def fail(self, command: int, cookie: int, flags: int, exc: BaseException) -> None:
+    def fail(self, command: int, cookie: int, flags: int, exc: BaseException,
+             offset: int) -> None:
         """The one failure path for a request that raised: its NBD error depends on
         the request's flags (errors.nbd_error)."""
-        self.refuse(command, cookie, nbd_error(exc, flags), error_message(exc))
+        self.refuse(command, cookie, nbd_error(exc, flags), error_message(exc), offset)
 
-    def refuse(self, command: int, cookie: int, error: int, reason: str) -> None:
+    def refuse(self, command: int, cookie: int, error: int, reason: str,
+               offset: int) -> None:
         """An error reply: a structured error chunk, or a simple reply's error field."""
         self.errors[command if command < OTHER else OTHER] += 1
         if error != c.NBD_ESHUTDOWN:
             log.info("%s: %s failed: %s (%s)", self.peer,
                      c.COMMAND_NAMES.get(command, command), reason,
                      ERROR_NAMES.get(error, error))
-        if self.structured:
+        if self.extended:
+            self.out.append(extended_error_chunk(cookie, offset, error, reason))
+        elif self.structured:
             self.out.append(error_chunk(cookie, error, reason))
         else:
             self.out.append(simple_reply(cookie, error))
 
-    def read_data(self, cookie: int, pieces: Pieces) -> None:
+    def read_data(self, cookie: int, pieces: Pieces, offset: int) -> None:
         """A READ reply: data and (structured, non-DF) hole pieces covering the request."""
         chunks = self.out
         if not self.structured:
             chunks += (simple_reply(cookie), pieces[0][2])
             return
         if pieces[0][1] == 0:
-            chunks.append(none_chunk(cookie))
+            if self.extended:
+                self.ok(cookie, offset)
+            else:
+                chunks.append(none_chunk(cookie))
             return
         last = len(pieces) - 1
+        extended = self.extended
         for index, (position, run, data) in enumerate(pieces):
             done = index == last
             if data is None:
-                chunks.append(offset_hole_chunk(cookie, position, run, done))
+                chunks.append(extended_offset_hole_chunk(cookie, offset, position, run, done)
+                              if extended else offset_hole_chunk(cookie, position, run, done))
             else:
-                chunks.append(offset_data_header(cookie, position, run, done))
+                chunks.append(extended_offset_data_header(cookie, offset, position, run, done)
+                              if extended else offset_data_header(cookie, position, run, done))
                 chunks.append(data)
 
-    def block_status(self, cookie: int, chunks: list[tuple[int, bytes]]) -> None:
-        """One chunk per (context id, descriptors), the last flagged DONE."""
+    def block_status(self, cookie: int, chunks: list[tuple[int, bytes]], offset: int) -> None:
+        """One chunk per (context id, descriptors), the last flagged DONE: BLOCK_STATUS,
+        or BLOCK_STATUS_EXT (64-bit descriptors) with extended headers."""
         last = len(chunks) - 1
+        if self.extended:
+            self.out.extend(extended_block_status_chunk(cookie, offset, context_id,
+                                                        descriptors, index == last)
+                            for index, (context_id, descriptors) in enumerate(chunks))
+            return
         self.out.extend(block_status_chunk(cookie, context_id, descriptors, index == last)
                         for index, (context_id, descriptors) in enumerate(chunks))
 
@@ -129,12 +157,15 @@ class ReplyWriter:
         runs = export.data_runs(offset, length, sparse)
         if runs is None:
             return False
-        structured = self.structured
+        structured, extended = self.structured, self.extended
         heads = [] if structured else [simple_reply(cookie)]
         position = offset
         last = len(runs) - 1
         for index, (run, is_data) in enumerate(runs):
-            if structured:
+            if extended:
+                chunk = extended_offset_data_header if is_data else extended_offset_hole_chunk
+                heads.append(chunk(cookie, offset, position, run, index == last))
+            elif structured:
                 chunk = offset_data_header if is_data else offset_hole_chunk
                 heads.append(chunk(cookie, position, run, index == last))
             if is_data:

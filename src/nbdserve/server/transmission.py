@@ -25,9 +25,11 @@ from nbdserve.protocol import constants as c
 from nbdserve.protocol.options import Session
 from nbdserve.protocol.transmission import (
     DISCONNECT,
+    EXTENDED_REQUEST_HEADER,
     REQUEST_HEADER,
     RequestValidator,
     TransmissionRules,
+    parse_status_payload,
 )
 from nbdserve.server.polling import Poller
 from nbdserve.server.replies import ReplyWriter
@@ -55,13 +57,20 @@ class Transmission:
         self.export: Export = session.export  # type: ignore[assignment]
         self.structured = session.structured_replies
         self.contexts = session.meta_contexts
+        # Extended headers: 32-byte requests, 64-bit lengths, extended reply chunks
+        # echoing the request's offset, and BLOCK_STATUS_EXT's 64-bit descriptors.
+        extended = session.extended_headers
+        self.request_header = EXTENDED_REQUEST_HEADER if extended else REQUEST_HEADER
+        self.status_typecode = "Q" if extended else "I"
         self.rules = TransmissionRules(RequestValidator(
             self.export.size, session.transmission_flags, session.structured_replies,
-            bool(session.meta_contexts), self.export.discard_only), stopping)
+            bool(session.meta_contexts), self.export.discard_only, extended), stopping,
+            extended)
         # Under TLS the socket's bytes are ciphertext: no sendfile, splice or polling.
         plain = sock if sock is not None and not session.tls else None
         self.replies = ReplyWriter(self.transport, self.export, self.structured, peer, plain,
-                                   unix)
+                                   unix, extended)
+        self.status_filter: list[int] | None = None  # BLOCK_STATUS_PAYLOAD's selection
         self.executor = executor
         self.peer = peer
         self.loop = stream.loop
@@ -93,21 +102,23 @@ class Transmission:
         take_struct, read_struct = stream.take_struct, stream.read_struct
         write_buffer_size = self.transport.get_write_buffer_size
         replies = self.replies
+        request_header = self.request_header
         try:
             while True:
                 if self.held_up or write_buffer_size() > WRITE_BUFFER_HIGH:
                     await self.wait_for_client()  # our own backlog first
                 # Pipelined requests are already here: no coroutine for those.
-                header = take_struct(REQUEST_HEADER)
+                header = take_struct(request_header)
                 if header is None:  # not here yet: send what is ready, then wait
                     polled_from = self.prepare_to_wait()
-                    header = await read_struct(REQUEST_HEADER)
+                    header = await read_struct(request_header)
                     if polled_from:
                         self.poller.adapt(time.perf_counter_ns() - polled_from)
                 elif len(replies.out) > BATCH_MAX:
                     replies.flush()
                 magic, flags, command, cookie, offset, length = header
-                if rules.frame(magic, command, length) == DISCONNECT:
+                wanted = rules.frame(magic, flags, command, length)
+                if wanted == DISCONNECT:
                     log.debug("%s: client disconnected (DISC)", self.peer)
                     if self.hang_up():
                         await asyncio.sleep(0)  # let the loop close it before the rest
@@ -121,10 +132,15 @@ class Transmission:
                         await self.write_spliced(flags, cookie, offset, length, started)
                         continue
                     payload = await stream.read_payload(length)
+                elif wanted:  # extended headers: a payload on another command
+                    data = b"".join(await stream.read_payload(wanted))
+                    error, reason, length = self.other_payload(command, flags, offset, data,
+                                                               error, reason)
+                    payload = None
                 else:
                     payload = None
                 if error:
-                    replies.refuse(command, cookie, error, reason)
+                    replies.refuse(command, cookie, error, reason, offset)
                 elif self.handle(command, flags, cookie, offset, length, payload,
                                  started) and started:
                     stats.observe(clock() - started)
@@ -140,6 +156,24 @@ class Transmission:
             await self.finish_inflight()
             if self.splicer is not None:
                 self.splicer.close()
+
+    def other_payload(self, command: int, flags: int, offset: int, data: bytes, error: int,
+                      reason: str) -> tuple[int, str, int]:
+        """A payload on a command other than WRITE (read already, to stay in step):
+        BLOCK_STATUS_PAYLOAD's effect length and contexts, else EINVAL. Returns the
+        error and reason, and the request's effect length."""
+        if command != c.NBD_CMD_BLOCK_STATUS or not flags & c.NBD_CMD_FLAG_PAYLOAD_LEN:
+            return error or c.NBD_EINVAL, reason or "this command takes no payload", 0
+        if flags & ~self.rules.validator.allowed_flags[command]:
+            return error, reason, 0  # PAYLOAD_LEN without BLOCK_STATUS_PAYLOAD, say
+        # The header's length was the payload's: the checks that matter use the
+        # effect length the payload gives.
+        try:
+            effect, self.status_filter = parse_status_payload(data, self.contexts)
+        except ValueError as exc:
+            return c.NBD_EINVAL, str(exc), 0
+        error, reason = self.rules.check(command, flags, offset, effect)
+        return error, reason, effect
 
     def prepare_to_wait(self) -> int:
         """Before waiting for the client: send the queued replies, and let a lone busy
@@ -185,10 +219,10 @@ class Transmission:
                     try:
                         pieces = export.read(offset, length, sparse, nowait=True)
                     except OSError as exc:
-                        replies.fail(command, cookie, flags, exc)
+                        replies.fail(command, cookie, flags, exc, offset)
                         return True
                     if pieces is not None:
-                        replies.read_data(cookie, pieces)
+                        replies.read_data(cookie, pieces, offset)
                         return True
             self.spawn(self.slow_read(cookie, offset, length, flags, sparse), length, started)
             return False
@@ -197,11 +231,11 @@ class Transmission:
             try:
                 export.write(offset, length, payload)
             except OSError as exc:
-                replies.fail(command, cookie, flags, exc)
+                replies.fail(command, cookie, flags, exc, offset)
                 return True
             if flags & c.NBD_CMD_FLAG_FUA:
-                return self.in_thread(command, cookie, flags, export.flush, started)
-            replies.ok(cookie)
+                return self.in_thread(command, cookie, flags, export.flush, started, offset)
+            replies.ok(cookie, offset)
             return True
         if command == c.NBD_CMD_WRITE_ZEROES:
             may_punch = not flags & c.NBD_CMD_FLAG_NO_HOLE
@@ -209,25 +243,31 @@ class Transmission:
 
             def zero() -> None:
                 export.zero(offset, length, may_punch=may_punch, fast_only=fast_only)
-            return self.in_thread(command, cookie, flags, zero, started)
+            return self.in_thread(command, cookie, flags, zero, started, offset)
         if command == c.NBD_CMD_TRIM:
             return self.in_thread(command, cookie, flags,
-                                  lambda: export.trim(offset, length), started)
+                                  lambda: export.trim(offset, length), started, offset)
         if command == c.NBD_CMD_FLUSH:
-            return self.in_thread(command, cookie, flags, export.flush, started)
+            return self.in_thread(command, cookie, flags, export.flush, started, offset)
         if command == c.NBD_CMD_CACHE:
             export.cache(offset, length)
-            replies.ok(cookie)
+            replies.ok(cookie, offset)
             return True
         if command == c.NBD_CMD_BLOCK_STATUS:
             limit = 1 if flags & c.NBD_CMD_FLAG_REQ_ONE else c.MAX_EXTENTS_PER_CHUNK
+            selected = self.contexts.items()
+            if self.status_filter is not None:  # BLOCK_STATUS_PAYLOAD named some
+                selected = [(i, self.contexts[i]) for i in self.status_filter]
+                self.status_filter = None
+            typecode = self.status_typecode
             try:
-                chunks = [(context_id, export.block_status(name, offset, length, limit))
-                          for context_id, name in self.contexts.items()]
+                chunks = [(context_id, export.block_status(name, offset, length, limit,
+                                                           typecode))
+                          for context_id, name in selected]
             except OSError as exc:  # a context that went away since SET, say
-                replies.fail(command, cookie, flags, exc)
+                replies.fail(command, cookie, flags, exc, offset)
                 return True
-            replies.block_status(cookie, chunks)
+            replies.block_status(cookie, chunks, offset)
             return True
         raise AssertionError(f"command {command} passed validation")  # pragma: no cover
 
@@ -263,12 +303,13 @@ class Transmission:
         finally:
             stream.resume_reading()
         if error is not None:
-            self.replies.fail(c.NBD_CMD_WRITE, cookie, flags, error)
+            self.replies.fail(c.NBD_CMD_WRITE, cookie, flags, error, offset)
         elif flags & c.NBD_CMD_FLAG_FUA:
-            self.in_thread(c.NBD_CMD_WRITE, cookie, flags, self.export.flush, started)
+            self.in_thread(c.NBD_CMD_WRITE, cookie, flags, self.export.flush, started,
+                           offset)
             return
         else:
-            self.replies.ok(cookie)
+            self.replies.ok(cookie, offset)
         if started:
             self.export.stats.observe(time.perf_counter() - started)
 
@@ -293,22 +334,22 @@ class Transmission:
         task.add_done_callback(done)
 
     def in_thread(self, command: int, cookie: int, flags: int, work: Callable[[], None],
-                  started: float) -> bool:
+                  started: float, offset: int) -> bool:
         """Run work in a worker thread; reply when it is done. Returns False (the
         reply comes from the task)."""
-        self.spawn(self._in_thread(command, cookie, flags, work), 0, started)
+        self.spawn(self._in_thread(command, cookie, flags, work, offset), 0, started)
         return False
 
     async def _in_thread(self, command: int, cookie: int, flags: int,
-                         work: Callable[[], None]) -> None:
+                         work: Callable[[], None], offset: int) -> None:
         try:
             await self.loop.run_in_executor(self.executor, work)
         except Exception as exc:  # never let one request take the connection down
             if not isinstance(exc, OSError):
                 log.exception("%s: request failed", self.peer)
-            self.replies.fail(command, cookie, flags, exc)
+            self.replies.fail(command, cookie, flags, exc, offset)
         else:
-            self.replies.ok(cookie)
+            self.replies.ok(cookie, offset)
         self.replies.flush()
 
     async def slow_read(self, cookie: int, offset: int, length: int, flags: int,
@@ -323,9 +364,9 @@ class Transmission:
         try:
             pieces = await self.loop.run_in_executor(self.executor, read)
         except OSError as exc:
-            self.replies.fail(c.NBD_CMD_READ, cookie, flags, exc)
+            self.replies.fail(c.NBD_CMD_READ, cookie, flags, exc, offset)
         else:
-            self.replies.read_data(cookie, pieces)
+            self.replies.read_data(cookie, pieces, offset)
         self.replies.flush()
 
     # -- end of the connection ---------------------------------------------------------------------

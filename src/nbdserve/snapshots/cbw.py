@@ -290,11 +290,11 @@ class Snapshot:
             self.scratch.is_cached(offset, length)
 
     def allocation_words(self, offset: int, length: int, limit: int, data: int,
-                         hole: int) -> array:
+                         hole: int, typecode: str = "I") -> array:
         """base:allocation as of the instant, as RawImage.allocation_words gives it.
         Granules the snapshot does not hold are reported as data (safe)."""
         def read(plan):
-            words = array("I")
+            words = array(typecode)
             for start, end, source in plan:
                 if len(words) >= 2 * limit:
                     break
@@ -303,7 +303,8 @@ class Snapshot:
                     continue
                 image = self.image if source == LIVE else self.scratch
                 words.extend(image.allocation_words(start, end - start,
-                                                    limit - len(words) // 2, data, hole))
+                                                    limit - len(words) // 2, data, hole,
+                                                    typecode))
             return words
         words = self._consistently(offset, length, read, nowait=False, unheld_ok=True)
         del words[2 * limit:]

@@ -14,13 +14,13 @@ copy: removing or clearing the bitmap later does not change what the snapshot sa
 from __future__ import annotations
 
 import errno
+from array import array
 from collections.abc import Iterable, Sequence
 
 from nbdserve.config import ExportConfig
 from nbdserve.errors import RequestError
 from nbdserve.export import Export
 from nbdserve.protocol import constants as c
-from nbdserve.protocol.transmission import alternating_descriptors, encode_words
 from nbdserve.snapshots.cbw import Snapshot
 
 
@@ -75,17 +75,16 @@ class SnapshotExport(Export):
     def send_to(self, sockfd: int, offset: int, count: int) -> int:
         return self.snapshot.send_to(sockfd, offset, count)
 
-    def block_status(self, context: str, offset: int, length: int, limit: int) -> bytes:
+    def allocation_words(self, offset: int, length: int, limit: int, data: int, hole: int,
+                         typecode: str) -> array:
+        return self.snapshot.allocation_words(offset, length, limit, data, hole, typecode)
+
+    def dirty_runs(self, context: str, offset: int, length: int,
+                   limit: int) -> tuple[list[int], bool]:
         snapshot = self.snapshot
-        if context == c.BASE_ALLOCATION:
-            return encode_words(snapshot.allocation_words(
-                offset, length, limit, 0, c.NBD_STATE_HOLE | c.NBD_STATE_ZERO))
         if snapshot.dirty is not None and \
                 context == c.QEMU_DIRTY_BITMAP_PREFIX + (snapshot.bitmap or ""):
-            lengths, first_dirty = snapshot.dirty.runs(offset, length, limit)
-            if first_dirty:
-                return alternating_descriptors(lengths, c.NBD_STATE_DIRTY, 0)
-            return alternating_descriptors(lengths, 0, c.NBD_STATE_DIRTY)
+            return snapshot.dirty.runs(offset, length, limit)
         raise RequestError(errno.EINVAL, f"no metadata context {context!r}")
 
     # -- the rest --------------------------------------------------------------------------
