@@ -36,6 +36,35 @@ if ((${#missing[@]})); then
         "${missing[@]}" >/dev/null
 fi
 
+if [ "$mode" = full ] && [ ! -x .venv/qemu-10/usr/bin/qemu-nbd ]; then
+    # QEMU 10 (extended headers on both sides) for the tests, unpacked beside the 7.2
+    # tools, which stay what the rest of the suite drives. The backports suite is read
+    # through a private apt state: the system's sources are left as they are.
+    echo "setup: unpacking qemu-utils 10 from bookworm-backports into .venv/qemu-10"
+    work=$(mktemp -d)
+    mkdir -p "$work/parts" "$work/lists/partial" "$work/cache/archives/partial"
+    cat >"$work/parts/backports.sources" <<'SOURCES'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+    private=(-o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts="$work/parts"
+             -o Dir::State::Lists="$work/lists" -o Dir::Cache="$work/cache")
+    apt-get "${private[@]}" update -qq
+    (cd "$work" && apt-get "${private[@]}" download -qq qemu-utils/bookworm-backports \
+        2>&1 | grep -v "unsandboxed" || true)
+    mkdir -p .venv
+    dpkg -x "$work"/qemu-utils_*.deb .venv/qemu-10
+    rm -rf "$work"
+    if ldd .venv/qemu-10/usr/bin/qemu-nbd | grep -q "not found"; then
+        echo "setup: QEMU 10 misses libraries:" >&2
+        ldd .venv/qemu-10/usr/bin/qemu-nbd | grep "not found" >&2
+        exit 1
+    fi
+fi
+
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv

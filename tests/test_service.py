@@ -344,7 +344,7 @@ async def test_status_shows_exports_connections_and_bitmaps(three_exports):
                                    "--json").stdout)
             (conn,) = [c for c in state["connections"] if c["state"] == "transmission"]
             assert conn["export"] == "a"
-            assert conn["features"] == ["structured-replies", "qemu:dirty-bitmap:daily"]
+            assert conn["features"] == ["extended-headers", "qemu:dirty-bitmap:daily"]
             assert conn["requests"] == 1 and conn["in_flight"] == 0
             exports = {e["name"]: e for e in state["exports"]}
             assert exports["a"]["connections"] == 1

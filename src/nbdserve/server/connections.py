@@ -252,7 +252,10 @@ class Connections:
         stream = connection.stream
         export = session.export
         features = ["tls"] if session.tls else []
-        features += ["structured-replies"] if session.structured_replies else []
+        if session.extended_headers:
+            features.append("extended-headers")
+        elif session.structured_replies:
+            features.append("structured-replies")
         features += list(session.meta_contexts.values())
         connection.session = session
         connection.features = features
