@@ -125,9 +125,10 @@ def make_servers(kind_images: dict[str, Path], workdir: Path, tcp: bool,
             where = ["-b", listen[0], "-p", listen[1]] if tcp else ["-k", address]
             argv = [str(ROOT / ".venv/bin/nbdserve"), "serve", str(image), *where,
                     "--log-level", "warning", *nbdserve_args]
-        elif name == "qemu-nbd":
+        elif name in ("qemu-nbd", "qemu-nbd-10"):
             where = ["-b", listen[0], "-p", listen[1]] if tcp else ["-k", address]
-            argv = ["qemu-nbd", "-f", "raw", "-t", "-e", "0", *where, str(image)]  # unlimited
+            binary = "qemu-nbd" if name == "qemu-nbd" else str(QEMU10 / "qemu-nbd")
+            argv = [binary, "-f", "raw", "-t", "-e", "0", *where, str(image)]  # unlimited
         else:
             where = ["-i", listen[0], "-p", listen[1]] if tcp else ["-U", address]
             argv = ["nbdkit", "-f", *where, "file", str(image)]
@@ -328,28 +329,28 @@ def machine() -> dict:
 
 
 def print_table(results: list[dict]) -> None:
-    header = f"{'workload':34} {'unit':7} {'nbdserve':>12} {'qemu-nbd':>12} {'nbdkit':>12}" \
-             f" {'vs qemu-nbd':>12} {'vs nbdkit':>10}"
+    header = f"{'workload':44} {'unit':7} {'nbdserve':>12} {'qemu-nbd':>12} {'nbdkit':>12}" \
+             f" {'vs qemu-nbd':>12} {'vs nbdkit':>10} {'vs qemu-nbd-10':>15}"
     print(header)
     print("-" * len(header))
     for r in results:
         if "servers" not in r:  # a record, not a comparison
-            print(f"{r['workload'][:34]:34} {r['unit']:7} {json.dumps(r['runs'])}")
+            print(f"{r['workload'][:44]:44} {r['unit']:7} {json.dumps(r['runs'])}")
             continue
         if "cost" in r:  # nbdserve alone, in variants (bitmaps, snapshots)
             parts = [f"{label} {r['servers'][label]['median']:.4g}"
                      + (f" (-{r['cost'][label] * 100:.1f} %)" if r["cost"][label] else "")
                      for label in r["servers"]]
-            print(f"{r['workload'][:34]:34} {r['unit']:7} " + ", ".join(parts))
+            print(f"{r['workload'][:44]:44} {r['unit']:7} " + ", ".join(parts))
             continue
         cells = []
         for name in ("nbdserve", "qemu-nbd", "nbdkit"):
             s = r["servers"].get(name)
             cells.append(f"{s['median']:12.4g}" if s else f"{'-':>12}")
         ratios = [f"{r['ratios'][p]['median']:.2f}x" if p in r["ratios"] else "-"
-                  for p in ("qemu-nbd", "nbdkit")]
-        print(f"{r['workload'][:34]:34} {r['unit']:7} {' '.join(cells)} {ratios[0]:>12}"
-              f" {ratios[1]:>10}")
+                  for p in ("qemu-nbd", "nbdkit", "qemu-nbd-10")]
+        print(f"{r['workload'][:44]:44} {r['unit']:7} {' '.join(cells)} {ratios[0]:>12}"
+              f" {ratios[1]:>10} {ratios[2]:>15}")
 
 
 def main() -> int:
@@ -401,6 +402,12 @@ def main() -> int:
             results += bitmap_workloads(args, images, workdir, sockets, rounds)
         except Exception as exc:  # report what was measured, and say what failed
             print(f"bitmap workloads failed: {exc!r}", file=sys.stderr)
+    if not args.only or "extended" in args.only:
+        print("running extended headers (QEMU 10 and 7.2 clients) ...", file=sys.stderr)
+        try:
+            results += extended_header_workloads(args, images, workdir, sockets, rounds)
+        except Exception as exc:
+            print(f"extended header workloads failed: {exc!r}", file=sys.stderr)
     if not args.only or "memory" in args.only:
         print("running bitmap memory ...", file=sys.stderr)
         try:
@@ -497,6 +504,64 @@ def bitmap_workloads(args, images, workdir: Path, sockets: Path, rounds: int) ->
     result["peak_rss_mib"] = rss
     result["bitmap_bytes_mib"] = BIG_IMAGE_SIZE / 65536 / 8 / MiB
     results.append(result)
+    return results
+
+
+QEMU10 = ROOT / ".venv" / "qemu-10" / "usr" / "bin"  # scripts/setup.sh unpacks it there
+
+
+def qemu_img_bench(qemu_img: str, uri: str, write: bool, depth: int, count: int) -> float:
+    """IOPS of `qemu-img bench`: 4 KiB requests one after the other through the image
+    (it has no random mode), DEPTH in flight, from QEMU's own NBD client, which speaks
+    extended headers when it is QEMU 10's and the server has them."""
+    argv = [qemu_img, "bench", "-f", "raw", "-c", str(count), "-d", str(depth), "-s", "4k",
+            "-S", "4096", "-t", "writeback", uri]
+    if write:
+        argv.insert(2, "-w")
+    return count / timed(argv)
+
+
+def extended_header_workloads(args, images, workdir: Path, sockets: Path,
+                              rounds: int) -> list[dict]:
+    """Issue 18: every server here against QEMU 10's client (extended headers where
+    the server has them: nbdserve and qemu-nbd 10) and QEMU 7.2's (compact), so each
+    workload is measured both ways; qemu-nbd 10 joins the peers."""
+    copy = workdir / "qemu-nbd-10-1g.raw"
+    shutil.copyfile(images["source"], copy)
+    sparse = workdir / "qemu-nbd-10-sparse.raw"
+    run(["cp", "--sparse=always", str(images["nbdserve-sparse"]), str(sparse)])
+    names = ("nbdserve", "qemu-nbd", "qemu-nbd-10", "nbdkit")
+    dense = make_servers({**images, "qemu-nbd-10": copy}, sockets, args.tcp, names=names,
+                         tag="-eh")
+    holey = make_servers({**{n: images[f"{n}-sparse"] for n in ("nbdserve", "qemu-nbd",
+                                                                 "nbdkit")},
+                          "qemu-nbd-10": sparse}, sockets, args.tcp, names=names,
+                         tag="-eh-sparse")
+    count = 50000 if args.full else 20000
+    results = []
+    try:
+        for server in dense + holey:
+            server.start()
+        for client, qemu in (("QEMU 10", QEMU10), ("QEMU 7.2", Path("/usr/bin"))):
+            img = str(qemu / "qemu-img")
+            for label, write, depth in (("4k read qd16", False, 16),
+                                        ("4k write qd16", True, 16),
+                                        ("4k read qd1", False, 1)):
+                n = count if depth > 1 else count // 4
+                results.append(measure(Workload(
+                    f"qemu-img bench {label}, {client} client", "IOPS", True,
+                    lambda s, img=img, w=write, d=depth, n=n: qemu_img_bench(img, s.uri, w,
+                                                                            d, n),
+                    1, "run"), dense, rounds))
+            results.append(measure(Workload(
+                f"qemu-img map 64 GiB, {client} client", "ms", False,
+                lambda s, img=img: timed([img, "map", "-f", "raw", "--output=json",
+                                          s.uri]) * 1000, 1, "run"), holey, rounds))
+    finally:
+        for server in dense + holey:
+            server.stop()
+        copy.unlink(missing_ok=True)
+        sparse.unlink(missing_ok=True)
     return results
 
 
