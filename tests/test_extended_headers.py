@@ -21,6 +21,7 @@ import pytest
 from conftest import free_port, run
 from nbdserve.client import NbdClient
 from nbdserve.protocol import constants as c
+from nbdserve.protocol.transmission import EXTENDED_REQUEST_HEADER, REQUEST_HEADER
 
 GiB = 1 << 30
 TiB = 1 << 40
@@ -146,3 +147,35 @@ async def test_our_client_and_server_both_ways_with_a_status_payload(big_image,
         both = await nbd.block_status(0, 12 * TiB)  # no payload: every context
         assert set(both) == set(contexts)
         assert await nbd.read(7 * TiB, 4096) == b"\x01" * 4096  # still in step
+
+
+async def test_extended_requests_the_server_refuses_or_hangs_up_on(big_image, start_server):
+    server = start_server(big_image)
+    contexts = [c.BASE_ALLOCATION, c.QEMU_ALLOCATION_DEPTH]
+    async with await NbdClient.connect(unix=str(server.unix),
+                                       meta_contexts=contexts) as nbd:
+        assert nbd.extended
+        with pytest.raises(Exception, match="22|EINVAL|Invalid"):
+            await nbd.read(0, c.MAX_PAYLOAD + 512)  # READ stays bounded
+        with pytest.raises(Exception, match="22|EINVAL|Invalid"):
+            await nbd.raw_request(c.NBD_CMD_FLUSH, 0, 0, 0, b"junk")  # takes no payload
+        await nbd.cache(0, 8 * GiB)  # an effect length above 4 GiB
+        status = await nbd.block_status(0, 8 * GiB)
+        assert status[c.QEMU_ALLOCATION_DEPTH] == [(8 * GiB, 0)]  # one 64-bit extent
+        assert status[c.BASE_ALLOCATION] == [(8 * GiB, c.NBD_STATE_HOLE | c.NBD_STATE_ZERO)]
+        assert await nbd.read(0, 512) == bytes(512)  # payloads were consumed: in step
+    nbd = await NbdClient.connect(unix=str(server.unix))
+    # A compact header on a connection that negotiated extended ones: out of step,
+    # so the server hangs up.
+    nbd.writer.write(REQUEST_HEADER.pack(c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_READ, 9, 0, 512))
+    with pytest.raises(ConnectionError):
+        await nbd.read(0, 512)
+    await nbd.disconnect()
+    assert "bad extended request magic" in server.log
+
+
+def test_extended_request_header_layout():
+    assert EXTENDED_REQUEST_HEADER.pack(c.NBD_EXTENDED_REQUEST_MAGIC,
+                                        c.NBD_CMD_FLAG_PAYLOAD_LEN, c.NBD_CMD_WRITE, 7,
+                                        5 << 32, 4096) == bytes.fromhex(
+        "21e41c71 0020 0001 0000000000000007 0000000500000000 0000000000001000")
