@@ -396,40 +396,27 @@ def main() -> int:
     finally:
         for server in servers + sparse:
             server.stop()
-    if not args.only or "TLS" in args.only:
+    # The sections after the main workloads: (--only key, what runs, how).
+    sections = [
+        ("TLS", "nbdcopy over TLS", lambda: tls_workloads(args, images, workdir, rounds)),
+        ("bitmap", "dirty tracking and bitmap maps",
+         lambda: bitmap_workloads(args, images, workdir, sockets, rounds)),
+        ("extended", "extended headers (QEMU 10 and 7.2 clients)",
+         lambda: extended_header_workloads(args, images, workdir, sockets, rounds)),
+        ("memory", "bitmap memory",
+         lambda: [bitmap_memory(workdir, sockets, 8 if args.full else 2)]),
+        ("backup", "backups", lambda: backup_workloads(args, images, workdir, sockets, rounds)),
+        ("snapshot", "copy-before-write cost",
+         lambda: snapshot_workloads(args, images, sockets, rounds)),
+    ]
+    for key, what, section in sections:
+        if args.only and key not in args.only:
+            continue
+        print(f"running {what} ...", file=sys.stderr)
         try:
-            results += tls_workloads(args, images, workdir, rounds)
-        except Exception as exc:
-            print(f"TLS workloads failed: {exc!r}", file=sys.stderr)
-    if not args.only or "bitmap" in args.only:
-        try:
-            results += bitmap_workloads(args, images, workdir, sockets, rounds)
+            results += section()
         except Exception as exc:  # report what was measured, and say what failed
-            print(f"bitmap workloads failed: {exc!r}", file=sys.stderr)
-    if not args.only or "extended" in args.only:
-        print("running extended headers (QEMU 10 and 7.2 clients) ...", file=sys.stderr)
-        try:
-            results += extended_header_workloads(args, images, workdir, sockets, rounds)
-        except Exception as exc:
-            print(f"extended header workloads failed: {exc!r}", file=sys.stderr)
-    if not args.only or "memory" in args.only:
-        print("running bitmap memory ...", file=sys.stderr)
-        try:
-            results.append(bitmap_memory(workdir, sockets, 8 if args.full else 2))
-        except Exception as exc:
-            print(f"bitmap memory failed: {exc!r}", file=sys.stderr)
-    if not args.only or "backup" in args.only:
-        print("running backups ...", file=sys.stderr)
-        try:
-            results += backup_workloads(args, images, workdir, sockets, rounds)
-        except Exception as exc:
-            print(f"backup workloads failed: {exc!r}", file=sys.stderr)
-    if not args.only or "snapshot" in args.only:
-        print("running copy-before-write cost ...", file=sys.stderr)
-        try:
-            results += snapshot_workloads(args, images, sockets, rounds)
-        except Exception as exc:
-            print(f"snapshot workloads failed: {exc!r}", file=sys.stderr)
+            print(f"{what} failed: {exc!r}", file=sys.stderr)
     report = {"machine": machine(), "mode": "full" if args.full else "quick",
               "transport": "tcp" if args.tcp else "unix", "rounds": rounds,
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
