@@ -188,7 +188,8 @@ class Export:
         new bitmap could miss a write that landed after it was made. Then every
         snapshot preserves the old data it still needs (copy-before-write), and only
         then does the change land. The gate lets a snapshot be taken between changes,
-        never during one.
+        never during one. The first change after a rest also tells the crash journal's
+        watch (bitmaps/watch.py), before the image's times move.
         """
         active = self.gate.active
         active.append(None)
