@@ -51,10 +51,10 @@ Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SOURCES
     private=(-o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts="$work/parts"
-             -o Dir::State::Lists="$work/lists" -o Dir::Cache="$work/cache")
+             -o Dir::State::Lists="$work/lists" -o Dir::Cache="$work/cache"
+             -o APT::Sandbox::User=root)  # a private root-owned directory: no _apt
     apt-get "${private[@]}" update -qq
-    (cd "$work" && apt-get "${private[@]}" download -qq qemu-utils/bookworm-backports \
-        2>&1 | grep -v "unsandboxed" || true)
+    (cd "$work" && apt-get "${private[@]}" download -qq qemu-utils/bookworm-backports)
     mkdir -p .venv
     dpkg -x "$work"/qemu-utils_*.deb .venv/qemu-10
     rm -rf "$work"
