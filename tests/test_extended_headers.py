@@ -144,6 +144,10 @@ async def test_our_client_and_server_both_ways_with_a_status_payload(big_image,
         with pytest.raises(Exception, match="22|EINVAL|Invalid"):
             await nbd.raw_request(c.NBD_CMD_BLOCK_STATUS, 0, 0, c.NBD_CMD_FLAG_PAYLOAD_LEN,
                                   payload + payload[-4:])  # a context named twice
+        past_end = (nbd.size + 1).to_bytes(8, "big") + bitmap_id.to_bytes(4, "big")
+        with pytest.raises(Exception, match="22|EINVAL|Invalid"):
+            await nbd.raw_request(c.NBD_CMD_BLOCK_STATUS, 0, 0, c.NBD_CMD_FLAG_PAYLOAD_LEN,
+                                  past_end)  # a good selection, a refused request
         both = await nbd.block_status(0, 12 * TiB)  # no payload: every context
         assert set(both) == set(contexts)
         assert await nbd.read(7 * TiB, 4096) == b"\x01" * 4096  # still in step

@@ -169,10 +169,12 @@ class Transmission:
         # The header's length was the payload's: the checks that matter use the
         # effect length the payload gives.
         try:
-            effect, self.status_filter = parse_status_payload(data, self.contexts)
+            effect, selected = parse_status_payload(data, self.contexts)
         except ValueError as exc:
             return c.NBD_EINVAL, str(exc), 0
         error, reason = self.rules.check(command, flags, offset, effect)
+        if not error:  # handle() takes it up at once; a refused request leaves none
+            self.status_filter = selected
         return error, reason, effect
 
     def prepare_to_wait(self) -> int:
