@@ -185,11 +185,14 @@ class Journal:
         self.unsynced = False
 
     def store_watch(self, slot: bytes) -> None:
-        """Rewrite the watch slot in place (a store into the mapping, no system call)."""
+        """Rewrite the watch slot in place (a store into the mapping, no system call).
+        It does not make the next FLUSH sync the journal: the slot guards against a
+        kill, which the page cache survives. After a power loss a stale slot can only
+        disagree with the image, which makes the bitmaps inconsistent (safe); the
+        records, which the bits depend on, are synced as before."""
         self.watch = slot
         if self.map is not None:
             self.map[HEADER.size : HEADER.size + WATCH.size] = slot
-            self.unsynced = True
 
     def append(self, records: bytes) -> None:
         end = self.end + len(records)
