@@ -201,12 +201,11 @@ class NbdClient:
         self.structured = True
 
     async def extended_headers(self) -> bool:
-        """Ask for extended headers; False (and nothing changed) if the server has none."""
+        """Ask for extended headers; False (and nothing changed) if the server refuses
+        them, for whatever reason: haggling goes on either way."""
         try:
             await self.option(c.NBD_OPT_EXTENDED_HEADERS)
-        except OptionRefused as refused:
-            if refused.reply_type != c.NBD_REP_ERR_UNSUP:
-                raise
+        except OptionRefused:
             return False
         self.structured = self.extended = True
         return True
