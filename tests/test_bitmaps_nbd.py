@@ -309,6 +309,35 @@ def test_qdb_info_and_dump_of_a_crashed_file_include_its_journal(image, start_se
     assert "journal replayed" in run(*NBDSERVE, "qdb", "info", qdb).stdout
 
 
+def test_qdb_dump_of_an_inconsistent_bitmap_reports_all_of_it_dirty(image, start_server):
+    """Never the saved bits of a bitmap that cannot be trusted: here a crash, then a
+    write while no server ran (the file alone says only 1 MiB is dirty)."""
+    import signal
+    import time
+
+    from nbdserve.bitmaps.journal import read_journal
+    server = start_server(image, "--bitmap", "b0")
+    run("qemu-io", "-f", "raw", "-c", "write 1M 64k", server.qemu_uri)
+    for _ in range(500):  # the crash journal has recorded the image at rest
+        slot = read_journal(f"{image}.qdb.journal").watch
+        if not slot.unset and not slot.heartbeat_ns:
+            break
+        time.sleep(0.01)
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    with open(image, "r+b") as f:
+        f.seek(32 * MiB)
+        f.write(b"offline")
+    qdb = f"{image}.qdb"
+    (dump,) = json.loads(run(*NBDSERVE, "qdb", "dump", "--json", qdb).stdout)
+    assert dump["dirty"] == [{"offset": 0, "length": 64 * MiB}]
+    assert "changed after the server stopped" in dump["inconsistent"]
+    assert "inconsistent, all dirty" in run(*NBDSERVE, "qdb", "dump", qdb).stdout
+    info = json.loads(run(*NBDSERVE, "qdb", "info", "--json", qdb).stdout)
+    assert info["bitmaps"][0]["dirty_bytes"] == 64 * MiB
+    assert info["bitmaps"][0]["inconsistent"] is True
+
+
 def test_qdb_check_validates_completely(image, start_server):
     server = start_server(image, "--bitmap", "b0")
     run("qemu-io", "-f", "raw", "-c", "write 0 64k", server.qemu_uri)

@@ -739,7 +739,8 @@ def qdb_dump(file, names, as_json) -> None:
     if note:
         click.echo(f"# {file}: {note}")
     for b in out:
-        click.echo(f"{b['name']} (granularity {b['granularity']}):")
+        click.echo(f"{b['name']} (granularity {b['granularity']}):" + (
+            f" inconsistent, all dirty ({b['inconsistent']})" if "inconsistent" in b else ""))
         for run in b["dirty"]:
             click.echo(f"{run['offset']:>14} {run['length']:>14}  dirty")
 

@@ -86,8 +86,12 @@ def describe(contents: QdbContents, note: str = "") -> dict:
     size = contents.identity.size
     bitmaps = []
     for b in contents.bitmaps:
-        dirty = (Bitmap(size, b.granularity_bits, b.bits).count_bytes()
-                 if b.bits is not None else None)
+        if b.bits is None:
+            dirty = None
+        elif b.inconsistent:
+            dirty = size  # what a server makes of it: all dirty, whatever the bits say
+        else:
+            dirty = Bitmap(size, b.granularity_bits, b.bits).count_bytes()
         bitmaps.append({"name": b.name, "granularity": 1 << b.granularity_bits,
                         "dirty_bytes": dirty, "recording": b.recording,
                         "inconsistent": b.inconsistent or b.bits is None,
@@ -112,10 +116,17 @@ def dump(contents: QdbContents, names: tuple[str, ...] = ()) -> list[dict]:
     if missing:
         raise LookupError(f"no bitmap named {', '.join(sorted(missing))}")
     out = []
+    size = contents.identity.size
     for b in chosen:
         if b.bits is None:
             raise ValueError(f"bitmap '{b.name}' is unreadable: {b.problem}")
+        if b.inconsistent:
+            # Never the saved bits: they may under-report. A server treats it as all
+            # dirty until it is cleared or removed, and so does this.
+            out.append({"name": b.name, "granularity": 1 << b.granularity_bits,
+                        "dirty": [{"offset": 0, "length": size}],
+                        "inconsistent": b.problem or "recorded as inconsistent"})
+            continue
         out.append({"name": b.name, "granularity": 1 << b.granularity_bits,
-                    "dirty": [{"offset": o, "length": n}
-                              for o, n in dirty_ranges(b, contents.identity.size)]})
+                    "dirty": [{"offset": o, "length": n} for o, n in dirty_ranges(b, size)]})
     return out
