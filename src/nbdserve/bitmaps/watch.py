@@ -50,6 +50,7 @@ class ImageWatch:
         self._changes = 0  # bumped by each unsettle: a look that raced one stores nothing
         self._wake = threading.Event()
         self._stopped = False
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nbdserve-watch", daemon=True)
         self._thread.start()
 
@@ -64,11 +65,11 @@ class ImageWatch:
 
     def _run(self) -> None:
         # _stopped is tested before each wait: a look that found the image at rest
-        # clears the event, possibly after stop() set it.
+        # clears the event, possibly after stop() set it. The pause before a look
+        # waits on _stopping, so a stop never waits for it.
         while not self._stopped:
             self._wake.wait()
-            time.sleep(PERIOD)
-            if not self._stopped:
+            if not self._stopping.wait(PERIOD):
                 self._look()
 
     def _look(self) -> None:
@@ -97,6 +98,7 @@ class ImageWatch:
 
     def stop(self) -> None:
         self._stopped = True
+        self._stopping.set()
         self._wake.set()
         self._thread.join()
 
