@@ -21,7 +21,11 @@ from nbdserve.protocol import ProtocolViolation
 from nbdserve.protocol import constants as c
 from nbdserve.protocol.handshake import HandshakeFraming
 from nbdserve.protocol.options import OptionNegotiator
-from nbdserve.protocol.transmission import RequestValidator, TransmissionRules
+from nbdserve.protocol.transmission import (
+    ExtendedTransmissionRules,
+    RequestValidator,
+    TransmissionRules,
+)
 
 SLOW = os.environ.get("NBDSERVE_SLOW") == "1"
 EXAMPLES = 3000 if SLOW else 300
@@ -80,9 +84,9 @@ def test_request_rules_answer_every_header(magic, flags, command, offset, length
     maximum is ever asked to be read."""
     if not extended:
         length &= 2**32 - 1
-    rules = TransmissionRules(RequestValidator(64 << 20, transmission_flags, structured,
-                                               contexts, discard_only, extended),
-                              extended_headers=extended)
+    kind = ExtendedTransmissionRules if extended else TransmissionRules
+    rules = kind(RequestValidator(64 << 20, transmission_flags, structured, contexts,
+                                  discard_only, extended))
     try:
         wanted = rules.frame(magic, flags, command, length)
     except ProtocolViolation:

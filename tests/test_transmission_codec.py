@@ -244,8 +244,8 @@ def test_wide_descriptors_carry_extents_above_4_gib():
 
 
 def test_extended_framing():
-    from nbdserve.protocol.transmission import TransmissionRules
-    r = TransmissionRules(validator(), extended_headers=True)
+    from nbdserve.protocol.transmission import ExtendedTransmissionRules
+    r = ExtendedTransmissionRules(validator())
     magic = c.NBD_EXTENDED_REQUEST_MAGIC
     payload_len = c.NBD_CMD_FLAG_PAYLOAD_LEN
     assert r.frame(magic, payload_len, c.NBD_CMD_WRITE, 4096) == 4096
@@ -256,7 +256,7 @@ def test_extended_framing():
     with pytest.raises(ProtocolViolation):
         r.frame(magic, payload_len, c.NBD_CMD_TRIM, c.MAX_PAYLOAD + 1)
     with pytest.raises(ProtocolViolation):
-        TransmissionRules(validator(), extended_headers=True).frame(
+        ExtendedTransmissionRules(validator()).frame(
             c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_READ, 512)  # a compact header now
 
 

@@ -119,14 +119,11 @@ DISCONNECT = -1  # what frame() returns for NBD_CMD_DISC
 class TransmissionRules:
     """Framing and validation of one connection's requests, with its phase."""
 
-    __slots__ = ("validator", "phase", "check", "frame")
+    __slots__ = ("validator", "phase", "check")
 
-    def __init__(self, validator: RequestValidator, stopping: bool = False,
-                 extended_headers: bool = False) -> None:
+    def __init__(self, validator: RequestValidator, stopping: bool = False) -> None:
         self.validator = validator
         self.phase = Phase.SERVING
-        # frame(magic, flags, command, length): one per header format.
-        self.frame = self._frame_extended if extended_headers else self._frame_compact
         # check(command, flags, offset, length) -> (0, "") or (NBD error, reason): the
         # validator's while serving, ESHUTDOWN for everything once stopping. Bound
         # per phase, so the per-request call is the rule itself.
@@ -134,7 +131,7 @@ class TransmissionRules:
         if stopping:
             self.stop()
 
-    def _frame_compact(self, magic: int, flags: int, command: int, length: int) -> int:
+    def frame(self, magic: int, flags: int, command: int, length: int) -> int:
         """Payload bytes that follow this header (a WRITE's length, else 0), or
         DISCONNECT for DISC. Raises ProtocolViolation when the only safe answer is to
         hang up: after a bad magic or an unreadable payload the stream is out of step."""
@@ -153,7 +150,27 @@ class TransmissionRules:
             return DISCONNECT
         return 0
 
-    def _frame_extended(self, magic: int, flags: int, command: int, length: int) -> int:
+    @staticmethod
+    def _shutting_down(command: int, flags: int, offset: int,
+                       length: int) -> tuple[int, str]:
+        # Spec: once ESHUTDOWN is sent the client must disconnect; requests already
+        # accepted still complete.
+        return c.NBD_ESHUTDOWN, "server is shutting down"
+
+    def stop(self) -> None:
+        """The server is shutting down: from now on every request earns ESHUTDOWN."""
+        if self.phase is Phase.SERVING:
+            self.phase = Phase.STOPPING
+            self.check = self._shutting_down
+
+
+class ExtendedTransmissionRules(TransmissionRules):
+    """The same rules for a connection that negotiated extended headers: only the
+    framing differs (a class of its own, so the compact path carries no test for it)."""
+
+    __slots__ = ()
+
+    def frame(self, magic: int, flags: int, command: int, length: int) -> int:
         """The same for a 32-byte request. With PAYLOAD_LEN the length is the payload's
         (any command: one that takes none is read and then refused); without it, the
         effect length and no payload, except for WRITE, whose length is its payload
@@ -171,19 +188,6 @@ class TransmissionRules:
                 raise ProtocolViolation(f"request payload of {length} bytes")
             return length
         return 0
-
-    @staticmethod
-    def _shutting_down(command: int, flags: int, offset: int,
-                       length: int) -> tuple[int, str]:
-        # Spec: once ESHUTDOWN is sent the client must disconnect; requests already
-        # accepted still complete.
-        return c.NBD_ESHUTDOWN, "server is shutting down"
-
-    def stop(self) -> None:
-        """The server is shutting down: from now on every request earns ESHUTDOWN."""
-        if self.phase is Phase.SERVING:
-            self.phase = Phase.STOPPING
-            self.check = self._shutting_down
 
 
 def simple_reply(cookie: int, error: int = 0) -> bytes:

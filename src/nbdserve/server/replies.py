@@ -41,15 +41,16 @@ Pieces = list[tuple[int, int, "bytes | bytearray | None"]]
 
 
 class ReplyWriter:
+    """Simple and structured replies. Every framing method takes the request's offset,
+    which only extended replies echo (ExtendedReplyWriter)."""
+
+    extended = False
+
     def __init__(self, transport, export: Export, structured: bool, peer: str,
-                 sock: socket.socket | None, unix: bool = False,
-                 extended: bool = False) -> None:
+                 sock: socket.socket | None, unix: bool = False) -> None:
         self.transport = transport
         self.export = export
-        # Extended headers: every reply is a 32-byte chunk that echoes the request's
-        # offset, so each method takes it (compact replies ignore it).
-        self.extended = extended
-        self.structured = structured or extended
+        self.structured = structured or self.extended
         self.peer = peer
         self.errors = export.stats.errors
         self.out: list[bytes | bytearray] = []  # replies not yet handed to the transport
@@ -77,10 +78,7 @@ class ReplyWriter:
     # -- framing --------------------------------------------------------------------------------
 
     def ok(self, cookie: int, offset: int) -> None:
-        if self.extended:  # no simple replies: a NONE chunk
-            self.out.append(extended_none_chunk(cookie, offset))
-        else:
-            self.out.append(simple_reply(cookie))
+        self.out.append(simple_reply(cookie))
 
     def fail(self, command: int, cookie: int, flags: int, exc: BaseException,
              offset: int) -> None:
@@ -96,12 +94,12 @@ class ReplyWriter:
             log.info("%s: %s failed: %s (%s)", self.peer,
                      c.COMMAND_NAMES.get(command, command), reason,
                      ERROR_NAMES.get(error, error))
-        if self.extended:
-            self.out.append(extended_error_chunk(cookie, offset, error, reason))
-        elif self.structured:
-            self.out.append(error_chunk(cookie, error, reason))
-        else:
-            self.out.append(simple_reply(cookie, error))
+        self.out.append(self._error(cookie, offset, error, reason))
+
+    def _error(self, cookie: int, offset: int, error: int, reason: str) -> bytes:
+        if self.structured:
+            return error_chunk(cookie, error, reason)
+        return simple_reply(cookie, error)
 
     def read_data(self, cookie: int, pieces: Pieces, offset: int) -> None:
         """A READ reply: data and (structured, non-DF) hole pieces covering the request."""
@@ -110,32 +108,20 @@ class ReplyWriter:
             chunks += (simple_reply(cookie), pieces[0][2])
             return
         if pieces[0][1] == 0:
-            if self.extended:
-                self.ok(cookie, offset)
-            else:
-                chunks.append(none_chunk(cookie))
+            chunks.append(none_chunk(cookie))
             return
         last = len(pieces) - 1
-        extended = self.extended
         for index, (position, run, data) in enumerate(pieces):
             done = index == last
             if data is None:
-                chunks.append(extended_offset_hole_chunk(cookie, offset, position, run, done)
-                              if extended else offset_hole_chunk(cookie, position, run, done))
+                chunks.append(offset_hole_chunk(cookie, position, run, done))
             else:
-                chunks.append(extended_offset_data_header(cookie, offset, position, run, done)
-                              if extended else offset_data_header(cookie, position, run, done))
+                chunks.append(offset_data_header(cookie, position, run, done))
                 chunks.append(data)
 
     def block_status(self, cookie: int, chunks: list[tuple[int, bytes]], offset: int) -> None:
-        """One chunk per (context id, descriptors), the last flagged DONE: BLOCK_STATUS,
-        or BLOCK_STATUS_EXT (64-bit descriptors) with extended headers."""
+        """One chunk per (context id, descriptors), the last flagged DONE."""
         last = len(chunks) - 1
-        if self.extended:
-            self.out.extend(extended_block_status_chunk(cookie, offset, context_id,
-                                                        descriptors, index == last)
-                            for index, (context_id, descriptors) in enumerate(chunks))
-            return
         self.out.extend(block_status_chunk(cookie, context_id, descriptors, index == last)
                         for index, (context_id, descriptors) in enumerate(chunks))
 
@@ -204,3 +190,37 @@ class ReplyWriter:
                 self.transport.write(export.read(offset, end - offset, sparse=False)[0][2])
                 return
             offset += sent
+
+
+class ExtendedReplyWriter(ReplyWriter):
+    """Replies after extended headers were negotiated: every one is a 32-byte chunk
+    that echoes the request's offset; there are no simple replies (a NONE chunk says
+    success), and block status is BLOCK_STATUS_EXT (64-bit descriptors)."""
+
+    extended = True
+
+    def ok(self, cookie: int, offset: int) -> None:
+        self.out.append(extended_none_chunk(cookie, offset))
+
+    def _error(self, cookie: int, offset: int, error: int, reason: str) -> bytes:
+        return extended_error_chunk(cookie, offset, error, reason)
+
+    def read_data(self, cookie: int, pieces: Pieces, offset: int) -> None:
+        if pieces[0][1] == 0:
+            self.ok(cookie, offset)
+            return
+        chunks = self.out
+        last = len(pieces) - 1
+        for index, (position, run, data) in enumerate(pieces):
+            done = index == last
+            if data is None:
+                chunks.append(extended_offset_hole_chunk(cookie, offset, position, run, done))
+            else:
+                chunks.append(extended_offset_data_header(cookie, offset, position, run, done))
+                chunks.append(data)
+
+    def block_status(self, cookie: int, chunks: list[tuple[int, bytes]], offset: int) -> None:
+        last = len(chunks) - 1
+        self.out.extend(extended_block_status_chunk(cookie, offset, context_id, descriptors,
+                                                    index == last)
+                        for index, (context_id, descriptors) in enumerate(chunks))

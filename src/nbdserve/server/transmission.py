@@ -27,12 +27,13 @@ from nbdserve.protocol.transmission import (
     DISCONNECT,
     EXTENDED_REQUEST_HEADER,
     REQUEST_HEADER,
+    ExtendedTransmissionRules,
     RequestValidator,
     TransmissionRules,
     parse_status_payload,
 )
 from nbdserve.server.polling import Poller
-from nbdserve.server.replies import ReplyWriter
+from nbdserve.server.replies import ExtendedReplyWriter, ReplyWriter
 from nbdserve.server.splice import SocketSplicer
 from nbdserve.server.stream import NbdStream
 
@@ -62,14 +63,14 @@ class Transmission:
         extended = session.extended_headers
         self.request_header = EXTENDED_REQUEST_HEADER if extended else REQUEST_HEADER
         self.status_typecode = "Q" if extended else "I"
-        self.rules = TransmissionRules(RequestValidator(
+        rules = ExtendedTransmissionRules if extended else TransmissionRules
+        self.rules = rules(RequestValidator(
             self.export.size, session.transmission_flags, session.structured_replies,
-            bool(session.meta_contexts), self.export.discard_only, extended), stopping,
-            extended)
+            bool(session.meta_contexts), self.export.discard_only, extended), stopping)
         # Under TLS the socket's bytes are ciphertext: no sendfile, splice or polling.
         plain = sock if sock is not None and not session.tls else None
-        self.replies = ReplyWriter(self.transport, self.export, self.structured, peer, plain,
-                                   unix, extended)
+        writer = ExtendedReplyWriter if extended else ReplyWriter
+        self.replies = writer(self.transport, self.export, self.structured, peer, plain, unix)
         self.status_filter: list[int] | None = None  # BLOCK_STATUS_PAYLOAD's selection
         self.executor = executor
         self.peer = peer
