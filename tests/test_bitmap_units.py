@@ -210,7 +210,7 @@ def corrupt(mutate, *, fix_checksum=True) -> bytes:
     (lambda r: r.__setitem__(slice(16, 24), (1 << 5).to_bytes(8, "big")), True,
      "unknown incompatible feature bits 0x20"),
     (lambda r: r.__setitem__(slice(8, 12), (30).to_bytes(4, "big")), True, "cluster_bits 30"),
-    (lambda r: r.__setitem__(slice(32, 40), (4).to_bytes(8, "big")), True,
+    (lambda r: r.__setitem__(slice(32, 40), (8).to_bytes(8, "big")), True,
      "reserved header flag bits"),
     (lambda r: r.__setitem__(directory_offset(r) + 50, 0x41), True,
      "directory checksum mismatch"),

@@ -35,7 +35,10 @@ KNOWN_COMPATIBLE_FEATURES = QDB_COMPAT_IDENTITY_EXTENSION | QDB_COMPAT_HEADER_CO
 
 # Header flags.
 QDB_FLAG_IN_USE = 1 << 0  # a server is recording; changes since the save are in the journal
-KNOWN_HEADER_FLAGS = QDB_FLAG_IN_USE
+QDB_FLAG_MOVED = 1 << 1  # the image was migrated away: this copy is stale (migration/)
+QDB_FLAG_INCOMING = 1 << 2  # a migration into this image did not complete: it is partial
+KNOWN_HEADER_FLAGS = QDB_FLAG_IN_USE | QDB_FLAG_MOVED | QDB_FLAG_INCOMING
+MIGRATION_FLAGS = {"moved": QDB_FLAG_MOVED, "incoming": QDB_FLAG_INCOMING}
 KNOWN_INCOMPATIBLE_FEATURES = 0  # a reader refuses a file with any bit it does not know
 
 # Directory entry flags.
@@ -122,6 +125,7 @@ class QdbContents:
     in_use: bool = False
     save_counter: int = 0
     cluster_bits: int = DEFAULT_CLUSTER_BITS
+    migration: str = ""  # "moved" or "incoming" (MIGRATION_FLAGS), else ""
     bitmaps: list[StoredBitmap] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)  # decode_qdb(complete=True)
 
@@ -264,7 +268,8 @@ def encode_qdb_into(contents: QdbContents, put: Callable[[int, bytes], None]) ->
         magic=MAGIC, version=VERSION, cluster_bits=cluster_bits,
         header_length=EXTENDED_HEADER_SIZE, incompatible_features=0,
         compatible_features=QDB_COMPAT_IDENTITY_EXTENSION | QDB_COMPAT_HEADER_COPY,
-        flags=QDB_FLAG_IN_USE if contents.in_use else 0,
+        flags=(QDB_FLAG_IN_USE if contents.in_use else 0)
+        | MIGRATION_FLAGS.get(contents.migration, 0),
         image_size=identity.size, image_mtime_ns=identity.mtime_ns,
         image_inode=identity.inode, image_device=identity.device,
         save_counter=contents.save_counter, nb_bitmaps=len(contents.bitmaps),
@@ -288,6 +293,25 @@ def encode_qdb_into(contents: QdbContents, put: Callable[[int, bytes], None]) ->
 
 
 # -- reading ------------------------------------------------------------------------------
+
+def migration_state(path: str) -> str:
+    """What a migration left in the header of the QDB file at path: "moved" (this
+    image went elsewhere and is stale), "incoming" (a migration into it did not
+    complete) or "". Reads the header only; a missing or damaged file says ""."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(HEADER_SIZE)
+    except OSError:
+        return ""
+    if len(data) < HEADER_SIZE:
+        return ""
+    header = QdbHeader.parse(data)
+    raw = bytearray(data)
+    raw[HEADER_CHECKSUM_OFFSET : HEADER_CHECKSUM_OFFSET + 4] = bytes(4)
+    if header.magic != MAGIC or _crc(bytes(raw)) != header.header_checksum:
+        return ""
+    return next((state for state, flag in MIGRATION_FLAGS.items() if header.flags & flag), "")
+
 
 def read_qdb(path: str, *, complete: bool = False) -> QdbContents:
     with open(path, "rb") as f:
@@ -400,6 +424,8 @@ def decode_qdb(data: bytes, *, complete: bool = False) -> QdbContents:
                                header.image_device, ctime_ns),
         in_use=bool(header.flags & QDB_FLAG_IN_USE),
         save_counter=header.save_counter,
+        migration=next((state for state, flag in MIGRATION_FLAGS.items()
+                        if header.flags & flag), ""),
         cluster_bits=header.cluster_bits,
     )
     if header.nb_bitmaps == 0:
