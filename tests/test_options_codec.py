@@ -47,6 +47,9 @@ class FakeCatalog:
     def listed(self):
         return list(self.exports.values())
 
+    def absence(self, name):
+        return ""
+
 
 def negotiator(*exports, fixed=True, no_zeroes=True, **kwargs):
     catalog = FakeCatalog(*(exports or (FakeExport(""),)))

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import click
 
@@ -191,6 +192,12 @@ def main() -> None:
 @click.option("--detect-zeroes", type=click.Choice(DETECT_ZEROES_MODES), default=None,
               help="WRITEs of zeros to IMAGE become WRITE_ZEROES: zeroed in place (on) or "
                    "punched (unmap, needs --discard=unmap) [default: off].")
+@click.option("--incoming", metavar="HOST:PORT",
+              help="Wait for a migration of IMAGE (and its bitmaps) on HOST:PORT or "
+                   "unix:PATH, and serve it once it completed (docs/migration.md).")
+@click.option("--force", is_flag=True,
+              help="Serve IMAGE even though its QDB file says it was migrated away or "
+                   "is a migration target that did not complete.")
 @click.option("--control", "control_path", type=click.Path(dir_okay=False),
               help="Unix socket (mode 0600) for bitmap, snapshot and status commands.")
 @click.option("--metrics", "metrics_address", metavar="HOST:PORT",
@@ -225,9 +232,9 @@ def main() -> None:
 def serve(image, config_path, export_name, bind_address, port, socket_path, fork, pid_file,
           run_command, exit_with_parent, oneshot, read_only,
           description, shared, create_size, bitmaps, qdb_path, scratch_dir, on_cbw_error,
-          offset, discard, detect_zeroes, control_path, metrics_address, tls_mode, tls_cert,
-          tls_key, tls_ca, tls_verify_client, tls_allow_subjects, handshake_timeout,
-          poll_max_us, log_level, log_format) -> None:
+          offset, discard, detect_zeroes, incoming, force, control_path, metrics_address,
+          tls_mode, tls_cert, tls_key, tls_ca, tls_verify_client, tls_allow_subjects,
+          handshake_timeout, poll_max_us, log_level, log_format) -> None:
     """Serve raw images over NBD until stopped (SIGTERM or SIGINT).
 
     Serve IMAGE, or the exports of --config, or both. The server keeps running after
@@ -259,7 +266,7 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, fork
                    shared=shared, create_size=create_size, bitmaps=bitmaps, qdb_path=qdb_path,
                    scratch_dir=scratch_dir, on_cbw_error=on_cbw_error,
                    offset=offset, discard=discard, detect_zeroes=detect_zeroes,
-                   control_path=control_path,
+                   incoming=incoming, force=force, control_path=control_path,
                    metrics_address=metrics_address,
                    tls_mode=tls_mode, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
                    tls_verify_client=tls_verify_client,
@@ -312,7 +319,8 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, fork
 def config_from_options(base: ServeConfig, *, image, export_name, bind_address, port,
                         socket_path, read_only, description, shared, create_size, bitmaps,
                         qdb_path, scratch_dir, on_cbw_error, offset, discard,
-                        detect_zeroes, control_path, metrics_address,
+                        detect_zeroes, control_path, metrics_address, incoming=None,
+                        force=False,
                         tls_mode, tls_cert, tls_key, tls_ca, tls_verify_client,
                         tls_allow_subjects, handshake_timeout, poll_max_us, log_level,
                         log_format) -> ServeConfig:
@@ -341,12 +349,15 @@ def config_from_options(base: ServeConfig, *, image, export_name, bind_address, 
                            read_only=read_only, max_connections=shared or 0,
                            qdb=qdb_path, bitmaps=tuple(bitmaps), create=create_size,
                            scratch_dir=scratch_dir, on_cbw_error=on_cbw_error,
-                           discard=discard, detect_zeroes=detect_zeroes, offset=offset or 0)
+                           discard=discard, detect_zeroes=detect_zeroes, offset=offset or 0,
+                           incoming=incoming, force=force)
         exports = tuple(e for e in exports if e.name != name) + (mine,)
     elif (export_name is not None or read_only or bitmaps or create_size or qdb_path
-          or scratch_dir or on_cbw_error or discard or detect_zeroes or offset):
+          or scratch_dir or on_cbw_error or discard or detect_zeroes or offset or incoming
+          or force):
         raise ConfigError("-x, -r, --bitmap, --create, --qdb, --scratch-dir, --on-cbw-error, "
-                          "-o, --discard and --detect-zeroes describe IMAGE: give one")
+                          "-o, --discard, --detect-zeroes, --incoming and --force describe "
+                          "IMAGE: give one")
     config = with_overrides(base, listen=listen, exports=exports, control=control_path,
                             metrics=metrics, max_connections=shared,
                             handshake_timeout=handshake_timeout, poll_max_us=poll_max_us,
@@ -625,6 +636,123 @@ def _snapshot_table(taken: list[dict], size=lambda value, snap: str(value)) -> N
 def snapshot_remove(name, control, force) -> None:
     """Remove snapshot NAME and delete its scratch data (refused while in use)."""
     _control_call(control, "snapshot-remove", {"name": name, "force": force})
+
+
+# -- nbdserve migrate ... ---------------------------------------------------------------------
+
+@main.group()
+def migrate() -> None:
+    """Move a served export and its dirty bitmaps to another nbdserve, live
+    (docs/migration.md)."""
+
+
+@migrate.command("start")
+@click.argument("target", metavar="HOST:PORT")
+@_control_option
+@click.option("--export", help="The export, when the server has several.")
+@click.option("--max-downtime", type=click.IntRange(1), default=300, show_default=True,
+              metavar="MS", help="The longest pause clients may see at the switchover.")
+@click.option("--bandwidth", type=SizeParam(), default="0", show_default=True,
+              metavar="BYTES/S", help="Limit the copy's rate (0: no limit; 100M, 1G...).")
+@click.option("--plain", is_flag=True,
+              help="Over TCP without TLS (otherwise refused when this server has no "
+                   "certificates).")
+@click.option("--tls-hostname", metavar="NAME",
+              help="The name the target's certificate carries [default: HOST].")
+@click.option("--wait", is_flag=True,
+              help="Return when the migration ends; exit 0 only if it completed.")
+def migrate_start(target, control, export, max_downtime, bandwidth, plain, tls_hostname,
+                  wait) -> None:
+    """Start migrating to the server waiting with --incoming HOST:PORT (or
+    unix:PATH). Clients keep working; at the end they see one short pause, and
+    connections still open here are forwarded to the target."""
+    try:
+        parse_listen(target, "HOST:PORT")
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    arguments = {"uri": target, "max-downtime": max_downtime, "bandwidth": bandwidth,
+                 "plain": plain}
+    if export is not None:
+        arguments["export"] = export
+    if tls_hostname is not None:
+        arguments["tls-hostname"] = tls_hostname
+    _control_call(control, "migrate-start", arguments)
+    if wait:
+        state = _follow_migration(control, sys.stderr.isatty())
+        if state["phase"] != "completed":
+            raise click.ClickException(f"migration {state['phase']}: {state['error']}")
+
+
+def _follow_migration(control: str, bar: bool) -> dict:
+    """Poll query-migrate until the migration ends (a progress bar on a terminal)."""
+    progress = _Progress(bar)
+    advance = None
+    shown = 0
+    try:
+        while True:
+            state = _control_call(control, "query-migrate", {})["outgoing"]
+            if state is None:
+                raise click.ClickException("no migration from this server")
+            if advance is None:
+                advance = progress(state["size"], f"migrating {_quoted(state['export'])}")
+            copied = min(state["data-bytes"] + state["zero-bytes"], state["size"])
+            advance(max(copied - shown, 0))
+            shown = max(shown, copied)
+            if state["phase"] in ("completed", "failed", "cancelled"):
+                return state
+            time.sleep(0.2)
+    finally:
+        progress.stop()
+
+
+@migrate.command("status")
+@_control_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def migrate_status(control, as_json) -> None:
+    """The latest migration from this server, and exports waiting for one."""
+    state = _control_call(control, "query-migrate", {})
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+        return
+    from nbdserve.inspect import human
+    outgoing = state["outgoing"]
+    if outgoing is None:
+        click.echo("no migration from this server")
+    else:
+        expected = outgoing["expected-downtime-ms"]
+        rows = [
+            ("export", _quoted(outgoing["export"])), ("target", outgoing["target"]),
+            ("phase", outgoing["phase"] + (f": {outgoing['error']}" if outgoing["error"]
+                                           else "")),
+            ("passes", str(outgoing["passes"])),
+            ("sent", f"{human(outgoing['data-bytes'])} of data, "
+                     f"{human(outgoing['zero-bytes'])} as holes, "
+                     f"{human(outgoing['bitmap-bytes'])} of bitmaps"),
+            ("remaining dirty", human(outgoing["remaining-bytes"])),
+            ("rate", f"{human(outgoing['rate'])}/s"),
+            ("expected downtime", f"{expected} ms" if expected is not None else "-"),
+            ("pause", f"{outgoing['pause-ms']} ms (quiesce {outgoing['quiesce-ms']} ms, "
+                      f"{human(outgoing['pause-data-bytes'])} of data and "
+                      f"{outgoing['pause-bitmap-bytes']} bytes of bitmaps)"),
+            ("elapsed", f"{outgoing['elapsed-s']} s"),
+        ]
+        for key, value in rows:
+            click.echo(f"{key + ':':19}{value}")
+    for waiting in state["incoming"]:
+        click.echo(f"incoming: export {_quoted(waiting['export'])} on {waiting['listen']}: "
+                   f"{waiting['state']}" + (f" (last failure: {waiting['last-error']})"
+                                            if waiting["last-error"] else ""))
+
+
+def _quoted(name: str) -> str:
+    return name or '""'
+
+
+@migrate.command("cancel")
+@_control_option
+def migrate_cancel(control) -> None:
+    """Stop the migration under way; the export stays here, as it was."""
+    _control_call(control, "migrate-cancel", {})
 
 
 # -- nbdserve qdb ... -------------------------------------------------------------------------

@@ -80,6 +80,9 @@ class ExportConfig:
     discard: str = DISCARD_MODES[0]
     detect_zeroes: str = DETECT_ZEROES_MODES[0]
     offset: int = 0  # the image starts this far into the file (qemu-nbd's --offset)
+    # Wait for a migration on this address before serving (docs/migration.md).
+    incoming: ListenAddress | None = None
+    force: bool = False  # serve even an image its QDB file says moved or is partial
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ SERVER_KEYS = {"listen", "control", "metrics", "max-connections", "handshake-tim
                "poll-max-us", "log-level", "log-format", "tls", "export"}
 EXPORT_KEYS = {"name", "image", "description", "read-only", "max-connections",
                "tls-required", "qdb", "bitmaps", "create", "scratch-dir", "on-cbw-error",
-               "discard", "detect-zeroes", "offset"}
+               "discard", "detect-zeroes", "offset", "incoming", "force"}
 TLS_KEYS = {"mode", "cert", "key", "ca", "verify-client", "allow-subjects"}
 
 
@@ -291,7 +294,8 @@ def make_export(*, name: str, image: str, description: str = "", read_only: bool
                 bitmaps: tuple[BitmapRequest, ...] = (), create: int | None = None,
                 scratch_dir: str | None = None, on_cbw_error: str | None = None,
                 discard: str | None = None, detect_zeroes: str | None = None,
-                offset: int = 0, where: str = "") -> ExportConfig:
+                offset: int = 0, incoming: str | None = None, force: bool = False,
+                where: str = "") -> ExportConfig:
     """The one place an export's settings are checked (the file and the command line
     both come here); ``where`` prefixes the key in messages."""
     if not image:
@@ -325,11 +329,18 @@ def make_export(*, name: str, image: str, description: str = "", read_only: bool
         raise ConfigError(f"{where}offset: not with create (the image starts the file)")
     if detect_zeroes == "unmap" and discard != "unmap":
         raise ConfigError(f"{where}detect-zeroes: unmap needs discard = unmap (as in QEMU)")
+    address = None
+    if incoming is not None:
+        address = parse_listen(incoming, f"{where}incoming")
+        if read_only or offset or create is not None:
+            raise ConfigError(f"{where}incoming: not with read-only, offset or create (the "
+                              "migration brings the image and its size)")
     return ExportConfig(name=name, image=image, description=description,
                         read_only=read_only, max_connections=max_connections,
                         tls_required=tls_required, qdb=qdb, bitmaps=bitmaps, create=create,
                         scratch_dir=scratch_dir, on_cbw_error=on_cbw_error,
-                        discard=discard, detect_zeroes=detect_zeroes, offset=offset)
+                        discard=discard, detect_zeroes=detect_zeroes, offset=offset,
+                        incoming=address, force=force)
 
 
 def parse_export(table, index: int) -> ExportConfig:
@@ -356,7 +367,9 @@ def parse_export(table, index: int) -> ExportConfig:
         on_cbw_error=_get(table, "on-cbw-error", str, where),
         discard=_get(table, "discard", str, where),
         detect_zeroes=_get(table, "detect-zeroes", str, where),
-        offset=_size_key(table, "offset", where), where=where,
+        offset=_size_key(table, "offset", where),
+        incoming=_get(table, "incoming", str, where),
+        force=_get(table, "force", bool, where, False), where=where,
     )
 
 

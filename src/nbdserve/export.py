@@ -80,6 +80,14 @@ class Preserver(Protocol):
         the change (the request then fails with that error)."""
 
 
+class Follower(Protocol):
+    """Something told of each change once it has landed, or failed: a migration's
+    tracker (nbdserve.migration.tracking), which must never miss one that a copy
+    pass read too early."""
+
+    def changed(self, offset: int, length: int) -> None: ...
+
+
 class ChangeGate:
     """Gives a snapshot an instant at which no change to the image is half done.
 
@@ -160,6 +168,11 @@ class Export:
         # Snapshots taken of this export (nbdserve.snapshots): a tuple, replaced whole,
         # so _record reads it without a lock.
         self.preservers: tuple[Preserver, ...] = ()
+        # Told of every change after it landed (or failed): a migration's tracker
+        # (nbdserve.migration). A tuple, replaced whole, like preservers.
+        self.followers: tuple[Follower, ...] = ()
+        self.migrating = False  # a migration copies this export (no snapshots meanwhile)
+        self.moved_from: RawImage | None = None  # after a migration: the stale image
         self.scratch_dir = config.scratch_dir
         self.fail_write_on_cbw_error = config.on_cbw_error == "fail-write"
         self.discard = config.discard != "ignore"  # TRIM punches (or changes nothing)
@@ -189,13 +202,16 @@ class Export:
         snapshot preserves the old data it still needs (copy-before-write), and only
         then does the change land. The gate lets a snapshot be taken between changes,
         never during one. The first change after a rest also tells the crash journal's
-        watch (bitmaps/watch.py), before the image's times move.
+        watch (bitmaps/watch.py), before the image's times move. Followers (a
+        migration) hear of the change after it landed. A change held at a closed gate
+        while the export moved (a migration's switchover) is made on the new image.
         """
         active = self.gate.active
         active.append(None)
         try:
             if self.gate.closed:
                 self.gate.wait_open()
+                change = self._rebind(change)
             recorder = self.recorder
             epoch = recorder.mark_dirty(offset, length) if recorder is not None else 0
             watch = self.watch
@@ -208,8 +224,31 @@ class Export:
             finally:
                 if recorder is not None and recorder.epoch != epoch:
                     recorder.mark_dirty(offset, length)
+                for follower in self.followers:
+                    follower.changed(offset, length)
         finally:
             active.pop()
+
+    def _rebind(self, change: Callable) -> Callable:
+        """A change bound to an image this export no longer uses: the same verb of the
+        one it uses now (after a migration, the target)."""
+        owner = getattr(change, "__self__", None)
+        if owner is None or owner is self or owner is self.image:
+            return change
+        return getattr(self.image, change.__name__)
+
+    def move_to(self, image, tracker: DirtyTracker) -> None:
+        """A migration's switchover (under a closed gate): from now on the verbs act
+        on the target, through ``image`` and ``tracker``; the local image stays open
+        for reads under way and is closed with the export."""
+        self.moved_from = self.image
+        self.watch = None
+        self.recorder = None
+        self.followers = ()
+        self.tracker = tracker
+        self.image = image
+        self.read = image.read_pieces
+        self.detect_zeroes = None  # the target applies its own settings
 
     def write(self, offset: int, length: int,
               payload: Sequence[bytes | bytearray | memoryview]) -> None:
@@ -341,6 +380,8 @@ class Export:
                 self.tracker.close()
         finally:
             self.image.close()
+            if self.moved_from is not None:
+                self.moved_from.close()
 
 
 class ExportCatalog:
@@ -348,9 +389,19 @@ class ExportCatalog:
 
     def __init__(self, exports: Sequence[Export] = ()) -> None:
         self._exports = {export.name: export for export in exports}
+        self._absent: dict[str, str] = {}  # names not served now, and why
 
     def add(self, export: Export) -> None:
         self._exports[export.name] = export
+        self._absent.pop(export.name, None)
+
+    def mark_absent(self, name: str, reason: str) -> None:
+        """A name clients may ask for that is not served now (an export waiting for
+        a migration, or moved away): negotiation tells them why."""
+        self._absent[name] = reason
+
+    def absence(self, name: str) -> str:
+        return self._absent.get(name, "")
 
     def remove(self, name: str) -> Export | None:
         return self._exports.pop(name, None)

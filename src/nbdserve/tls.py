@@ -67,6 +67,17 @@ class TlsConfig:
         return context
 
 
+    def client_context(self, check_hostname: bool = True) -> ssl.SSLContext:
+        """For this server as a client of another nbdserve (a migration's channel and
+        forwarded requests): its own certificate to present, and the CA (else the
+        system's) to check the peer's."""
+        context = ssl.create_default_context(cafile=self.ca)
+        context.check_hostname = check_hostname
+        if self.cert and self.key:
+            context.load_cert_chain(self.cert, self.key)
+        return context
+
+
 def subject_string(peercert: dict | None) -> str:
     """The certificate subject as an RFC 4514 string, most specific first
     ("CN=client,O=Example,C=GB"), the form QEMU's tls-authz lists use."""

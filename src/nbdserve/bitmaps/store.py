@@ -79,6 +79,7 @@ class BitmapStore:
         self._unreadable = ""  # why the QDB file could not be read, when it could not
         self.closed = False
         self.watch: ImageWatch | None = None
+        self.frozen = ""  # why operations are refused now (a migration is under way)
 
     def watch_image(self, image_fd: int) -> ImageWatch | None:
         """Keep the crash journal's watch slot up to date for this image (watch.py);
@@ -226,6 +227,8 @@ class BitmapStore:
         with self.lock:
             if self.read_only:
                 raise BitmapError("the bitmaps of a read-only export cannot be changed")
+            if self.frozen:
+                raise BitmapError(self.frozen)
             plan = Plan(self.bitmaps, self.image_size)
             steps = [plan.check(action, arguments) for action, arguments in actions]
             undo = Undo(self.bitmaps, actions)
@@ -246,14 +249,19 @@ class BitmapStore:
 
     # -- persistence -----------------------------------------------------------------------
 
-    def _save(self, in_use: bool) -> None:
+    def stored(self, *, copy: bool = False) -> list[StoredBitmap]:
+        """Every bitmap as the QDB file stores it; with ``copy``, bits that stay as
+        they are now (a migration sends them while writes go on)."""
+        with self.lock:
+            return [StoredBitmap(b.name, b.granularity_bits, b.generation, b.recording,
+                                 b.inconsistent,
+                                 b.bitmap.serialise().copy() if copy else b.bitmap.serialise())
+                    for b in self.bitmaps.values()]
+
+    def _save(self, in_use: bool, migration: str = "") -> None:
         counter = self.save_counter + 1
-        contents = QdbContents(
-            identity=self.identity(), in_use=in_use, save_counter=counter,
-            bitmaps=[StoredBitmap(b.name, b.granularity_bits, b.generation, b.recording,
-                                  b.inconsistent, b.bitmap.serialise())
-                     for b in self.bitmaps.values()],
-        )
+        contents = QdbContents(identity=self.identity(), in_use=in_use, save_counter=counter,
+                               bitmaps=self.stored(), migration=migration)
         write_qdb(self.qdb_path, contents)
         self.save_counter = counter
         if in_use:
@@ -261,8 +269,10 @@ class BitmapStore:
         else:
             self.journal.remove()
 
-    def close(self) -> None:
-        """Clean stop: save with the in-use flag cleared and the image's identity."""
+    def close(self, moved: bool = False) -> None:
+        """Clean stop: save with the in-use flag cleared and the image's identity;
+        ``moved``: the image was migrated away, and the file says so (serving this
+        copy again takes --force)."""
         if self.watch is not None:
             self.watch.stop()  # not under the lock, which the watch's thread takes
         with self.lock:
@@ -271,8 +281,9 @@ class BitmapStore:
             self.closed = True
             try:
                 if not self.read_only:
-                    self._save(in_use=False)
-                    log.info("saved %d bitmaps to %s", len(self.bitmaps), self.qdb_path)
+                    self._save(in_use=False, migration="moved" if moved else "")
+                    log.info("saved %d bitmaps to %s%s", len(self.bitmaps), self.qdb_path,
+                             " (marked as moved)" if moved else "")
             except OSError as exc:
                 # What is on disk stays safe: an in-use file with its journal (replayed
                 # at the next start), or else an identity the image no longer has.

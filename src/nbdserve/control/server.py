@@ -24,11 +24,13 @@ from nbdserve import __version__
 from nbdserve.bitmaps.policy import BitmapError
 from nbdserve.bitmaps.store import ACTIONS, BitmapStore
 from nbdserve.export import Export, ExportCatalog
+from nbdserve.migration.source import MigrationError
 from nbdserve.snapshots import manager as snapshots
 
 log = logging.getLogger("nbdserve.control")
 
 MAX_LINE = 1 << 20
+MIGRATION_COMMANDS = ("migrate-start", "query-migrate", "migrate-cancel")
 # QEMU's names work too, so QMP habits carry over.
 ALIASES = {f"block-dirty-{action}": action for action in ACTIONS}
 
@@ -43,8 +45,10 @@ class CommandError(Exception):
 class ControlServer:
     def __init__(self, catalog: ExportCatalog, path: str, executor: Executor,
                  status: Callable[[], dict] | None = None,
-                 remove_export: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 remove_export: Callable[[str], Awaitable[None]] | None = None,
+                 migrate: Callable[[str, dict], Awaitable] | None = None) -> None:
         self.catalog = catalog
+        self.migrate = migrate  # the server's migrate-start, query-migrate, migrate-cancel
         self.status = status
         self.remove_export = remove_export
         self.path = path
@@ -112,7 +116,7 @@ class ControlServer:
             return _error(error.error_class, error.desc) | reply_id
         except BitmapError as error:
             return _error(error.error_class, str(error)) | reply_id
-        except snapshots.SnapshotError as error:
+        except (snapshots.SnapshotError, MigrationError) as error:
             return _error("GenericError", str(error)) | reply_id
         except OSError as error:
             log.error("control command %s failed: %s", request["execute"], error)
@@ -135,8 +139,13 @@ class ControlServer:
             export_name = arguments.get("export")
             export = self.live_export(export_name) if export_name is not None else None
             return snapshots.describe_all(self.catalog, export)
+        if command in MIGRATION_COMMANDS and self.migrate is not None:
+            return await self.migrate(command, arguments)
         if command == "snapshot-add":
             export = self.live_export(arguments.get("export"))
+            if export.migrating:
+                raise CommandError(f"export {export.name!r} is being migrated: snapshots "
+                                   "wait until the migration ends")
             bitmap = arguments.get("bitmap")
             if bitmap is not None and not isinstance(bitmap, str):
                 raise CommandError("\"bitmap\" must be a bitmap name")

@@ -48,6 +48,9 @@ class ExportCatalog(Protocol):
 
     def listed(self) -> Sequence[ExportView]: ...
 
+    def absence(self, name: str) -> str:
+        """Why a name that is not served is not (a migration), or ""."""
+
 
 class Outcome(enum.Enum):
     CONTINUE = "continue"  # send the replies, read the next option
@@ -304,7 +307,7 @@ class OptionNegotiator:
             return OptionResult(b"", Outcome.DISCONNECT, note=error.message)
         export = self.catalog.find(name)
         if export is None:
-            return OptionResult(b"", Outcome.DISCONNECT, note=f"unknown export {name!r}")
+            return OptionResult(b"", Outcome.DISCONNECT, note=self._unknown(name))
         if self._needs_tls(export):
             return OptionResult(b"", Outcome.DISCONNECT,
                                 note=f"export {name!r} requires TLS")
@@ -374,7 +377,7 @@ class OptionNegotiator:
         name, requested = parse_info_request(payload)
         export = self.catalog.find(name)
         if export is None:
-            raise OptionError(c.NBD_REP_ERR_UNKNOWN, f"export {name!r} not available")
+            raise OptionError(c.NBD_REP_ERR_UNKNOWN, self._unknown(name))
         if self._needs_tls(export):
             raise OptionError(c.NBD_REP_ERR_TLS_REQD, f"export {name!r} requires TLS")
         if option == c.NBD_OPT_GO and self._full(export):
@@ -453,11 +456,15 @@ class OptionNegotiator:
     def _meta_export(self, name: str) -> ExportView:
         export = self.catalog.find(name)
         if export is None:
-            raise OptionError(c.NBD_REP_ERR_UNKNOWN, f"export {name!r} not available")
+            raise OptionError(c.NBD_REP_ERR_UNKNOWN, self._unknown(name))
         if self._needs_tls(export):
             # ERR_TLS_REQD is reserved for INFO, GO and EXPORT_NAME (spec).
             raise OptionError(c.NBD_REP_ERR_POLICY, f"export {name!r} requires TLS")
         return export
+
+    def _unknown(self, name: str) -> str:
+        why = self.catalog.absence(name)
+        return f"export {name!r} not available" + (f": {why}" if why else "")
 
     @staticmethod
     def _full(export: ExportView) -> bool:

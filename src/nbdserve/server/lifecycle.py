@@ -10,14 +10,18 @@ import logging
 import os
 import signal
 import socket
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from nbdserve import systemd
 from nbdserve.config import HANDSHAKE_TIMEOUT, POLL_MAX_US
 from nbdserve.control.server import ControlServer
-from nbdserve.export import ExportCatalog
+from nbdserve.export import Export, ExportCatalog
 from nbdserve.metrics import start_metrics_server
+from nbdserve.migration.request import MigrationRequest
+from nbdserve.migration.source import Migration, MigrationError
+from nbdserve.migration.target import IncomingMigration
 from nbdserve.server.connections import Connections
 from nbdserve.server.listener import describe
 from nbdserve.server.polling import Census
@@ -41,8 +45,14 @@ class Server:
                  control_path: str | None = None,
                  tls: TlsConfig | None = None, metrics: tuple[str, int] | None = None,
                  on_reload: Callable[[], Awaitable[None]] | None = None,
-                 ready: Ready | None = None, oneshot: bool = False) -> None:
+                 ready: Ready | None = None, oneshot: bool = False,
+                 incoming: Sequence[IncomingMigration] = ()) -> None:
         self.catalog = catalog
+        self.incoming = list(incoming)  # exports waiting for a migration (--incoming)
+        for waiting in self.incoming:
+            catalog.mark_absent(waiting.settings.name, "it waits for an incoming migration")
+        self.migration: Migration | None = None  # the latest one from here
+        self.moved: list[Export] = []  # migrated away: closed when their clients are
         self.ready = ready  # --pid-file, --fork, --run (server/scripting.py)
         self.oneshot = oneshot  # stop when the last client has gone
         self.exit_status = 0
@@ -60,7 +70,8 @@ class Server:
         self._servers: list[asyncio.AbstractServer] = []
         self.control = ControlServer(catalog, control_path, self.executor,
                                      status=self.describe,
-                                     remove_export=self.remove_export) \
+                                     remove_export=self.remove_export,
+                                     migrate=self.migrate_command) \
             if control_path else None
         self.metrics = metrics
         self.metrics_server = None
@@ -75,6 +86,9 @@ class Server:
     # -- running ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        for waiting in self.incoming:
+            waiting.start()
         if self.control is not None:
             await self.control.start()
         if self.metrics is not None:
@@ -186,6 +200,62 @@ class Server:
             await loop.run_in_executor(self.executor, export.close)
         log.info("export %r removed (%d clients disconnected)", name, len(users))
 
+    # -- migrations (nbdserve.migration) ---------------------------------------------------
+
+    def export_arrived(self, export: Export) -> None:
+        """An incoming migration completed (called from its thread): serve it."""
+        done = threading.Event()
+
+        def add() -> None:
+            if self.metrics is not None:
+                export.stats.timing = True
+            self.catalog.add(export)
+            done.set()
+        self.loop.call_soon_threadsafe(add)
+        done.wait(10)  # DONE goes to the source once clients can connect here
+
+    def export_moved(self, export: Export, where: str) -> None:
+        """A migration from here passed its commit point (called from its thread): new
+        clients are told where the export went; open connections are forwarded."""
+        def remove() -> None:
+            if self.catalog.find(export.name) is export:
+                self.catalog.remove(export.name)
+            self.catalog.mark_absent(export.name, f"it was migrated to {where}")
+            self.moved.append(export)
+        self.loop.call_soon_threadsafe(remove)
+
+    async def migrate_command(self, command: str, arguments: dict):
+        """migrate-start, query-migrate and migrate-cancel (docs/control.md)."""
+        if command == "query-migrate":
+            return {"outgoing": self.migration.describe() if self.migration else None,
+                    "incoming": [waiting.describe() for waiting in self.incoming]}
+        if command == "migrate-cancel":
+            if self.migration is None or not self.migration.cancel():
+                raise MigrationError("no migration that can still be cancelled")
+            return {}
+        if self.migration is not None and not self.migration.done.is_set():
+            raise MigrationError(f"a migration of export {self.migration.export.name!r} is "
+                                 "under way")
+        request = MigrationRequest.from_arguments(arguments, self.tls)
+        export = self.catalog.find(request.export) if request.export is not None else None
+        if request.export is None:
+            live = [e for e in self.catalog if e.parent is None]
+            if len(live) != 1:
+                raise MigrationError("several exports are served: name one with \"export\"")
+            export = live[0]
+        if export is None or export.parent is not None:
+            raise MigrationError(f"export {request.export!r} not found")
+        if any(e.parent is export for e in self.catalog):
+            raise MigrationError(f"export {export.name!r} has snapshots: remove them first "
+                                 "(they do not migrate)")
+        migration = Migration(export, request.address, max_downtime_ms=request.max_downtime_ms,
+                              bandwidth=request.bandwidth, ssl_context=request.ssl_context,
+                              forward_tls=request.forward_tls,
+                              server_hostname=request.tls_hostname, moved=self.export_moved)
+        migration.start()
+        self.migration = migration
+        return {"export": export.name, "target": str(request.address)}
+
     def status_changed(self) -> None:
         """Tell the service manager the new connection count, at most once per
         STATUS_INTERVAL: a datagram per connect and disconnect would cost every
@@ -213,6 +283,8 @@ class Server:
             "accepted": self.connections.accepted,
             "tls": self.tls.mode,
             "listen": [describe(sock) for sock in self.sockets],
+            "migration": self.migration.describe() if self.migration else None,
+            "incoming": [waiting.describe() for waiting in self.incoming],
         }
 
     def request_stop(self, signum: int | None = None) -> None:
@@ -226,6 +298,11 @@ class Server:
         """Stop accepting, let in-flight requests finish, flush, close everything."""
         connections = self.connections
         connections.stop()
+        for waiting in self.incoming:
+            await asyncio.get_running_loop().run_in_executor(self.executor, waiting.stop)
+        if self.migration is not None and self.migration.cancel():
+            await asyncio.get_running_loop().run_in_executor(self.executor,
+                                                             self.migration.done.wait, 30)
         for server in self._servers:
             server.close()
         if self.control is not None:
@@ -259,7 +336,7 @@ class Server:
         remaining = [conn.task for conn in connections if conn.task is not None]
         if remaining:
             await asyncio.wait(remaining, timeout=5)
-        for export in self.catalog:
+        for export in list(self.catalog) + self.moved:
             try:
                 if not export.read_only:
                     await loop.run_in_executor(self.executor, export.flush)

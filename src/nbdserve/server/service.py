@@ -12,13 +12,16 @@ import time
 from collections.abc import Callable
 
 from nbdserve import systemd as systemd_glue
+from nbdserve.bitmaps.qdb import migration_state
 from nbdserve.bitmaps.store import BitmapStore, default_qdb_path
 from nbdserve.config import ConfigError, ExportConfig, ServeConfig
 from nbdserve.export import Export, ExportCatalog
 from nbdserve.image import ImageError, RawImage, create_sparse
+from nbdserve.migration.target import IncomingMigration
 from nbdserve.server import listener
 from nbdserve.server.lifecycle import Server
 from nbdserve.snapshots.manager import remove_stale_scratch
+from nbdserve.tls import TLS_OFF, TlsConfig
 
 log = logging.getLogger("nbdserve.service")
 
@@ -29,6 +32,10 @@ class ServiceError(Exception):
 
 def open_export(settings: ExportConfig, *, with_control: bool) -> Export:
     """Open one export's image and, where wanted, its bitmaps."""
+    qdb = settings.qdb or default_qdb_path(settings.image)
+    state = migration_state(qdb)
+    if state and not settings.force:
+        raise ServiceError(MIGRATION_REFUSALS[state].format(image=settings.image, qdb=qdb))
     if settings.create is not None and not os.path.exists(settings.image):
         try:
             create_sparse(settings.image, settings.create)
@@ -40,7 +47,6 @@ def open_export(settings: ExportConfig, *, with_control: bool) -> Export:
                          offset=settings.offset)
     except ImageError as exc:
         raise ServiceError(str(exc)) from None
-    qdb = settings.qdb or default_qdb_path(settings.image)
     store = None
     if settings.bitmaps or with_control and not settings.read_only or os.path.exists(qdb):
         announce_bitmap_work(f"loading the bitmaps of export {settings.name!r}",
@@ -60,6 +66,30 @@ def open_export(settings: ExportConfig, *, with_control: bool) -> Export:
     export.scratch_dir = settings.scratch_dir or os.path.dirname(os.path.abspath(qdb))
     remove_stale_scratch(export.scratch_dir, settings.image)
     return export
+
+
+MIGRATION_REFUSALS = {
+    "moved": "{image} was migrated to another server ({qdb} says so): this copy is stale; "
+             "serve it anyway with --force",
+    "incoming": "{image} is the target of a migration that did not complete ({qdb} says "
+                "so): receive it again with --incoming ADDRESS, or serve the partial "
+                "image with --force",
+}
+
+
+def open_incoming(settings: ExportConfig, tls: TlsConfig,
+                  arrived: Callable[[Export], None],
+                  listeners: Callable[[], list[str]]) -> IncomingMigration:
+    """An export that waits for a migration (--incoming): its channel's listener is
+    bound now, so a port in use fails the start."""
+    try:
+        sock = listener.bind(settings.incoming)
+    except listener.ListenError as exc:
+        raise ServiceError(f"export {settings.name!r}: --incoming: {exc}") from None
+    context = tls.server_context() if tls.mode != TLS_OFF else None
+    return IncomingMigration(settings, sock, context,
+                             lambda ready: open_export(ready, with_control=True),
+                             arrived, listeners, allow_subjects=tls.allow_subjects)
 
 
 def qdb_bytes(path: str) -> int:
@@ -125,14 +155,22 @@ class Service:
         # touched (nothing to undo, no bitmaps marked in use and saved again).
         sockets, self.socket_paths = listening_sockets(self.config)
         exports = []
+        incoming: list[IncomingMigration] = []
         try:
             for settings in self.config.exports:
-                exports.append(open_export(settings, with_control=bool(self.config.control)))
+                if settings.incoming is not None:
+                    incoming.append(open_incoming(settings, self.config.tls,
+                                                  self._arrived, self._listeners))
+                else:
+                    exports.append(open_export(settings,
+                                               with_control=bool(self.config.control)))
                 self.settings[settings.name] = settings
             self._previous = dict(self.settings)
         except ServiceError:
             for export in exports:
                 export.close()
+            for waiting in incoming:
+                waiting.sock.close()
             for sock in sockets:
                 sock.close()
             self.cleanup()
@@ -144,8 +182,17 @@ class Service:
                              poll_max_us=config.poll_max_us,
                              control_path=config.control, tls=config.tls,
                              metrics=config.metrics,
-                             on_reload=self.reload if self.reload_config else None)
+                             on_reload=self.reload if self.reload_config else None,
+                             incoming=incoming)
         return self.server
+
+    def _arrived(self, export: Export) -> None:
+        """A migration into this server completed (from the incoming thread)."""
+        self.server.export_arrived(export)
+
+    def _listeners(self) -> list[str]:
+        return [listener.describe(sock) for sock in self.server.sockets] \
+            if self.server is not None else []
 
     def cleanup(self) -> None:
         for path in self.socket_paths:

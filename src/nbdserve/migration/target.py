@@ -1,0 +1,249 @@
+"""The target of a migration: an export held back until its image and bitmaps arrive.
+
+``serve IMAGE --incoming ADDRESS`` makes one of these instead of opening the export.
+It listens on ADDRESS (TCP, or unix:PATH; TLS when the server has certificates) for one
+source at a time, and:
+
+1. on HELLO, marks the QDB file "incoming" (a partial image is never served without
+   --force), then empties the image to the source's size: a sparse file, so holes
+   cost nothing to send;
+2. writes DATA and punches ZERO as they come, and keeps the bitmaps (BITMAPS, BITS)
+   in memory; SYNC (just before the pause) makes the data durable ahead of time;
+3. on SWITCHOVER (the source is paused), makes the image durable and answers READY;
+4. on GO, writes the QDB file with the bitmaps received and the image's identity,
+   opens the export as ``serve`` would, hands it to the server, and answers DONE.
+
+A source that vanishes before GO leaves a partial image that waits for the next
+source. The conversation's messages are stream.py's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+
+from bitarray import bitarray
+
+from nbdserve.bitmaps.qdb import QdbContents, StoredBitmap, write_qdb
+from nbdserve.bitmaps.store import default_qdb_path
+from nbdserve.config import ExportConfig
+from nbdserve.export import Export
+from nbdserve.image import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    ImageIdentity,
+    fallocate,
+    path_identity,
+)
+from nbdserve.migration import stream
+from nbdserve.migration.channel import Channel
+from nbdserve.migration.stream import BitmapMeta, ChannelError, Kind
+from nbdserve.server.listener import describe
+from nbdserve.tls import subject_allowed, subject_string
+
+log = logging.getLogger("nbdserve.migration")
+
+ACCEPT_POLL = 0.5  # seconds between looks at the stop flag while waiting for a source
+IDLE_TIMEOUT = 120.0  # a source silent this long is gone
+
+
+class IncomingMigration:
+    def __init__(self, settings: ExportConfig, sock: socket.socket,
+                 ssl_context: ssl.SSLContext | None,
+                 open_export: Callable[[ExportConfig], Export],
+                 arrived: Callable[[Export], None],
+                 listeners: Callable[[], list[str]] = list,
+                 allow_subjects: tuple[str, ...] = ()) -> None:
+        self.settings = settings
+        self.sock = sock
+        self.ssl_context = ssl_context
+        self.open_export = open_export  # the service's: opens it as serve would
+        self.arrived = arrived  # hands the export to the server (thread-safe)
+        self.listeners = listeners  # where this server serves NBD (told to the source)
+        self.allow_subjects = allow_subjects  # --tls-allow-subject: who may send a disk
+        self.qdb_path = settings.qdb or default_qdb_path(settings.image)
+        self.state = "waiting"
+        self.source = ""
+        self.received_bytes = 0
+        self.failures = 0
+        self.last_error = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True,
+                                        name=f"nbdserve-incoming-{settings.name}")
+
+    @property
+    def address(self) -> str:
+        with contextlib.suppress(OSError):
+            return describe(self.sock)  # the port chosen for :0, say
+        return str(self.settings.incoming)
+
+    def start(self) -> None:
+        log.info("export %r waits for an incoming migration on %s", self.settings.name,
+                 self.address)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if self.settings.incoming.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.settings.incoming.path)
+
+    def describe(self) -> dict:
+        return {"export": self.settings.name, "image": self.settings.image,
+                "listen": self.address, "state": self.state, "source": self.source,
+                "received-bytes": self.received_bytes, "failures": self.failures,
+                "last-error": self.last_error}
+
+    # -- accepting sources, one at a time -------------------------------------------------
+
+    def _serve(self) -> None:
+        self.sock.settimeout(ACCEPT_POLL)
+        while not self._stop.is_set():
+            try:
+                conn, peer = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.source = str(peer) or "unix socket"
+            try:
+                with contextlib.closing(conn):
+                    conn.settimeout(IDLE_TIMEOUT)
+                    if self.ssl_context is not None:
+                        conn = self.ssl_context.wrap_socket(conn, server_side=True)
+                        subject = subject_string(conn.getpeercert())
+                        if not subject_allowed(subject, self.allow_subjects):
+                            raise ChannelError(f"the source's certificate subject "
+                                               f"{subject or '(none)'} is not allowed")
+                        self.source += f" ({subject})" if subject else ""
+                    if self._receive(Channel(conn)):
+                        break
+            except (OSError, ChannelError, ValueError) as exc:
+                self.failures += 1
+                self.last_error = str(exc) or type(exc).__name__
+                self.state = "waiting"
+                log.error("incoming migration of export %r from %s failed: %s; the image "
+                          "stays partial and waits for another source", self.settings.name,
+                          self.source, self.last_error)
+
+    def _receive(self, channel: Channel) -> bool:
+        """One source's conversation; True once the export serves."""
+        hello = channel.expect(Kind.HELLO).meta()
+        if not isinstance(hello, dict) or hello.get("protocol") != stream.PROTOCOL_VERSION:
+            channel.abort(f"unsupported migration protocol {hello!r:.80}")
+            raise ChannelError("the source speaks another migration protocol")
+        size = hello.get("size")
+        if not isinstance(size, int) or size <= 0 or size % 512:
+            channel.abort("bad image size")
+            raise ChannelError(f"the source announced a bad image size {size!r}")
+        log.info("incoming migration of export %r from %s: %d bytes", self.settings.name,
+                 self.source, size)
+        self.state = "receiving"
+        self.received_bytes = 0
+        fd = self._prepare(size, channel)
+        try:
+            channel.send(stream.encode_meta(Kind.WELCOME, {
+                "export": self.settings.name, "listen": self.listeners()}))
+            bitmaps = self._receive_image(channel, fd, size)
+            os.fdatasync(fd)
+            channel.send(stream.encode(Kind.READY))
+            channel.expect(Kind.GO)
+        finally:
+            os.close(fd)
+        self._commit(bitmaps)
+        export = self.open_export(replace(self.settings, incoming=None, force=False))
+        self.arrived(export)
+        self.state = "completed"
+        channel.send(stream.encode(Kind.DONE))
+        log.info("migration of export %r from %s completed: serving", self.settings.name,
+                 self.source)
+        return True
+
+    def _prepare(self, size: int, channel: Channel) -> int:
+        """Say in the QDB file that the image is partial, then empty it."""
+        write_qdb(self.qdb_path, QdbContents(identity=ImageIdentity(0), migration="incoming"))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.qdb_path + ".journal")
+        fd = os.open(self.settings.image, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if not os.path.isfile(self.settings.image):
+                channel.abort("the target image is not a regular file")
+                raise ChannelError(f"{self.settings.image}: only a regular file can "
+                                   "receive a migration")
+            os.ftruncate(fd, 0)  # every hole the source has is a hole here already
+            os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _receive_image(self, channel: Channel, fd: int, size: int) -> list[StoredBitmap]:
+        """DATA, ZERO, BITMAPS and BITS until SWITCHOVER; the bitmaps received."""
+        metas: list[BitmapMeta] = []
+        bits: list[bitarray] = []
+        while True:
+            message = channel.receive()
+            kind = message.kind
+            if kind in (Kind.DATA, Kind.ZERO):
+                if message.offset + message.length > size:
+                    channel.abort("a change past the end of the image")
+                    raise ChannelError(f"{kind.name} at {message.offset}+{message.length} "
+                                       f"is past the image's end ({size})")
+                if kind == Kind.DATA:
+                    _pwrite_all(fd, message.payload, message.offset)
+                else:
+                    _zero(fd, message.offset, message.length)
+                self.received_bytes += message.length
+            elif kind == Kind.BITMAPS:
+                listed = message.meta()
+                if not isinstance(listed, list):
+                    raise ChannelError("BITMAPS: expected a list")
+                metas = [BitmapMeta.from_json(item) for item in listed]
+                bits = []
+                for meta in metas:
+                    blank = bitarray(meta.granules, endian="little")
+                    blank.setall(1)  # until the source's bits arrive: all dirty (safe)
+                    bits.append(blank)
+            elif kind == Kind.BITS:
+                if message.offset >= len(bits):
+                    raise ChannelError(f"BITS for bitmap {message.offset}, which was not "
+                                       "described")
+                stream.apply_bits(bits[message.offset], message.length, message.payload)
+            elif kind == Kind.SYNC:
+                os.fdatasync(fd)
+                channel.send(stream.encode(Kind.SYNCED))
+            elif kind == Kind.SWITCHOVER:
+                return [StoredBitmap(m.name, m.granularity_bits, m.generation, m.recording,
+                                     m.inconsistent, b) for m, b in zip(metas, bits, strict=True)]
+            elif kind == Kind.ABORT:
+                reason = message.payload.decode(errors="replace")
+                raise ChannelError(f"the source aborted: {reason}")
+            else:
+                raise ChannelError(f"unexpected {kind.name} while receiving")
+
+    def _commit(self, bitmaps: list[StoredBitmap]) -> None:
+        """The bitmaps, durable, with the identity the image has now: the export then
+        opens them as a clean stop left them (exact)."""
+        write_qdb(self.qdb_path, QdbContents(identity=path_identity(self.settings.image),
+                                             bitmaps=bitmaps))
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _zero(fd: int, offset: int, length: int) -> None:
+    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
