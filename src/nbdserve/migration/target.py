@@ -116,17 +116,20 @@ class IncomingMigration:
                 return
             self.source = str(peer) or "unix socket"
             try:
-                with contextlib.closing(conn):
+                channel = Channel(conn)  # closed at the end (the TLS one, if any)
+                try:
                     conn.settimeout(IDLE_TIMEOUT)
                     if self.ssl_context is not None:
-                        conn = self.ssl_context.wrap_socket(conn, server_side=True)
-                        subject = subject_string(conn.getpeercert())
+                        channel.sock = self.ssl_context.wrap_socket(conn, server_side=True)
+                        subject = subject_string(channel.sock.getpeercert())
                         if not subject_allowed(subject, self.allow_subjects):
                             raise ChannelError(f"the source's certificate subject "
                                                f"{subject or '(none)'} is not allowed")
                         self.source += f" ({subject})" if subject else ""
-                    if self._receive(Channel(conn)):
+                    if self._receive(channel):
                         break
+                finally:
+                    channel.close()
             except (OSError, ChannelError, ValueError) as exc:
                 self.failures += 1
                 self.last_error = str(exc) or type(exc).__name__

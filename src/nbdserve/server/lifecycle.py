@@ -110,6 +110,10 @@ class Server:
                 log.info("serving export %r (%s, %d bytes%s) on %s", export.name,
                          export.image.path, export.size,
                          ", read-only" if export.read_only else "", describe(sock))
+            for waiting in self.incoming:
+                log.info("serving export %r (%s, once its incoming migration completed) "
+                         "on %s", waiting.settings.name, waiting.settings.image,
+                         describe(sock))
 
     async def run(self) -> int:
         """Serve until SIGTERM or SIGINT, then shut down gracefully. Returns the exit
