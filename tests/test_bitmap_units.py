@@ -410,3 +410,24 @@ def test_a_complete_check_finds_leaked_clusters_and_dirty_slack():
     slack[256 + 60] ^= 1  # the copy disagrees with the header
     assert decode_qdb(bytes(slack), complete=True).findings == [
         "the header's copy differs from the header"]
+
+
+def test_resample_coarser_and_finer_agree_with_byte_ranges():
+    """A granule of the result is set exactly where some byte of a set granule of the
+    source lies (the coarse path ORs pairs of bits; the fine one spreads them)."""
+    import random
+
+    from nbdserve.bitmaps.bitmap import Bitmap
+    rng = random.Random(5)
+    size = (1 << 24) + 3 * 4096  # a partial last granule at every coarser shift
+    bitmap = Bitmap(size, 12)
+    for _ in range(300):
+        bitmap.set(rng.randrange(0, size), rng.randrange(1, 100_000))
+    dirty_bytes = [(o, o + n) for o, n in bitmap.set_ranges()]
+    for shift in (9, 12, 13, 16, 20, 30):
+        resampled = bitmap.resample(shift)
+        assert len(resampled) == ((size - 1) >> shift) + 1
+        for granule in range(len(resampled)):
+            start, end = granule << shift, min((granule + 1) << shift, size)
+            touched = any(a < end and start < b for a, b in dirty_bytes)
+            assert resampled[granule] == touched, (shift, granule)

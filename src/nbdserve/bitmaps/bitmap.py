@@ -164,6 +164,27 @@ class Bitmap:
         lengths, first_set = self.runs(offset, length, limit)
         return [(run, first_set ^ bool(index & 1)) for index, run in enumerate(lengths)]
 
+    def resample(self, to_shift: int) -> bitarray:
+        """These bits in granules of 1 << to_shift bytes: a granule is set where any
+        byte of it was (finer: each bit spreads; coarser: bits are OR-ed)."""
+        size, from_shift = self.size, self.granularity_bits
+        count = ((size - 1) >> to_shift) + 1 if size else 0
+        if to_shift > from_shift:
+            # Coarser: OR neighbours pairwise, once per doubling (C loops; a pause
+            # resamples a bitmap of a few hundred thousand scattered bits).
+            bits = self._bits.copy()
+            bits.extend(bitarray(-len(bits) % (1 << (to_shift - from_shift))))
+            for _ in range(to_shift - from_shift):
+                bits = bits[0::2] | bits[1::2]
+            return bits[:count]
+        out = bitarray(count, endian="little")
+        out.setall(0)
+        for value, start, stop in intervals(self._bits):
+            if value:
+                end = min(stop << from_shift, size)
+                out[(start << from_shift) >> to_shift:((end - 1) >> to_shift) + 1] = 1
+        return out
+
     def set_ranges(self) -> Iterator[tuple[int, int]]:
         """(offset, length) of every run of set granules, in bytes, cut to the image."""
         granularity = self.granularity

@@ -23,7 +23,6 @@ import os
 import threading
 
 from bitarray import bitarray
-from bitarray.util import intervals
 
 from nbdserve.export import Export, ExportCatalog
 from nbdserve.image import ImageError, RawImage
@@ -150,18 +149,6 @@ def copy_shift(size: int) -> int:
     return shift
 
 
-def resample(bits: bitarray, from_shift: int, to_shift: int, size: int) -> bitarray:
-    """Bits over size bytes in from_shift granules, as to_shift granules: a granule is
-    set where any byte of it was (finer: each bit spreads; coarser: bits are OR-ed)."""
-    out = bitarray(((size - 1) >> to_shift) + 1 if size else 0, endian="little")
-    out.setall(0)
-    for value, start, stop in intervals(bits):
-        if value:
-            end = min(stop << from_shift, size)
-            out[(start << from_shift) >> to_shift:((end - 1) >> to_shift) + 1] = 1
-    return out
-
-
 def _start(export: Export, name: str, scratch: RawImage, checkpoint: tuple[str, str] | None,
            new_bitmap: str | None, granularity: int | None) -> Snapshot:
     """The instant itself (changes are paused): the bitmaps' part, then the snapshot's
@@ -178,7 +165,7 @@ def _start(export: Export, name: str, scratch: RawImage, checkpoint: tuple[str, 
     old, new = checkpoint
     _transaction(export, [("bitmap-checkpoint", {"old": old, "new": new})])
     dirty = export.tracker.frozen_copy(old)
-    held = resample(dirty.serialise(), dirty.granularity_bits, shift, export.size)
+    held = dirty.resample(shift)
     return Snapshot(name, export.image, scratch, shift, held, bitmap=old, dirty=dirty,
                     fail_write=fail_write)
 
