@@ -9,20 +9,40 @@ import socket
 from nbdserve.migration import stream
 from nbdserve.migration.stream import ChannelError, Kind, Message
 
+QUEUE_MAX = 1 << 20  # queued bytes sent in one call (many small DATA in the pause)
+
 
 class Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.sent_bytes = 0
+        self._queued: list[bytes] = []
+        self._queued_bytes = 0
 
     def send(self, data: bytes | memoryview) -> None:
+        """Send now (after whatever was queued)."""
+        self.queue(data)
+        self.flush()
+
+    def queue(self, data: bytes | memoryview) -> None:
+        """Send soon: small messages go out together, in order."""
+        self._queued.append(data)
+        self._queued_bytes += len(data)
+        if self._queued_bytes >= QUEUE_MAX:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._queued:
+            return
+        data = self._queued[0] if len(self._queued) == 1 else b"".join(self._queued)
+        self._queued.clear()
+        self._queued_bytes = 0
         self.sock.sendall(data)
         self.sent_bytes += len(data)
 
-    def send_data(self, offset: int, data: bytes) -> None:
-        """DATA without copying the payload into the header's buffer."""
-        self.send(stream.HEADER.pack(Kind.DATA, len(data), offset, len(data)))
-        self.send(data)
+    def queue_data(self, offset: int, data: bytes) -> None:
+        self.queue(stream.HEADER.pack(Kind.DATA, len(data), offset, len(data)))
+        self.queue(data)
 
     def _exactly(self, count: int) -> bytes:
         buffer = bytearray(count)
@@ -35,6 +55,7 @@ class Channel:
         return bytes(buffer)
 
     def receive(self) -> Message:
+        self.flush()
         kind, payload_length, offset, length = stream.decode_header(
             self._exactly(stream.HEADER.size))
         payload = self._exactly(payload_length) if payload_length else b""

@@ -20,14 +20,19 @@ Phases (``Phase``), in a thread of their own:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
+import os
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
 
+from bitarray.util import intervals
+
+from nbdserve.bitmaps.bitmap import Bitmap
 from nbdserve.bitmaps.qdb import QdbContents, write_qdb
 from nbdserve.bitmaps.store import BitmapStore, default_qdb_path
 from nbdserve.config import ConfigError, ListenAddress, parse_listen
@@ -41,12 +46,16 @@ from nbdserve.migration.tracking import MigrationTracker
 log = logging.getLogger("nbdserve.migration")
 
 CHUNK = 4 << 20  # bytes per DATA message
+SMALL_REGION = 256 << 10  # dirty regions up to this are read whole, holes or not
+_ZEROS = bytes(SMALL_REGION)
 BITS_CHUNK = 8 << 20  # granules per BITS message of a whole bitmap
 MAX_PASSES = 30  # dirty passes before giving up
 CONNECT_TIMEOUT = 10.0
 REPLY_TIMEOUT = 60.0  # READY may wait for the target's fdatasync
 FORWARD_RETRIES = 20  # attempts, 0.25 s apart, to reach the target's export after DONE
 DEFAULT_MAX_DOWNTIME_MS = 300  # QEMU's downtime-limit default
+FIXED_STEPS_MS = 25  # the pause's other steps (bitmaps, QDB files, the target's start,
+# a sync's own latency): 15-25 ms here
 
 
 class Phase(enum.Enum):
@@ -96,12 +105,18 @@ class Migration:
         self.pause_data_bytes = 0
         self.pause_ms = 0.0  # gate closed to gate open
         self.quiesce_ms = 0.0  # closing the gate: changes under way finishing
+        self.pause_steps: dict[str, float] = {}
+        self._step_started = 0.0
         self.started = time.time()
         self.finished = 0.0
         self.done = threading.Event()
         self._cancel = threading.Event()
         self._copy_started = 0.0
         self._copied = 0
+        self._slept = 0.0  # seconds the copy slept to keep to --bandwidth
+        self.pass_rate = 0.0  # bytes/s of the latest dirty pass
+        self.sync_rate = float("inf")  # bytes/s the target's latest SYNC made durable
+        self._synced_at = 0  # _copied at the latest SYNC
         self.tracker = MigrationTracker(export.size)
         self.channel: Channel | None = None
         self.target_export = export.name
@@ -133,7 +148,9 @@ class Migration:
 
     def describe(self) -> dict:
         now = self.finished or time.time()
-        expected = self.remaining_bytes / self.rate * 1000 if self.rate else None
+        rate = self.pass_rate or self.rate
+        expected = (self.remaining_bytes / rate + self.remaining_bytes / self.sync_rate) \
+            * 1000 + FIXED_STEPS_MS if rate else None
         return {
             "export": self.export.name, "target": str(self.address),
             "phase": self.phase.value, "error": self.error,
@@ -147,6 +164,7 @@ class Migration:
             "pause-data-bytes": self.pause_data_bytes,
             "pause-bitmap-bytes": self.pause_bitmap_bytes,
             "pause-ms": round(self.pause_ms, 2), "quiesce-ms": round(self.quiesce_ms, 2),
+            "pause-steps": self.pause_steps,
             "elapsed-s": round(now - self.started, 3),
         }
 
@@ -224,29 +242,53 @@ class Migration:
         self._send_allocated(0, self.export.size, holes=False)
         self._send_bitmaps()
         self.phase = Phase.DIRTY
+        self._sync()  # the bulk's writeback drains here, not in a pass or the pause
         while True:
             self.remaining_bytes = self.tracker.dirty_bytes()
             if self.remaining_bytes <= self._pause_budget():
-                # What the target has is made durable now, not in the pause.
-                self.channel.send(stream.encode(Kind.SYNC))
-                self.channel.expect(Kind.SYNCED)
                 return
             if self.passes >= MAX_PASSES:
                 raise MigrationError(
                     f"did not converge in {MAX_PASSES} passes: {self.remaining_bytes} bytes "
-                    f"still dirty at {self.rate / 1e6:.1f} MB/s would pause longer than "
-                    f"{self.max_downtime_ms} ms (raise --max-downtime or --bandwidth, or "
-                    "migrate when the disk is quieter)")
+                    f"still dirty at {(self.pass_rate or self.rate) / 1e6:.1f} MB/s, and "
+                    f"the target's disk syncing {self.sync_rate / 1e6:.1f} MB/s, would "
+                    f"pause longer than {self.max_downtime_ms} ms (raise --max-downtime, "
+                    "or migrate when the disk is quieter)")
             self.passes += 1
             self._send_dirty(self.tracker.take(), throttle=True)
+            self._sync()
+
+    def _sync(self) -> None:
+        """The target makes what it has durable now (SYNC), so the pause syncs only
+        what the pause sends; how fast that went sizes the pause."""
+        started = time.monotonic()
+        self.channel.send(stream.encode(Kind.SYNC))
+        self.channel.expect(Kind.SYNCED)
+        took = time.monotonic() - started
+        synced = self._copied - self._synced_at
+        self._synced_at = self._copied
+        if synced >= 256 << 10 and took > 0:
+            self.sync_rate = synced / took  # (its fixed cost included: conservative)
 
     def _pause_budget(self) -> float:
-        return self.rate * self.max_downtime_ms / 1000 if self.rate else 0
+        """Dirty bytes the pause may send: it sends them at the latest pass's rate,
+        the target then writes them to disk at the latest SYNC's rate, and the other
+        steps (bitmaps, QDB files, the target's start) take about FIXED_STEPS_MS."""
+        left = (self.max_downtime_ms - FIXED_STEPS_MS) / 1000
+        seconds_per_byte = 1 / (self.pass_rate or self.rate) + 1 / self.sync_rate
+        return max(left, 0.0) / seconds_per_byte
 
     def _send_dirty(self, dirty, *, throttle: bool) -> int:
+        """A pass: the regions marked in dirty. Its rate (scattered small regions cost
+        more per byte than the bulk copy's large runs) sizes the pause from now on."""
+        started, slept = time.monotonic(), self._slept
         sent = 0
         for offset, length in dirty.set_ranges():
             sent += self._send_allocated(offset, length, holes=True, throttle=throttle)
+        self.channel.flush()
+        busy = time.monotonic() - started - (self._slept - slept)
+        if sent >= 1 << 20 and busy > 0:
+            self.pass_rate = sent / busy
         return sent
 
     def _send_allocated(self, offset: int, length: int, *, holes: bool,
@@ -255,6 +297,19 @@ class Migration:
         it has holes (``holes``: the target may have data there by now)."""
         image = self.export.image
         channel = self.channel
+        if holes and length <= SMALL_REGION:
+            # A pass's typical region (a few KiB): reading it costs less than asking
+            # where its holes are; all zeros go as ZERO, which the target punches.
+            self._check_cancel()
+            data = image.pread(offset, length)
+            if _ZEROS.startswith(data):
+                channel.queue(stream.encode(Kind.ZERO, offset, length))
+                self.zero_bytes += length
+                return 0
+            channel.queue_data(offset, data)
+            self.data_bytes += length
+            self._measured(length, throttle)
+            return length
         end = offset + length
         sent = 0
         while offset < end:
@@ -262,7 +317,7 @@ class Migration:
             for run, is_data in runs:
                 if not is_data:
                     if holes:
-                        channel.send(stream.encode(Kind.ZERO, offset, run))
+                        channel.queue(stream.encode(Kind.ZERO, offset, run))
                         self.zero_bytes += run
                     offset += run
                     continue
@@ -270,7 +325,7 @@ class Migration:
                 while offset < stop:
                     self._check_cancel()
                     count = min(CHUNK, stop - offset)
-                    channel.send_data(offset, image.pread(offset, count))
+                    channel.queue_data(offset, image.pread(offset, count))
                     offset += count
                     sent += count
                     self.data_bytes += count
@@ -278,15 +333,18 @@ class Migration:
         return sent
 
     def _measured(self, count: int, throttle: bool) -> None:
+        """Count a chunk sent; sleep if ahead of --bandwidth. The rate is what the
+        copy reaches when it does not sleep (what the pause, never limited, gets)."""
         self._copied += count
-        elapsed = time.monotonic() - self._copy_started
+        now = time.monotonic()
+        busy = now - self._copy_started - self._slept
+        if busy > 0:
+            self.rate = self._copied / busy
         if throttle and self.bandwidth:
-            ahead = self._copied / self.bandwidth - elapsed
+            ahead = self._copied / self.bandwidth - (now - self._copy_started)
             if ahead > 0:
                 time.sleep(ahead)
-                elapsed += ahead
-        if elapsed > 0:
-            self.rate = self._copied / elapsed
+                self._slept += ahead
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
@@ -318,42 +376,64 @@ class Migration:
         store = self._store()
         if store is None:
             return 0
-        before = self.channel.sent_bytes
-        changed = list(self.tracker.since_bitmaps.set_ranges())
+        changed = self.tracker.since_bitmaps
+        by_shift: dict[int, list[tuple[int, int]]] = {}
+        messages = []
         with store.lock:
             for index, bitmap in enumerate(store.bitmaps.values()):
+                shift = bitmap.granularity_bits
+                if shift not in by_shift:
+                    by_shift[shift] = changed_bytes(changed, shift)
                 bits = bitmap.bitmap.serialise()
-                for offset, length in changed:
-                    first, stop = bitmap.bitmap.granules(offset, length)
-                    self.channel.send(stream.bits_message(index, bits, first, stop))
-        return self.channel.sent_bytes - before
+                for start, stop in by_shift[shift]:
+                    messages.append(stream.bits_message(index, bits, start * 8, stop * 8))
+        data = b"".join(messages)
+        self.channel.send(data)
+        return len(data)
 
     # -- switchover ------------------------------------------------------------------------
 
     def _switchover(self) -> None:
+        """The pause. The source's QDB file is marked "moved" in a thread while the
+        last data goes and the target makes it durable (the two fsyncs overlap); GO
+        waits for both. If the target fails before READY, the mark is taken back."""
         export = self.export
         closing = time.monotonic()
         with export.gate.paused():
-            paused = time.monotonic()
+            paused = self._step_started = time.monotonic()
             self.quiesce_ms = (paused - closing) * 1000
             self.phase = Phase.SWITCHOVER
+            step = self._pause_step
+            contexts = list(export.meta_contexts())
+            marking = _Background(self._mark_moved)
             try:
                 self.pause_data_bytes = self._send_dirty(self.tracker.take(), throttle=False)
+                step("data")
                 self.pause_bitmap_bytes = self._send_bitmap_changes()
+                step("bitmaps")
                 self.remaining_bytes = 0
                 self.channel.send(stream.encode(Kind.SWITCHOVER))
                 self.channel.expect(Kind.READY)
+                step("target durable")
+                marking.result()  # the commit point: this copy is marked stale
+                step("source marked moved")
             except BaseException:
-                self.phase = Phase.DIRTY  # not committed: _give_up restores
+                self.phase = Phase.DIRTY  # not committed: _give_up restores the rest
+                self._unmark_moved(marking)
                 raise
-            self._commit()
+            self._commit(contexts)
             self.pause_ms = (time.monotonic() - closing) * 1000
 
-    def _commit(self) -> None:
-        """Past READY: this side stops for good (its QDB file says "moved"), the
-        target serves, and the export's verbs go there."""
+    def _pause_step(self, name: str) -> None:
+        """How long each step of the pause took (ms; migrate status --json)."""
+        now = time.monotonic()
+        self.pause_steps[name] = round((now - self._step_started) * 1000, 2)
+        self._step_started = now
+
+    def _mark_moved(self) -> None:
+        """This side stops recording, and its QDB file says the image moved. (In the
+        pause: no change is under way, and none starts.)"""
         export = self.export
-        contexts = [name for name in export.meta_contexts()]
         export.followers = ()
         export.recorder = None
         export.watch = None
@@ -364,6 +444,36 @@ class Migration:
             image = export.image
             write_qdb(default_qdb_path(image.path),
                       QdbContents(identity=image.identity(), migration="moved"))
+
+    def _unmark_moved(self, marking: _Background) -> None:
+        """The target failed before READY: the export records here again, as before
+        (its bitmaps reopened from the file just saved, the mark cleared)."""
+        try:
+            marking.result()
+        except Exception as exc:  # noqa: BLE001 (the mark may not have been written)
+            log.warning("migration of export %r: marking it moved failed: %s",
+                        self.export.name, _describe_error(exc))
+        export = self.export
+        store = self._store()
+        if store is not None and store.closed:
+            reopened = BitmapStore.open(store.qdb_path, store.image_size, store.identity,
+                                        read_only=store.read_only)
+            reopened.frozen = store.frozen
+            export.tracker = reopened
+            export.recorder = reopened.recorder
+            export.watch = reopened.watch_image(export.image.fd)
+            if export.watch is not None:
+                export.watch.under_way = export.gate.active
+        elif store is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(default_qdb_path(export.image.path))
+        else:
+            export.recorder = store.recorder
+        export.followers = (self.tracker,)
+
+    def _commit(self, contexts: list[str]) -> None:
+        """Past the commit point: the target serves, and the export's verbs go there."""
+        export = self.export
         where = str(self.address)
         try:
             self.channel.send(stream.encode(Kind.GO))
@@ -371,8 +481,10 @@ class Migration:
         except (OSError, ChannelError) as exc:
             log.error("migration of export %r: the target did not confirm it serves (%s); "
                       "trying to reach it anyway", export.name, _describe_error(exc))
+        self._pause_step("target serving")
         self.moved(export, where)
         remote = self._reach_target(contexts)
+        self._pause_step("forwarding connected")
         if remote is None:
             export.move_to(LostTarget(where, export.size), ForwardedTracker(None, contexts))
         else:
@@ -395,6 +507,43 @@ class Migration:
                   "requests on the connections still open here fail with EIO",
                   export.name, self.address, last or "no listener announced")
         return None
+
+
+class _Background:
+    """A function run in a thread of its own; result() waits and raises its error."""
+
+    def __init__(self, function) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(function,), daemon=True,
+                                        name="nbdserve-migrate-mark")
+        self._thread.start()
+
+    def _run(self, function) -> None:
+        try:
+            function()
+        except BaseException as exc:  # noqa: BLE001 (handed to result())
+            self._error = exc
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def changed_bytes(changed: Bitmap, granularity_bits: int) -> list[tuple[int, int]]:
+    """Which bytes of a bitmap's bits (of that granularity) cover the regions set in
+    changed, as [start, stop) runs. A byte of bits covers 8 granules: changed is
+    resampled to that, in bitarray's C loops, not per region in Python. Runs closer
+    than a message header are merged: one message costs less than two then."""
+    runs: list[tuple[int, int]] = []
+    for value, start, stop in intervals(changed.resample(granularity_bits + 3)):
+        if not value:
+            continue
+        if runs and start - runs[-1][1] < stream.HEADER.size:
+            runs[-1] = (runs[-1][0], stop)
+        else:
+            runs.append((start, stop))
+    return runs
 
 
 def nbd_addresses(announced, channel_address: ListenAddress) -> list[ListenAddress]:

@@ -9,9 +9,11 @@ source at a time, and:
    cost nothing to send;
 2. writes DATA and punches ZERO as they come, and keeps the bitmaps (BITMAPS, BITS)
    in memory; SYNC (just before the pause) makes the data durable ahead of time;
-3. on SWITCHOVER (the source is paused), makes the image durable and answers READY;
-4. on GO, writes the QDB file with the bitmaps received and the image's identity,
-   opens the export as ``serve`` would, hands it to the server, and answers DONE.
+3. on SWITCHOVER (the source is paused), makes the image durable, writes the QDB file
+   with the bitmaps received and the image's identity (still marked "incoming"), and
+   answers READY;
+4. on GO, opens the export as ``serve`` would (saving its bitmaps in use clears the
+   mark), hands it to the server, and answers DONE.
 
 A source that vanishes before GO leaves a partial image that waits for the next
 source. The conversation's messages are stream.py's.
@@ -51,6 +53,8 @@ log = logging.getLogger("nbdserve.migration")
 
 ACCEPT_POLL = 0.5  # seconds between looks at the stop flag while waiting for a source
 IDLE_TIMEOUT = 120.0  # a source silent this long is gone
+WRITEBACK_PERIOD = 0.1  # seconds between looks at how much arrived unsynced
+WRITEBACK_BYTES = 32 << 20  # ...and how much makes it sync
 
 
 class IncomingMigration:
@@ -153,17 +157,20 @@ class IncomingMigration:
         self.state = "receiving"
         self.received_bytes = 0
         fd = self._prepare(size, channel)
+        writeback = Writeback(fd)
         try:
             channel.send(stream.encode_meta(Kind.WELCOME, {
                 "export": self.settings.name, "listen": self.listeners()}))
-            bitmaps = self._receive_image(channel, fd, size)
+            with writeback:
+                bitmaps = self._receive_image(channel, fd, size, writeback)
             os.fdatasync(fd)
-            channel.send(stream.encode(Kind.READY))
-            channel.expect(Kind.GO)
         finally:
             os.close(fd)
         self._commit(bitmaps)
-        export = self.open_export(replace(self.settings, incoming=None, force=False))
+        channel.send(stream.encode(Kind.READY))
+        channel.expect(Kind.GO)
+        # Opening the bitmaps saves them in use, which clears the "incoming" mark.
+        export = self.open_export(replace(self.settings, incoming=None, force=True))
         self.arrived(export)
         self.state = "completed"
         channel.send(stream.encode(Kind.DONE))
@@ -189,7 +196,8 @@ class IncomingMigration:
             raise
         return fd
 
-    def _receive_image(self, channel: Channel, fd: int, size: int) -> list[StoredBitmap]:
+    def _receive_image(self, channel: Channel, fd: int, size: int,
+                       writeback: Writeback) -> list[StoredBitmap]:
         """DATA, ZERO, BITMAPS and BITS until SWITCHOVER; the bitmaps received."""
         metas: list[BitmapMeta] = []
         bits: list[bitarray] = []
@@ -203,6 +211,7 @@ class IncomingMigration:
                                        f"is past the image's end ({size})")
                 if kind == Kind.DATA:
                     _pwrite_all(fd, message.payload, message.offset)
+                    writeback.received += message.length
                 else:
                     _zero(fd, message.offset, message.length)
                 self.received_bytes += message.length
@@ -222,6 +231,7 @@ class IncomingMigration:
                                        "described")
                 stream.apply_bits(bits[message.offset], message.length, message.payload)
             elif kind == Kind.SYNC:
+                writeback.received = 0
                 os.fdatasync(fd)
                 channel.send(stream.encode(Kind.SYNCED))
             elif kind == Kind.SWITCHOVER:
@@ -234,10 +244,40 @@ class IncomingMigration:
                 raise ChannelError(f"unexpected {kind.name} while receiving")
 
     def _commit(self, bitmaps: list[StoredBitmap]) -> None:
-        """The bitmaps, durable, with the identity the image has now: the export then
-        opens them as a clean stop left them (exact)."""
+        """The bitmaps, durable, with the identity the image has now (still marked
+        "incoming" until GO): the export then opens them as a clean stop left them,
+        exact."""
         write_qdb(self.qdb_path, QdbContents(identity=path_identity(self.settings.image),
-                                             bitmaps=bitmaps))
+                                             bitmaps=bitmaps, migration="incoming"))
+
+
+class Writeback:
+    """While data arrives, a thread makes it durable once WRITEBACK_BYTES came since
+    the last sync, so the disk writes as the network copies (the bulk copy), and the
+    source's SYNCs find little left to write. Small passes are left to those SYNCs:
+    syncs racing each other would only slow them."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.received = 0  # bytes written since the last sync (the receiving thread's)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="nbdserve-incoming-writeback")
+
+    def _run(self) -> None:
+        while not self._stop.wait(WRITEBACK_PERIOD):
+            if self.received >= WRITEBACK_BYTES:
+                self.received = 0
+                with contextlib.suppress(OSError):  # the final fdatasync reports errors
+                    os.fdatasync(self.fd)
+
+    def __enter__(self) -> Writeback:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

@@ -17,11 +17,24 @@ import threading
 
 from nbdserve.bitmaps.bitmap import Bitmap
 
-GRANULARITY_BITS = 16  # 64 KiB: a 1 TiB image costs 2 MiB per bitmap here
+MIN_GRANULARITY_BITS = 12  # 4 KiB: a 4 KiB write costs 4 KiB again, not 64 KiB
+MAX_BITS = 1 << 26  # 8 MiB per bitmap: coarser granules only above 256 GiB
+
+
+def tracker_granularity_bits(size: int) -> int:
+    """The finest granularity whose bitmap stays within MAX_BITS bits. (A writer of
+    random 4 KiB blocks at 20 MB/s dirties 320 MB/s in 64 KiB granules: more than a
+    copy can send, so a migration would never converge.)"""
+    bits = MIN_GRANULARITY_BITS
+    while size >> bits > MAX_BITS:
+        bits += 1
+    return bits
 
 
 class MigrationTracker:
-    def __init__(self, size: int, granularity_bits: int = GRANULARITY_BITS) -> None:
+    def __init__(self, size: int, granularity_bits: int | None = None) -> None:
+        if granularity_bits is None:
+            granularity_bits = tracker_granularity_bits(size)
         self.size = size
         self.granularity_bits = granularity_bits
         self.lock = threading.Lock()
