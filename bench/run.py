@@ -408,6 +408,8 @@ def main() -> int:
         ("backup", "backups", lambda: backup_workloads(args, images, workdir, sockets, rounds)),
         ("snapshot", "copy-before-write cost",
          lambda: snapshot_workloads(args, images, sockets, rounds)),
+        ("migration", "live migration",
+         lambda: migration_workloads(args, images, workdir, sockets, rounds)),
     ]
     for key, what, section in sections:
         if args.only and key not in args.only:
@@ -817,6 +819,115 @@ def snapshot_workloads(args, images, sockets: Path, rounds: int) -> list[dict]:
             for label, runs in values.items()}
         results.append(result)
     return results
+
+
+def migration_workloads(args, images, workdir: Path, sockets: Path,
+                        rounds: int) -> list[dict]:
+    """nbdserve to nbdserve. Each round: (1) an idle 1 GiB image, half data, half
+    holes, with 4 recording bitmaps, migrated against nbdcopy of the same image
+    between two nbdserve servers (the time to move the disk); (2) the same while fio
+    writes 4 KiB blocks at 20 MB/s on the source: the pause, the longest write
+    latency fio saw, and what the bitmaps cost in bytes."""
+    nbdserve = str(ROOT / ".venv/bin/nbdserve")
+    source_image = workdir / "migration-source.raw"
+    shutil.copyfile(images["source"], source_image)
+    with open(source_image, "r+b") as f:  # the second half: holes
+        f.truncate(GiB // 2)
+        f.truncate(GiB)
+    bitmaps = [arg for n in range(4) for arg in ("--bitmap", f"b{n}")]
+    src_ctl = str(sockets / "mig-src.ctl")
+    incoming = str(sockets / "mig-in.sock")
+
+    def pair(target: Path, *, incoming_target: bool, in_memory: bool = False) -> list[Server]:
+        target.unlink(missing_ok=True)
+        Path(f"{target}.qdb").unlink(missing_ok=True)
+        served = source_image
+        if in_memory:  # a source on another disk than the target's, as on two machines
+            served = Path("/dev/shm/nbdserve-bench-migration-source.raw")
+            run(["cp", "--sparse=always", str(source_image), str(served)])
+        src = Server("source", [nbdserve, "serve", str(served), "-k",
+                                str(sockets / "mig-src.sock"), "--control", src_ctl,
+                                "--force", *bitmaps],
+                     f"nbd+unix:///?socket={sockets / 'mig-src.sock'}",
+                     str(sockets / "mig-src.sock"))
+        dst_args = ["--incoming", f"unix:{incoming}"] if incoming_target else \
+            ["--create", str(GiB)]
+        dst = Server("target", [nbdserve, "serve", str(target), "-k",
+                                str(sockets / "mig-dst.sock"), *dst_args],
+                     f"nbd+unix:///?socket={sockets / 'mig-dst.sock'}",
+                     incoming if incoming_target else str(sockets / "mig-dst.sock"))
+        for server in (src, dst):
+            server.start()
+        return [src, dst]
+
+    def migrate_under_writer(servers: list[Server], incoming: str) -> dict:
+        try:
+            writer = subprocess.Popen(
+                ["fio", "--name=writer", "--ioengine=nbd", f"--uri={servers[0].uri}",
+                 "--rw=randwrite", "--bs=4k", "--iodepth=1", "--rate=,20m",
+                 # The allocated half: writes into holes would allocate blocks, and
+                 # ext4's ordered mode would make every fdatasync of the target (the
+                 # same file system here, another machine in use) wait for them.
+                 "--size=512M", "--time_based", "--runtime=60", "--output-format=json"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            time.sleep(1)
+            finished = subprocess.run(
+                [nbdserve, "migrate", "start", f"unix:{incoming}", "--control", src_ctl,
+                 "--max-downtime", "100", "--wait"], capture_output=True, text=True)
+            time.sleep(1)
+            writer.send_signal(signal.SIGINT)  # fio reports what it did so far
+            out, _ = writer.communicate(timeout=30)
+            job = json.loads(out[out.index("{"):])["jobs"][0]
+            state = json.loads(run([nbdserve, "migrate", "status", "--json", "--control",
+                                    src_ctl]))["outgoing"]
+            state["fio-max-write-latency-ms"] = job["write"]["clat_ns"]["max"] / 1e6
+            state["fio-errors"] = job["error"]
+            state["migrate-exit"] = finished.returncode
+            return state
+        finally:
+            for server in servers:
+                server.stop()
+            for leftover in Path("/dev/shm").glob("nbdserve-bench-migration-source.raw*"):
+                leftover.unlink(missing_ok=True)
+
+    target = workdir / "migration-target.raw"
+    times = {"migrate": [], "nbdcopy": []}
+    cpu = {"migrate": [], "nbdcopy": []}
+    loaded: list[dict] = []
+    for round_number in range(rounds):
+        for kind in (("migrate", "nbdcopy") if round_number % 2 == 0 else
+                     ("nbdcopy", "migrate")):
+            servers = pair(target, incoming_target=kind == "migrate")
+            try:
+                os.sync()
+                before = sum(s.cpu_seconds() for s in servers)
+                if kind == "migrate":
+                    times[kind].append(timed([nbdserve, "migrate", "start", f"unix:{incoming}",
+                                              "--control", src_ctl, "--wait"]))
+                else:
+                    # --flush: durable at the end, as a migration's target is.
+                    times[kind].append(timed(["nbdcopy", "--flush", servers[0].uri,
+                                              servers[1].uri]))
+                cpu[kind].append(sum(s.cpu_seconds() for s in servers) - before)
+            finally:
+                for server in servers:
+                    server.stop()
+        for place in ("disk", "memory"):
+            state = migrate_under_writer(pair(target, incoming_target=True,
+                                              in_memory=place == "memory"), incoming)
+            state["source-image"] = place
+            loaded.append(state)
+    result = {"workload": "migrate an idle 1 GiB image (half holes) vs nbdcopy --flush",
+              "unit": "record", "runs": {
+                  "migrate-s": times["migrate"], "nbdcopy-s": times["nbdcopy"],
+                  "migrate-cpu-s": cpu["migrate"], "nbdcopy-cpu-s": cpu["nbdcopy"],
+                  "throughput-vs-nbdcopy": statistics.median(
+                      b / a for a, b in zip(times["migrate"], times["nbdcopy"], strict=True))}}
+    keys = ("source-image", "phase", "error", "pause-ms", "quiesce-ms",
+            "fio-max-write-latency-ms", "passes", "data-bytes", "bitmap-bytes",
+            "pause-data-bytes", "pause-bitmap-bytes", "pause-steps", "fio-errors")
+    return [result, {"workload": "migration under a 20 MB/s 4k writer, 4 bitmaps",
+                     "unit": "record", "runs": [{k: s[k] for k in keys} for s in loaded]}]
 
 
 def backup_workloads(args, images, workdir: Path, sockets: Path, rounds: int) -> list[dict]:
