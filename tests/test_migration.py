@@ -165,6 +165,8 @@ def test_idle_export_moves_with_holes_and_every_bitmap(tmp_path, start_server):
     # The source's QDB file says the image moved; serving it again takes --force.
     assert migration_state(str(image) + ".qdb") == "moved"
     source.stop()
+    info = run(*NBDSERVE, "qdb", "info", str(image) + ".qdb").stdout
+    assert "migration: the image was migrated away" in info
     refused_start = run(*NBDSERVE, "serve", str(image), "-k", str(tmp_path / "again.sock"),
                         check=False)
     assert refused_start.returncode == 1
@@ -223,6 +225,12 @@ def test_writes_during_migration_land_on_the_target_and_in_its_bitmap(tmp_path,
         return writes
 
     writes = asyncio.run(write_through())
+    # Its client gone, the moved export closes, and its forwarding connection with it.
+    pair.source.wait_for_log("the last connection forwarded to its new server closed")
+    deadline = time.monotonic() + 10
+    while control(pair.dst_ctl, "query-status")["connections"]:
+        assert time.monotonic() < deadline, "the forwarding connection stayed open"
+        time.sleep(0.05)
     state = control(pair.src_ctl, "query-migrate")["outgoing"]
     # Writes landed while it copied: some regions went again (in a pass or the pause).
     assert state["data-bytes"] > 48 << 20, state
@@ -525,3 +533,26 @@ def test_target_lost_in_the_pause_leaves_the_source_recording(tmp_path, start_se
         assert dirty == [(1 << 20, GRANULE), (9 << 20, GRANULE)]
     finally:
         again.stop()
+
+
+def test_the_next_backup_from_the_target_is_incremental(tmp_path, start_server):
+    """A backup chain started on the source goes on from the target: the bitmap it
+    relies on moved with its generation, so the next run is incremental, copies only
+    what changed, and restores to the target's image."""
+    image = tmp_path / "disk.img"
+    fill(image, 64 << 20, [(0, 16 << 20)])
+    pair = Pair(tmp_path, start_server, image)
+    chain = tmp_path / "chain"
+    first = json.loads(run(*NBDSERVE, "backup", "run", "--json", "--control",
+                           str(pair.src_ctl), str(chain)).stdout)
+    assert first["kind"] == "full"
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x71 3M 64k", pair.source.qemu_uri)
+    pair.migrate("--wait")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x72 40M 64k", pair.target.qemu_uri)
+    second = json.loads(run(*NBDSERVE, "backup", "run", "--json", "--control",
+                            str(pair.dst_ctl), str(chain)).stdout)
+    assert second["kind"] == "incremental", second
+    assert second["bytes_read"] <= 2 * GRANULE, second  # the two writes, no more
+    restored = tmp_path / "restored.img"
+    run(*NBDSERVE, "backup", "restore", str(chain), str(restored))
+    assert restored.read_bytes() == pair.target_image.read_bytes()

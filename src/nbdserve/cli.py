@@ -823,6 +823,8 @@ def qdb_info(file, as_json) -> None:
                f"image size: {info['image_size']}\n"
                f"in use: {'yes' if info['in_use'] else 'no'}\n"
                f"save counter: {info['save_counter']}\nbitmaps: {len(info['bitmaps'])}")
+    if info["migration"]:
+        click.echo("migration: " + MIGRATION_NOTES[info["migration"]])
     if info["note"]:
         click.echo(f"note: {info['note']}")
     for b in info["bitmaps"]:
@@ -833,6 +835,12 @@ def qdb_info(file, as_json) -> None:
         click.echo(f"  {b['name']}: granularity {b['granularity']}, {dirty}, {state}, "
                    f"generation {b['generation']}" + (f" ({b['problem']})" if b["problem"]
                                                        else ""))
+
+
+MIGRATION_NOTES = {
+    "moved": "the image was migrated away; this copy is stale (serve needs --force)",
+    "incoming": "the image is the target of a migration that did not complete",
+}
 
 
 @qdb.command("check")

@@ -98,6 +98,7 @@ def describe(contents: QdbContents, note: str = "") -> dict:
                         "generation": f"{b.generation:016x}", "problem": b.problem})
     return {"version": 1, "cluster_size": 1 << contents.cluster_bits,
             "image_size": size, "in_use": contents.in_use,
+            "migration": contents.migration or None,
             "save_counter": contents.save_counter, "note": note, "bitmaps": bitmaps}
 
 

@@ -35,13 +35,11 @@ class RemoteImage:
     fd = -1
 
     def __init__(self, address: ListenAddress, export: str, size: int,
-                 contexts: Sequence[str], tls: ssl.SSLContext | None = None,
-                 tls_hostname: str | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, tls_hostname: str | None = None) -> None:
         self.address = address
         self.export_name = export
         self.size = size
         self.path = f"migrated to {address}"
-        self.contexts = list(contexts)
         self.tls = tls
         self.tls_hostname = tls_hostname
         self.loop = asyncio.new_event_loop()
@@ -54,12 +52,24 @@ class RemoteImage:
             self._stop_loop()
             raise
 
-    async def _connect(self) -> NbdClient:
+    async def _connect(self, contexts: Sequence[str] = (c.BASE_ALLOCATION,)) -> NbdClient:
+        """The forwarding connection asks for base:allocation only: a dirty bitmap's
+        context held open would keep that bitmap busy on the target (no checkpoint,
+        no clear) for as long as a client stays connected here."""
         address = self.address
         return await NbdClient.connect(address.host or "127.0.0.1", address.port or 0,
                                        unix=address.path, export=self.export_name,
-                                       meta_contexts=self.contexts, tls=self.tls,
+                                       meta_contexts=contexts, tls=self.tls,
                                        tls_hostname=self.tls_hostname)
+
+    async def _bitmap_extents(self, context: str, offset: int, length: int,
+                              flags: int) -> list[tuple[int, int]]:
+        """A dirty bitmap's extents on a connection of their own, closed at once."""
+        client = await self._connect((context,))
+        try:
+            return (await client.block_status(offset, length, flags)).get(context, [])
+        finally:
+            await client.disconnect()
 
     def _call(self, coroutine):
         """Run a client coroutine on the forwarding loop; an NBD error becomes the
@@ -95,7 +105,10 @@ class RemoteImage:
                  limit: int) -> list[tuple[int, int]]:
         flags = c.NBD_CMD_FLAG_REQ_ONE if limit == 1 else 0
         length = min(length, 0xFFFFFFFF & ~511, self.size - offset)
-        extents = self._call(self.client.block_status(offset, length, flags)).get(context)
+        if context == c.BASE_ALLOCATION:
+            extents = self._call(self.client.block_status(offset, length, flags)).get(context)
+        else:
+            extents = self._call(self._bitmap_extents(context, offset, length, flags))
         if not extents:
             raise OSError(errno.EIO, f"the migration target answered no {context} extents")
         out, position = [], offset

@@ -482,15 +482,15 @@ class Migration:
             log.error("migration of export %r: the target did not confirm it serves (%s); "
                       "trying to reach it anyway", export.name, _describe_error(exc))
         self._pause_step("target serving")
-        self.moved(export, where)
-        remote = self._reach_target(contexts)
+        remote = self._reach_target()
         self._pause_step("forwarding connected")
         if remote is None:
             export.move_to(LostTarget(where, export.size), ForwardedTracker(None, contexts))
         else:
             export.move_to(remote, ForwardedTracker(remote, contexts))
+        self.moved(export, where)
 
-    def _reach_target(self, contexts: list[str]) -> RemoteImage | None:
+    def _reach_target(self) -> RemoteImage | None:
         """The target's NBD export, for the connections still open here: at the
         first of its listeners (from WELCOME) that answers."""
         export = self.export
@@ -498,7 +498,7 @@ class Migration:
         for _ in range(FORWARD_RETRIES):
             for address in self.target_listeners:
                 try:
-                    return RemoteImage(address, self.target_export, export.size, contexts,
+                    return RemoteImage(address, self.target_export, export.size,
                                        self.forward_tls, self.server_hostname)
                 except Exception as exc:  # noqa: BLE001 (any reason: try on, then report)
                     last = exc

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from nbdserve.config import HANDSHAKE_TIMEOUT
-from nbdserve.export import ExportCatalog
+from nbdserve.export import Export, ExportCatalog
 from nbdserve.protocol.options import GREETING, OptionNegotiator, Session
 from nbdserve.server.handshake import Handshake
 from nbdserve.server.polling import Census, Poller
@@ -83,7 +83,8 @@ class Connections:
                  max_connections: int = 0, handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  tls: TlsConfig, ssl_context: ssl.SSLContext | None,
                  on_change: Callable[[], None],
-                 on_idle: Callable[[], None] = lambda: None) -> None:
+                 on_idle: Callable[[], None] = lambda: None,
+                 on_unused: Callable[[Export], None] = lambda export: None) -> None:
         self.catalog = catalog
         self.executor = executor
         self.census = census
@@ -93,6 +94,7 @@ class Connections:
         self.ssl_context = ssl_context
         self.on_change = on_change  # a connection entered or left transmission
         self.on_idle = on_idle  # the last connection went away
+        self.on_unused = on_unused  # an export's last connection went away
         self.live: set[Connection] = set()
         self.active = 0  # connections holding a slot (handshake or transmission)
         self.waiting: collections.deque[Connection] = collections.deque()
@@ -280,6 +282,8 @@ class Connections:
         finally:
             export.release(held)
             export.connections -= 1
+            if not export.connections:
+                self.on_unused(export)
             self.census.transmitting -= 1
             self.on_change()
             log.info("%s: disconnected from export %r after %d requests", peer, export.name,

@@ -65,7 +65,7 @@ class Server:
             catalog, self.executor, self.census, max_connections=max_connections,
             handshake_timeout=handshake_timeout, tls=tls,
             ssl_context=tls.server_context() if tls.mode != TLS_OFF else None,
-            on_change=self.status_changed, on_idle=self.idle)
+            on_change=self.status_changed, on_idle=self.idle, on_unused=self.unused)
         self.stop_requested = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
         self.control = ControlServer(catalog, control_path, self.executor,
@@ -219,14 +219,26 @@ class Server:
         done.wait(10)  # DONE goes to the source once clients can connect here
 
     def export_moved(self, export: Export, where: str) -> None:
-        """A migration from here passed its commit point (called from its thread): new
-        clients are told where the export went; open connections are forwarded."""
+        """A migration from here completed (called from its thread): new clients are
+        told where the export went; open connections are forwarded until they
+        close, and then the export is closed."""
         def remove() -> None:
             if self.catalog.find(export.name) is export:
                 self.catalog.remove(export.name)
             self.catalog.mark_absent(export.name, f"it was migrated to {where}")
             self.moved.append(export)
+            self.unused(export)
         self.loop.call_soon_threadsafe(remove)
+
+    def unused(self, export: Export) -> None:
+        """An export's last connection closed: a migrated one has no more use (its
+        forwarding connection to the target goes, and with it what it holds there)."""
+        if export.connections or export not in self.moved:
+            return
+        self.moved.remove(export)
+        self.loop.run_in_executor(self.executor, export.close)
+        log.info("export %r: the last connection forwarded to its new server closed",
+                 export.name)
 
     async def migrate_command(self, command: str, arguments: dict):
         """migrate-start, query-migrate and migrate-cancel (docs/control.md)."""
