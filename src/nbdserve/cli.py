@@ -730,7 +730,7 @@ def migrate_status(control, as_json) -> None:
                      f"{human(outgoing['bitmap-bytes'])} of bitmaps"),
             ("remaining dirty", human(outgoing["remaining-bytes"])),
             ("rate", f"{human(outgoing['rate'])}/s"),
-            ("expected downtime", f"{expected} ms" if expected is not None else "-"),
+            ("expected downtime", f"{expected} ms"),
             ("pause", f"{outgoing['pause-ms']} ms (quiesce {outgoing['quiesce-ms']} ms, "
                       f"{human(outgoing['pause-data-bytes'])} of data and "
                       f"{outgoing['pause-bitmap-bytes']} bytes of bitmaps)"),

@@ -10,10 +10,14 @@ from nbdserve.migration import stream
 from nbdserve.migration.stream import ChannelError, Kind, Message
 
 QUEUE_MAX = 1 << 20  # queued bytes sent in one call (many small DATA in the pause)
+SOCKET_BUFFER = 4 << 20  # so a sender keeps filling while its peer writes to disk
 
 
 class Channel:
     def __init__(self, sock: socket.socket) -> None:
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):  # the kernel caps it (wmem_max, rmem_max)
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
         self.sock = sock
         self.sent_bytes = 0
         self._queued: list[bytes] = []

@@ -54,6 +54,7 @@ CONNECT_TIMEOUT = 10.0
 REPLY_TIMEOUT = 60.0  # READY may wait for the target's fdatasync
 FORWARD_RETRIES = 20  # attempts, 0.25 s apart, to reach the target's export after DONE
 DEFAULT_MAX_DOWNTIME_MS = 300  # QEMU's downtime-limit default
+RATE_GUESS = 20e6  # bytes/s of a pass, and of the target's sync, until one is measured
 FIXED_STEPS_MS = 25  # the pause's other steps (bitmaps, QDB files, the target's start,
 # a sync's own latency): 15-25 ms here
 
@@ -115,7 +116,7 @@ class Migration:
         self._copied = 0
         self._slept = 0.0  # seconds the copy slept to keep to --bandwidth
         self.pass_rate = 0.0  # bytes/s of the latest dirty pass
-        self.sync_rate = float("inf")  # bytes/s the target's latest SYNC made durable
+        self.sync_rate = RATE_GUESS  # bytes/s the target's latest SYNC made durable
         self._synced_at = 0  # _copied at the latest SYNC
         self.tracker = MigrationTracker(export.size)
         self.channel: Channel | None = None
@@ -148,9 +149,9 @@ class Migration:
 
     def describe(self) -> dict:
         now = self.finished or time.time()
-        rate = self.pass_rate or self.rate
+        rate = self.pass_rate or RATE_GUESS
         expected = (self.remaining_bytes / rate + self.remaining_bytes / self.sync_rate) \
-            * 1000 + FIXED_STEPS_MS if rate else None
+            * 1000 + FIXED_STEPS_MS
         return {
             "export": self.export.name, "target": str(self.address),
             "phase": self.phase.value, "error": self.error,
@@ -158,7 +159,7 @@ class Migration:
             "data-bytes": self.data_bytes, "zero-bytes": self.zero_bytes,
             "channel-bytes": self.channel.sent_bytes if self.channel else 0,
             "remaining-bytes": self.remaining_bytes, "rate": round(self.rate),
-            "expected-downtime-ms": round(expected, 1) if expected is not None else None,
+            "expected-downtime-ms": round(expected, 1),
             "max-downtime-ms": self.max_downtime_ms, "bandwidth": self.bandwidth,
             "bitmap-bytes": self.bitmap_bytes,
             "pause-data-bytes": self.pause_data_bytes,
@@ -242,7 +243,7 @@ class Migration:
         self._send_allocated(0, self.export.size, holes=False)
         self._send_bitmaps()
         self.phase = Phase.DIRTY
-        self._sync()  # the bulk's writeback drains here, not in a pass or the pause
+        self._sync(measure=False)  # the bulk's writeback drains here, not in the pause
         while True:
             self.remaining_bytes = self.tracker.dirty_bytes()
             if self.remaining_bytes <= self._pause_budget():
@@ -250,7 +251,7 @@ class Migration:
             if self.passes >= MAX_PASSES:
                 raise MigrationError(
                     f"did not converge in {MAX_PASSES} passes: {self.remaining_bytes} bytes "
-                    f"still dirty at {(self.pass_rate or self.rate) / 1e6:.1f} MB/s, and "
+                    f"still dirty at {(self.pass_rate or RATE_GUESS) / 1e6:.1f} MB/s, and "
                     f"the target's disk syncing {self.sync_rate / 1e6:.1f} MB/s, would "
                     f"pause longer than {self.max_downtime_ms} ms (raise --max-downtime, "
                     "or migrate when the disk is quieter)")
@@ -258,16 +259,17 @@ class Migration:
             self._send_dirty(self.tracker.take(), throttle=True)
             self._sync()
 
-    def _sync(self) -> None:
+    def _sync(self, measure: bool = True) -> None:
         """The target makes what it has durable now (SYNC), so the pause syncs only
-        what the pause sends; how fast that went sizes the pause."""
+        what the pause sends; how fast that went after a pass sizes the pause (after
+        the bulk copy, sequential writes would promise too much)."""
         started = time.monotonic()
         self.channel.send(stream.encode(Kind.SYNC))
         self.channel.expect(Kind.SYNCED)
         took = time.monotonic() - started
         synced = self._copied - self._synced_at
         self._synced_at = self._copied
-        if synced >= 256 << 10 and took > 0:
+        if measure and synced >= 256 << 10 and took > 0:
             self.sync_rate = synced / took  # (its fixed cost included: conservative)
 
     def _pause_budget(self) -> float:
@@ -275,7 +277,7 @@ class Migration:
         the target then writes them to disk at the latest SYNC's rate, and the other
         steps (bitmaps, QDB files, the target's start) take about FIXED_STEPS_MS."""
         left = (self.max_downtime_ms - FIXED_STEPS_MS) / 1000
-        seconds_per_byte = 1 / (self.pass_rate or self.rate) + 1 / self.sync_rate
+        seconds_per_byte = 1 / (self.pass_rate or RATE_GUESS) + 1 / self.sync_rate
         return max(left, 0.0) / seconds_per_byte
 
     def _send_dirty(self, dirty, *, throttle: bool) -> int:
