@@ -62,6 +62,21 @@ def test_bits_overwrite_from_a_byte_boundary():
         stream.apply_bits(target, 16, b"\0\0")
 
 
+@pytest.mark.parametrize("change, problem", [
+    ({"granules": 1 << 40}, "does not fit"),  # would allocate 128 GiB of bits
+    ({"granules": 15}, "does not fit"),
+    ({"granularity-bits": 8}, "does not fit"),
+    ({"name": "a" * 2000}, "wrong"),
+    ({"generation": "x"}, "wrong"),
+])
+def test_bitmap_descriptions_are_checked_against_the_image(change, problem):
+    good = {"name": "b", "granularity-bits": 16, "generation": 7, "recording": True,
+            "inconsistent": False, "granules": 16}
+    assert stream.BitmapMeta.from_json(good, 1 << 20).granules == 16
+    with pytest.raises(ChannelError, match=problem):
+        stream.BitmapMeta.from_json(good | change, 1 << 20)
+
+
 # -- helpers ------------------------------------------------------------------------------------
 
 def fill(path: Path, size: int, data_ranges: list[tuple[int, int]]) -> None:
@@ -355,6 +370,8 @@ def test_cancel_and_source_crash_leave_a_waiting_target(tmp_path, start_server):
     assert state["phase"] == "cancelled"
     status = run(*NBDSERVE, "migrate", "status", "--control", str(pair.src_ctl)).stdout
     assert "phase:" in status and "cancelled" in status
+    overall = run(*NBDSERVE, "status", "--control", str(pair.dst_ctl)).stdout
+    assert "waits for a migration on unix:" in overall
 
     def target_state():
         return control(pair.dst_ctl, "query-migrate")["incoming"][0]

@@ -391,6 +391,13 @@ def status(control, as_json, raw_bytes) -> None:
     sizes = {e["name"]: e["size"] for e in state["exports"]}
     click.echo(f"TLS: {state['tls']}; connections accepted since start: {state['accepted']}; "
                f"listening on {', '.join(state.get('listen', [])) or '-'}")
+    if state.get("migration"):
+        outgoing = state["migration"]
+        click.echo(f"migration of export {_quoted(outgoing['export'])} to "
+                   f"{outgoing['target']}: {outgoing['phase']} (nbdserve migrate status)")
+    for waiting in state.get("incoming", []):
+        click.echo(f"export {_quoted(waiting['export'])} waits for a migration on "
+                   f"{waiting['listen']}: {waiting['state']}")
     click.echo("")
     _table(["EXPORT", "IMAGE", "SIZE", "MODE", "CONNECTIONS"],
            [[e["name"] or '""', e["image"], size(e["size"]),

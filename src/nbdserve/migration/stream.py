@@ -24,6 +24,9 @@ from dataclasses import dataclass
 
 from bitarray import bitarray
 
+from nbdserve.bitmaps.bitmap import granule_count
+from nbdserve.values import MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS, check_bitmap_name
+
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">B3xIQQ")
 MAX_PAYLOAD = 40 << 20  # the largest DATA (32 MiB) with room to spare
@@ -111,15 +114,21 @@ class BitmapMeta:
                 "inconsistent": self.inconsistent, "granules": self.granules}
 
     @classmethod
-    def from_json(cls, value) -> BitmapMeta:
+    def from_json(cls, value, image_size: int) -> BitmapMeta:
+        """A description from BITMAPS, checked against the image it is for (its bits
+        are allocated from it: a wrong count must not cost memory)."""
         try:
             meta = cls(str(value["name"]), int(value["granularity-bits"]),
                        int(value["generation"]), bool(value["recording"]),
                        bool(value["inconsistent"]), int(value["granules"]))
+            check_bitmap_name(meta.name)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ChannelError(f"BITMAPS: a bitmap's description is incomplete ({exc})") from None
-        if not 0 <= meta.granules < 1 << 40 or not 9 <= meta.granularity_bits <= 31:
-            raise ChannelError(f"BITMAPS: bitmap {meta.name!r} is out of range")
+            raise ChannelError(f"BITMAPS: a bitmap's description is wrong ({exc})") from None
+        if not MIN_GRANULARITY_BITS <= meta.granularity_bits <= MAX_GRANULARITY_BITS or \
+                meta.granules != granule_count(image_size, meta.granularity_bits) or \
+                not 0 <= meta.generation < 1 << 64:
+            raise ChannelError(f"BITMAPS: bitmap {meta.name!r} does not fit a "
+                               f"{image_size}-byte image")
         return meta
 
 

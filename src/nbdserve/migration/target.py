@@ -131,7 +131,7 @@ class IncomingMigration:
                                                f"{subject or '(none)'} is not allowed")
                         self.source += f" ({subject})" if subject else ""
                     if self._receive(channel):
-                        break
+                        break  # served now: no more sources
                 finally:
                     channel.close()
             except (OSError, ChannelError, ValueError) as exc:
@@ -141,6 +141,8 @@ class IncomingMigration:
                 log.error("incoming migration of export %r from %s failed: %s; the image "
                           "stays partial and waits for another source", self.settings.name,
                           self.source, self.last_error)
+        with contextlib.suppress(OSError):
+            self.sock.close()
 
     def _receive(self, channel: Channel) -> bool:
         """One source's conversation; True once the export serves."""
@@ -219,7 +221,9 @@ class IncomingMigration:
                 listed = message.meta()
                 if not isinstance(listed, list):
                     raise ChannelError("BITMAPS: expected a list")
-                metas = [BitmapMeta.from_json(item) for item in listed]
+                metas = [BitmapMeta.from_json(item, size) for item in listed]
+                if len({meta.name for meta in metas}) != len(metas):
+                    raise ChannelError("BITMAPS: two bitmaps with one name")
                 bits = []
                 for meta in metas:
                     blank = bitarray(meta.granules, endian="little")
