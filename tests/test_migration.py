@@ -573,3 +573,122 @@ def test_the_next_backup_from_the_target_is_incremental(tmp_path, start_server):
     restored = tmp_path / "restored.img"
     run(*NBDSERVE, "backup", "restore", str(chain), str(restored))
     assert restored.read_bytes() == pair.target_image.read_bytes()
+
+
+KILL_ROUNDS = 20 if os.environ.get("NBDSERVE_SLOW") else 3
+
+
+class Writer:
+    """Random 4 KiB writes on one connection, in a thread of its own, until stopped or
+    the connection fails; `acked` holds what the server acknowledged."""
+
+    def __init__(self, unix: Path, seed: int, size: int) -> None:
+        import threading
+        self.unix, self.rng, self.size = unix, random.Random(seed), size
+        self.acked: dict[int, bytes] = {}
+        self.error: BaseException | None = None
+        self.stopping = False
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self.thread.start()
+
+    async def _run(self) -> None:
+        client = await NbdClient.connect(unix=str(self.unix))
+        try:
+            while not self.stopping:
+                offset = self.rng.randrange(0, self.size // 4096) * 4096
+                data = self.rng.randbytes(4096)
+                await client.write(offset, data)
+                self.acked[offset] = data
+                await asyncio.sleep(0.001)
+            await client.disconnect()
+        except Exception as exc:  # noqa: BLE001 (the test looks at who failed)
+            self.error = exc
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.thread.join(30)
+
+    def written_granules(self) -> list[tuple[int, int]]:
+        return [(g * GRANULE, GRANULE) for g in sorted({o // GRANULE for o in self.acked})]
+
+
+def merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for offset, length in ranges:
+        if out and out[-1][0] + out[-1][1] == offset:
+            out[-1] = (out[-1][0], out[-1][1] + length)
+        else:
+            out.append((offset, length))
+    return out
+
+
+def assert_has_writes(path: Path, acked: dict[int, bytes]) -> None:
+    with open(path, "rb") as f:
+        for offset, data in acked.items():
+            f.seek(offset)
+            assert f.read(4096) == data, offset
+
+
+@pytest.mark.slow
+@pytest.mark.server_errors_expected
+@pytest.mark.parametrize("round_number", range(KILL_ROUNDS))
+def test_kill_either_side_at_a_random_point(tmp_path, round_number):
+    """kill -9 the target or the source at a random moment of a migration under
+    writes: the side that survives has every acknowledged write and a bitmap that
+    misses none of them."""
+    rng = random.Random(round_number)
+    image = tmp_path / "disk.img"
+    size = 32 << 20
+    fill(image, size, [(0, 24 << 20)])
+    src_ctl, incoming = tmp_path / "src.ctl", tmp_path / "in.sock"
+    source = NbdServe(image, "--control", str(src_ctl), "--bitmap", "b",
+                      unix=tmp_path / "src.sock")
+    target = NbdServe(tmp_path / "target.img", "--incoming", f"unix:{incoming}",
+                      unix=tmp_path / "dst.sock")
+    writer = None
+    try:
+        control(src_ctl, "bitmap-clear", name="b")
+        writer = Writer(source.unix, round_number, size)
+        time.sleep(0.2)
+        run(*NBDSERVE, "migrate", "start", f"unix:{incoming}", "--control", str(src_ctl),
+            "--bandwidth", "12M")
+        time.sleep(rng.uniform(0.05, 2.0))
+        victim = rng.choice(("target", "source"))
+        phase = control(src_ctl, "query-migrate")["outgoing"]["phase"]
+        if phase == "completed":
+            pytest.skip("the migration ended before the kill: nothing to check")
+        (target if victim == "target" else source).stop(signal.SIGKILL)
+        if victim == "target":
+            state = wait_phase(src_ctl, ("completed", "failed", "cancelled"))
+            if state["phase"] == "completed":  # killed after the commit point
+                pytest.skip("the target died after the switchover: it owned the disk")
+            time.sleep(0.3)
+            writer.stop()
+            assert writer.error is None, writer.error  # the source served on
+            source.stop()
+            assert migration_state(str(image) + ".qdb") == ""
+            assert_has_writes(image, writer.acked)
+            again = NbdServe(image, unix=tmp_path / "again.sock")
+        else:
+            writer.stop()  # its connection died with the source
+            moved = migration_state(str(image) + ".qdb") == "moved"
+            if moved:  # killed in the switchover, past the commit point
+                assert_has_writes(tmp_path / "target.img", writer.acked)
+                pytest.skip("the source died after the commit point")
+            target.stop()
+            assert migration_state(str(tmp_path / "target.img") + ".qdb") == "incoming"
+            assert_has_writes(image, writer.acked)
+            again = NbdServe(image, unix=tmp_path / "again.sock")
+        try:
+            dirty = merged([(o, n) for o, n, t in dirty_map(again.uri(), "b") if t & DIRTY])
+            written = merged(writer.written_granules())
+            covered = [any(o <= w < o + n for o, n in dirty) for w, _ in written]
+            assert all(covered), "a bitmap lost an acknowledged write"
+        finally:
+            again.stop()
+    finally:
+        if writer is not None:
+            writer.stop()
+        for server in (source, target):
+            if server.proc.poll() is None:
+                server.stop(signal.SIGKILL)
