@@ -692,3 +692,19 @@ def test_kill_either_side_at_a_random_point(tmp_path, round_number):
         for server in (source, target):
             if server.proc.poll() is None:
                 server.stop(signal.SIGKILL)
+
+
+@pytest.mark.server_errors_expected  # the migration is cancelled, which is logged
+def test_sigterm_during_a_migration_cancels_it_and_stops_cleanly(tmp_path, start_server):
+    image = tmp_path / "disk.img"
+    fill(image, 64 << 20, [(0, 48 << 20)])
+    pair = Pair(tmp_path, start_server, image, "--bitmap", "b")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x31 2M 4k", pair.source.qemu_uri)
+    pair.migrate("--bandwidth", "8M")
+    wait_phase(pair.src_ctl, ("bulk", "dirty"))
+    assert pair.source.stop(signal.SIGTERM) == 0
+    assert "cancelled" in pair.source.log
+    assert migration_state(str(image) + ".qdb") == ""
+    assert not Path(str(image) + ".qdb.journal").exists()  # a clean stop
+    info = json.loads(run(*NBDSERVE, "qdb", "info", "--json", str(image) + ".qdb").stdout)
+    assert info["bitmaps"][0]["dirty_bytes"] == GRANULE

@@ -135,7 +135,7 @@ class Migration:
         export.migrating = True
         if store is not None:
             store.frozen = "a migration of this export is under way; bitmap operations " \
-                           "wait until it ends"
+                           "are refused until it ends"
         export.followers = export.followers + (self.tracker,)
         log.info("migrating export %r to %s", export.name, self.address)
         self._thread.start()

@@ -316,7 +316,9 @@ class Server:
         connections.stop()
         for waiting in self.incoming:
             await asyncio.get_running_loop().run_in_executor(self.executor, waiting.stop)
-        if self.migration is not None and self.migration.cancel():
+        if self.migration is not None and not self.migration.done.is_set():
+            # Cancelled before the switchover; a switchover under way is let finish.
+            self.migration.cancel()
             await asyncio.get_running_loop().run_in_executor(self.executor,
                                                              self.migration.done.wait, 30)
         for server in self._servers:
