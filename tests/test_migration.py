@@ -416,6 +416,10 @@ def test_mistakes_get_one_line(tmp_path, start_server):
     conflict = run(*NBDSERVE, "serve", str(image), "--incoming", "unix:/tmp/x", "-r",
                    check=False)
     assert conflict.returncode == 2 and "incoming" in conflict.stderr
+    # The image is served: nothing may migrate into it meanwhile.
+    busy = run(*NBDSERVE, "serve", str(image), "--incoming", f"unix:{tmp_path / 'in'}",
+               "-k", str(tmp_path / "other.sock"), check=False)
+    assert busy.returncode == 1 and "in use by another process" in busy.stderr, busy.stderr
 
 
 def test_snapshots_and_bitmap_operations_wait_for_the_migration(tmp_path, start_server):

@@ -33,7 +33,7 @@ from dataclasses import replace
 from bitarray import bitarray
 
 from nbdserve.bitmaps.qdb import QdbContents, StoredBitmap, write_qdb
-from nbdserve.bitmaps.store import default_qdb_path
+from nbdserve.bitmaps.store import StoreLocked, default_qdb_path, take_lock
 from nbdserve.config import ExportConfig
 from nbdserve.export import Export
 from nbdserve.image import (
@@ -77,6 +77,7 @@ class IncomingMigration:
         self.received_bytes = 0
         self.failures = 0
         self.last_error = ""
+        self._lock_fd = -1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True,
                                         name=f"nbdserve-incoming-{settings.name}")
@@ -87,6 +88,19 @@ class IncomingMigration:
             return describe(self.sock)  # the port chosen for :0, say
         return str(self.settings.incoming)
 
+    def lock(self) -> None:
+        """Hold the QDB file's lock while waiting and receiving, as a server holds it
+        while serving: no other process serves this image meanwhile."""
+        try:
+            self._lock_fd = take_lock(self.qdb_path)
+        except StoreLocked as exc:
+            raise ChannelError(str(exc)) from None
+
+    def unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
     def start(self) -> None:
         log.info("export %r waits for an incoming migration on %s", self.settings.name,
                  self.address)
@@ -95,6 +109,7 @@ class IncomingMigration:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        self.unlock()
         with contextlib.suppress(OSError):
             self.sock.close()
         if self.settings.incoming.path is not None:
@@ -134,7 +149,7 @@ class IncomingMigration:
                         break  # served now: no more sources
                 finally:
                     channel.close()
-            except (OSError, ChannelError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 (any failure: wait for another source)
                 self.failures += 1
                 self.last_error = str(exc) or type(exc).__name__
                 self.state = "waiting"
@@ -171,7 +186,9 @@ class IncomingMigration:
         self._commit(bitmaps)
         channel.send(stream.encode(Kind.READY))
         channel.expect(Kind.GO)
-        # Opening the bitmaps saves them in use, which clears the "incoming" mark.
+        # Opening the bitmaps saves them in use, which clears the "incoming" mark; the
+        # store takes the QDB file's lock over from here.
+        self.unlock()
         export = self.open_export(replace(self.settings, incoming=None, force=True))
         self.arrived(export)
         self.state = "completed"

@@ -87,9 +87,15 @@ def open_incoming(settings: ExportConfig, tls: TlsConfig,
     except listener.ListenError as exc:
         raise ServiceError(f"export {settings.name!r}: --incoming: {exc}") from None
     context = tls.server_context() if tls.mode != TLS_OFF else None
-    return IncomingMigration(settings, sock, context,
-                             lambda ready: open_export(ready, with_control=True),
-                             arrived, listeners, allow_subjects=tls.allow_subjects)
+    incoming = IncomingMigration(settings, sock, context,
+                                 lambda ready: open_export(ready, with_control=True),
+                                 arrived, listeners, allow_subjects=tls.allow_subjects)
+    try:
+        incoming.lock()
+    except Exception as exc:
+        sock.close()
+        raise ServiceError(f"export {settings.name!r}: {exc}") from None
+    return incoming
 
 
 def qdb_bytes(path: str) -> int:
@@ -171,6 +177,7 @@ class Service:
                 export.close()
             for waiting in incoming:
                 waiting.sock.close()
+                waiting.unlock()
             for sock in sockets:
                 sock.close()
             self.cleanup()
