@@ -173,3 +173,59 @@ def test_offset_serves_an_image_inside_a_larger_file(tmp_path, start_server):
     result = run(*NBDSERVE, "serve", str(path), "-o", "1000", "-k", str(tmp_path / "x"),
                  check=False)
     assert result.returncode == 2 and "multiple of 512" in result.stderr
+
+
+def test_cache_none_keeps_data_out_of_the_page_cache(tmp_path, start_server):
+    """--cache=none (O_DIRECT): unaligned writes land exactly (merged with their
+    blocks), fio's verify passes, and the image's pages are not in the host's cache
+    afterwards, where --cache=writeback leaves them."""
+    image = tmp_path / "direct.img"
+    image.write_bytes(b"")
+    os.truncate(image, 64 << 20)
+    server = start_server(image, "--cache=none")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x41 1000 3000", "-c",
+        "write -P 0x42 4096 8192", "-c", "write -P 0x43 65537 10", "-c",
+        "write -P 0x45 1M 1M", "-c", "write -P 0x46 3000000 1000000", server.qemu_uri)
+    data = image.read_bytes()[:4 << 20]
+    assert data[1 << 20:2 << 20] == b"E" * (1 << 20)  # large: spliced from the socket
+    assert data[3000000:4000000] == b"F" * 1000000 and data[4000000:] == bytes(194304)
+    assert data[:1000] == bytes(1000)
+    assert data[1000:4000] == b"A" * 3000 and data[4096:12288] == b"B" * 8192
+    assert data[12288:65537] == bytes(65537 - 12288) and data[65537:65547] == b"C" * 10
+    posix_fadvise_dontneed(image)
+    result = run("fio", "--name=direct", "--ioengine=nbd", f"--uri={server.uri()}",
+                 "--rw=randwrite", "--bsrange=4k-256k", "--iodepth=16", "--size=16M",
+                 "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                 "--output-format=json", cwd=tmp_path)
+    job = json.loads(result.stdout[result.stdout.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["read"]["io_bytes"] >= 16 << 20
+    assert cached_pages(image) == 0
+    # The negative control: the same through the page cache leaves pages there.
+    other = tmp_path / "cached.img"
+    other.write_bytes(b"")
+    os.truncate(other, 64 << 20)
+    cached = start_server(other)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x44 0 4M", cached.qemu_uri)
+    assert cached_pages(other) >= 1024
+
+
+def test_cache_none_refuses_what_o_direct_cannot_serve(tmp_path):
+    odd = tmp_path / "odd.img"
+    odd.write_bytes(bytes(512 * 9))  # not a multiple of 4096
+    result = run(*NBDSERVE, "serve", str(odd), "--cache=none", "-k",
+                 str(tmp_path / "s.sock"), check=False)
+    assert result.returncode == 1 and "multiples of 4096" in result.stderr
+
+
+def posix_fadvise_dontneed(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cached_pages(path) -> int:
+    """How many of the file's pages are in the page cache (util-linux's fincore)."""
+    return int(run("fincore", "--noheadings", "--output", "PAGES", str(path)).stdout)

@@ -25,6 +25,7 @@ from nbdserve.bitmaps.offline import run_offline
 from nbdserve.bitmaps.policy import BitmapError
 from nbdserve.bitmaps.store import StoreLocked
 from nbdserve.config import (
+    CACHE_MODES,
     CBW_ERROR_POLICIES,
     DEFAULT_LISTEN,
     DETECT_ZEROES_MODES,
@@ -186,6 +187,9 @@ def main() -> None:
 @click.option("-o", "--offset", type=SizeParam(), default=None,
               help="IMAGE starts this far into the file (a multiple of 512), as "
                    "qemu-nbd's --offset; the export is the rest of the file.")
+@click.option("--cache", type=click.Choice(CACHE_MODES), default=None,
+              help="writeback: through the host's page cache; none: O_DIRECT, so the data "
+                   "is not cached on the host a second time [default: writeback].")
 @click.option("--discard", type=click.Choice(DISCARD_MODES), default=None,
               help="TRIM on IMAGE punches holes (unmap), or is accepted and changes "
                    "nothing (ignore; bitmaps still record it) [default: unmap].")
@@ -232,7 +236,8 @@ def main() -> None:
 def serve(image, config_path, export_name, bind_address, port, socket_path, fork, pid_file,
           run_command, exit_with_parent, oneshot, read_only,
           description, shared, create_size, bitmaps, qdb_path, scratch_dir, on_cbw_error,
-          offset, discard, detect_zeroes, incoming, force, control_path, metrics_address,
+          offset, cache, discard, detect_zeroes, incoming, force, control_path,
+          metrics_address,
           tls_mode, tls_cert, tls_key, tls_ca, tls_verify_client, tls_allow_subjects,
           handshake_timeout, poll_max_us, log_level, log_format) -> None:
     """Serve raw images over NBD until stopped (SIGTERM or SIGINT).
@@ -265,7 +270,7 @@ def serve(image, config_path, export_name, bind_address, port, socket_path, fork
                    socket_path=socket_path, read_only=read_only, description=description,
                    shared=shared, create_size=create_size, bitmaps=bitmaps, qdb_path=qdb_path,
                    scratch_dir=scratch_dir, on_cbw_error=on_cbw_error,
-                   offset=offset, discard=discard, detect_zeroes=detect_zeroes,
+                   offset=offset, cache=cache, discard=discard, detect_zeroes=detect_zeroes,
                    incoming=incoming, force=force, control_path=control_path,
                    metrics_address=metrics_address,
                    tls_mode=tls_mode, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
@@ -320,7 +325,7 @@ def config_from_options(base: ServeConfig, *, image, export_name, bind_address, 
                         socket_path, read_only, description, shared, create_size, bitmaps,
                         qdb_path, scratch_dir, on_cbw_error, offset, discard,
                         detect_zeroes, control_path, metrics_address, incoming=None,
-                        force=False,
+                        force=False, cache=None,
                         tls_mode, tls_cert, tls_key, tls_ca, tls_verify_client,
                         tls_allow_subjects, handshake_timeout, poll_max_us, log_level,
                         log_format) -> ServeConfig:
@@ -350,14 +355,14 @@ def config_from_options(base: ServeConfig, *, image, export_name, bind_address, 
                            qdb=qdb_path, bitmaps=tuple(bitmaps), create=create_size,
                            scratch_dir=scratch_dir, on_cbw_error=on_cbw_error,
                            discard=discard, detect_zeroes=detect_zeroes, offset=offset or 0,
-                           incoming=incoming, force=force)
+                           incoming=incoming, force=force, cache=cache)
         exports = tuple(e for e in exports if e.name != name) + (mine,)
     elif (export_name is not None or read_only or bitmaps or create_size or qdb_path
           or scratch_dir or on_cbw_error or discard or detect_zeroes or offset or incoming
-          or force):
+          or force or cache):
         raise ConfigError("-x, -r, --bitmap, --create, --qdb, --scratch-dir, --on-cbw-error, "
-                          "-o, --discard, --detect-zeroes, --incoming and --force describe "
-                          "IMAGE: give one")
+                          "-o, --cache, --discard, --detect-zeroes, --incoming and --force "
+                          "describe IMAGE: give one")
     config = with_overrides(base, listen=listen, exports=exports, control=control_path,
                             metrics=metrics, max_connections=shared,
                             handshake_timeout=handshake_timeout, poll_max_us=poll_max_us,

@@ -27,6 +27,7 @@ LOG_FORMATS = ("text", "json")
 # snapshot and let the write proceed, or fail the write and keep the snapshot.
 CBW_ERROR_POLICIES = ("break-snapshot", "fail-write")
 DISCARD_MODES = ("unmap", "ignore")  # TRIM punches holes, or changes nothing
+CACHE_MODES = ("writeback", "none")  # the host's page cache, or O_DIRECT
 DETECT_ZEROES_MODES = ("off", "on", "unmap")  # zero WRITEs become WRITE_ZEROES
 
 
@@ -79,6 +80,7 @@ class ExportConfig:
     on_cbw_error: str = CBW_ERROR_POLICIES[0]
     discard: str = DISCARD_MODES[0]
     detect_zeroes: str = DETECT_ZEROES_MODES[0]
+    cache: str = CACHE_MODES[0]
     offset: int = 0  # the image starts this far into the file (qemu-nbd's --offset)
     # Wait for a migration on this address before serving (docs/migration.md).
     incoming: ListenAddress | None = None
@@ -226,7 +228,7 @@ SERVER_KEYS = {"listen", "control", "metrics", "max-connections", "handshake-tim
                "poll-max-us", "log-level", "log-format", "tls", "export"}
 EXPORT_KEYS = {"name", "image", "description", "read-only", "max-connections",
                "tls-required", "qdb", "bitmaps", "create", "scratch-dir", "on-cbw-error",
-               "discard", "detect-zeroes", "offset", "incoming", "force"}
+               "discard", "detect-zeroes", "offset", "incoming", "force", "cache"}
 TLS_KEYS = {"mode", "cert", "key", "ca", "verify-client", "allow-subjects"}
 
 
@@ -295,7 +297,7 @@ def make_export(*, name: str, image: str, description: str = "", read_only: bool
                 scratch_dir: str | None = None, on_cbw_error: str | None = None,
                 discard: str | None = None, detect_zeroes: str | None = None,
                 offset: int = 0, incoming: str | None = None, force: bool = False,
-                where: str = "") -> ExportConfig:
+                cache: str | None = None, where: str = "") -> ExportConfig:
     """The one place an export's settings are checked (the file and the command line
     both come here); ``where`` prefixes the key in messages."""
     if not image:
@@ -329,6 +331,9 @@ def make_export(*, name: str, image: str, description: str = "", read_only: bool
         raise ConfigError(f"{where}offset: not with create (the image starts the file)")
     if detect_zeroes == "unmap" and discard != "unmap":
         raise ConfigError(f"{where}detect-zeroes: unmap needs discard = unmap (as in QEMU)")
+    cache = cache or CACHE_MODES[0]
+    if cache not in CACHE_MODES:
+        raise ConfigError(f"{where}cache: one of {', '.join(CACHE_MODES)}")
     address = None
     if incoming is not None:
         address = parse_listen(incoming, f"{where}incoming")
@@ -340,7 +345,7 @@ def make_export(*, name: str, image: str, description: str = "", read_only: bool
                         tls_required=tls_required, qdb=qdb, bitmaps=bitmaps, create=create,
                         scratch_dir=scratch_dir, on_cbw_error=on_cbw_error,
                         discard=discard, detect_zeroes=detect_zeroes, offset=offset,
-                        incoming=address, force=force)
+                        incoming=address, force=force, cache=cache)
 
 
 def parse_export(table, index: int) -> ExportConfig:
@@ -369,7 +374,8 @@ def parse_export(table, index: int) -> ExportConfig:
         detect_zeroes=_get(table, "detect-zeroes", str, where),
         offset=_size_key(table, "offset", where),
         incoming=_get(table, "incoming", str, where),
-        force=_get(table, "force", bool, where, False), where=where,
+        force=_get(table, "force", bool, where, False),
+        cache=_get(table, "cache", str, where), where=where,
     )
 
 

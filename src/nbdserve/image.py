@@ -13,8 +13,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import stat
+import threading
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -330,3 +332,126 @@ class RawImage:
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
+
+
+DIRECT_ALIGNMENT = 4096  # O_DIRECT's offset, length and memory alignment: enough for
+# 512-byte and 4 KiB devices and the file systems on them
+
+
+class DirectImage(RawImage):
+    """``--cache=none`` (qemu-nbd's): the image opened with O_DIRECT, so its data is
+    not also kept in the host's page cache, where a guest's own cache would hold it a
+    second time.
+
+    O_DIRECT wants the file offset, the length and the memory of every read and write
+    aligned. Reads and writes therefore go through aligned buffers (anonymous mmap);
+    a write that does not cover whole blocks reads them, merges and writes them back,
+    under a lock, so two such writes to one block cannot lose each other's bytes. The
+    image's size must be a multiple of the alignment (the last block is written
+    whole). Nothing is served from the page cache: no sendfile(2), no RWF_NOWAIT reads
+    (READs go to worker threads), and a spliced WRITE payload is read from its pipe.
+    Holes, punching and zeroing work as for RawImage (fallocate needs no alignment).
+    """
+
+    def __init__(self, path: str, *, read_only: bool = False, offset: int = 0) -> None:
+        super().__init__(path, read_only=read_only, offset=offset)
+        try:
+            if offset % DIRECT_ALIGNMENT or self.size % DIRECT_ALIGNMENT:
+                raise ImageError(f"{path}: --cache=none needs the image's offset and size to "
+                                 f"be multiples of {DIRECT_ALIGNMENT} bytes (size {self.size}"
+                                 f", offset {offset})")
+            flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_DIRECT
+            try:
+                direct = os.open(path, flags)
+            except OSError as exc:
+                raise ImageError(f"{path}: cannot open it with O_DIRECT for --cache=none "
+                                 f"({exc.strerror}); this file system may not support it") \
+                    from None
+        except BaseException:
+            self.close()
+            raise
+        os.close(self.fd)
+        self.fd = direct
+        self._merging = threading.Lock()
+
+    @staticmethod
+    def _span(offset: int, length: int) -> tuple[int, int]:
+        start = offset - offset % DIRECT_ALIGNMENT
+        end = -(-(offset + length) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+        return start, end
+
+    def _read_aligned(self, start: int, end: int) -> mmap.mmap:
+        buffer = mmap.mmap(-1, end - start)
+        view = memoryview(buffer)
+        done = 0
+        while done < end - start:
+            got = os.preadv(self.fd, [view[done:]], start + done + self.base)
+            if got <= 0:
+                break  # past the end of a file that shrank: the rest reads as zeros
+            done += got
+        view.release()
+        return buffer
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if not length:
+            return b""
+        start, end = self._span(offset, length)
+        with self._read_aligned(start, end) as buffer:
+            return buffer[offset - start:offset - start + length]
+
+    def pread_nowait(self, offset: int, length: int) -> None:
+        return None  # there is no cache to hit: a worker thread reads it
+
+    def is_cached(self, offset: int, length: int) -> bool:
+        return False
+
+    def readahead(self, offset: int, length: int) -> None:
+        pass  # the page cache is what this mode keeps out of
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Every write holds the lock: an aligned one racing a merge of the same block
+        could otherwise be overwritten by the merge's stale copy."""
+        length = len(data)
+        if not length:
+            return  # (a spliced WRITE whose payload was all still on the socket)
+        start, end = self._span(offset, length)
+        with self._merging:
+            if start == offset and end == offset + length:
+                with mmap.mmap(-1, length) as buffer:
+                    buffer[:] = data
+                    self._write_aligned(start, buffer)
+                return
+            with self._read_aligned(start, end) as buffer:  # read, merge, write back
+                buffer[offset - start:offset - start + length] = data
+                self._write_aligned(start, buffer)
+
+    def _write_aligned(self, start: int, buffer: mmap.mmap) -> None:
+        view = memoryview(buffer)
+        done = 0
+        while done < len(buffer):
+            done += os.pwritev(self.fd, [view[done:]], start + done + self.base)
+        view.release()
+
+    def pwritev(self, offset: int, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
+        self.pwrite(offset, buffers[0] if len(buffers) == 1 else b"".join(buffers))
+
+    def write_from_pipe(self, pipe_fd: int, offset: int, count: int) -> tuple[int, OSError | None]:
+        chunks, got = [], 0
+        while got < count:
+            chunk = os.read(pipe_fd, count - got)
+            if not chunk:
+                return got, OSError(errno.EIO, "short read from the pipe")
+            chunks.append(chunk)
+            got += len(chunk)
+        try:
+            self.pwrite(offset, b"".join(chunks))
+        except OSError as exc:
+            return got, exc
+        return got, None
+
+
+def open_image(path: str, *, read_only: bool = False, offset: int = 0,
+               cache: str = "writeback") -> RawImage:
+    """The image as the export's cache mode wants it opened."""
+    kind = DirectImage if cache == "none" else RawImage
+    return kind(path, read_only=read_only, offset=offset)

@@ -16,7 +16,7 @@ from nbdserve.bitmaps.qdb import migration_state
 from nbdserve.bitmaps.store import BitmapStore, default_qdb_path
 from nbdserve.config import ConfigError, ExportConfig, ServeConfig
 from nbdserve.export import Export, ExportCatalog
-from nbdserve.image import ImageError, RawImage, create_sparse
+from nbdserve.image import ImageError, create_sparse, open_image
 from nbdserve.migration.target import IncomingMigration
 from nbdserve.server import listener
 from nbdserve.server.lifecycle import Server
@@ -43,8 +43,8 @@ def open_export(settings: ExportConfig, *, with_control: bool) -> Export:
             raise ServiceError(f"cannot create {settings.image}: {exc}") from None
         log.info("created sparse image %s of %d bytes", settings.image, settings.create)
     try:
-        image = RawImage(settings.image, read_only=settings.read_only,
-                         offset=settings.offset)
+        image = open_image(settings.image, read_only=settings.read_only,
+                           offset=settings.offset, cache=settings.cache)
     except ImageError as exc:
         raise ServiceError(str(exc)) from None
     store = None
@@ -121,7 +121,8 @@ def check_image(settings: ExportConfig) -> None:
             raise ServiceError(f"cannot create {settings.image}: directory not writable")
         return
     try:
-        RawImage(settings.image, read_only=True, offset=settings.offset).close()
+        open_image(settings.image, read_only=True, offset=settings.offset,
+                   cache=settings.cache).close()
     except ImageError as exc:
         raise ServiceError(str(exc)) from None
 
