@@ -157,14 +157,15 @@ def run(argv: list[str], timeout: float = 600) -> str:
     return result.stdout
 
 
-def fio(uri: str, rw: str, bs: str, depth: int, seconds: float, size: str = "1G") -> float:
-    """IOPS (bs 4k) or MB/s (bs 1m) from fio's nbd engine."""
+def fio(uri: str, rw: str, bs: str, depth: int, seconds: float, size: str = "1G",
+        extra: list[str] = ()) -> float:
+    """IOPS (bs 4k, or trims) or MB/s (other writes) from fio's nbd engine."""
     out = run(["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
                f"--bs={bs}", f"--iodepth={depth}", f"--size={size}", "--time_based",
-               f"--runtime={seconds}", "--ramp_time=0.5", "--output-format=json"])
+               f"--runtime={seconds}", "--ramp_time=0.5", "--output-format=json", *extra])
     job = json.loads(out[out.index("{"):])["jobs"][0]
-    side = job["read"] if "read" in rw else job["write"]
-    return side["iops"] if bs == "4k" else side["bw_bytes"] / 1e6
+    side = job["read"] if "read" in rw else job["trim"] if "trim" in rw else job["write"]
+    return side["iops"] if bs == "4k" or "trim" in rw else side["bw_bytes"] / 1e6
 
 
 def timed(argv: list[str]) -> float:
@@ -345,7 +346,7 @@ def print_table(results: list[dict]) -> None:
             continue
         if "cost" in r:  # nbdserve alone, in variants (bitmaps, snapshots)
             parts = [f"{label} {r['servers'][label]['median']:.4g}"
-                     + (f" (-{r['cost'][label] * 100:.1f} %)" if r["cost"][label] else "")
+                     + (f" ({-r['cost'][label] * 100:+.1f} %)" if r["cost"][label] else "")
                      for label in r["servers"]]
             print(f"{r['workload'][:44]:44} {r['unit']:7} " + ", ".join(parts))
             continue
@@ -410,6 +411,8 @@ def main() -> int:
          lambda: snapshot_workloads(args, images, sockets, rounds)),
         ("migration", "live migration",
          lambda: migration_workloads(args, images, workdir, sockets, rounds)),
+        ("options", "serving options (--cache, --discard, --detect-zeroes)",
+         lambda: option_workloads(args, images, sockets, rounds)),
     ]
     for key, what, section in sections:
         if args.only and key not in args.only:
@@ -819,6 +822,66 @@ def snapshot_workloads(args, images, sockets: Path, rounds: int) -> list[dict]:
             for label, runs in values.items()}
         results.append(result)
     return results
+
+
+OPTION_VARIANTS = {  # label: serve options (the first is the default)
+    "default": [],
+    "--cache=none": ["--cache=none"],
+    "--discard=ignore": ["--discard=ignore"],
+    "--detect-zeroes=unmap": ["--detect-zeroes=unmap"],
+}
+
+
+def option_workloads(args, images, sockets: Path, rounds: int) -> list[dict]:
+    """nbdserve only, one server per variant on its own copy of the 1 GiB image: what
+    each serving option costs or saves, on the workloads it touches, with the server's
+    CPU per request. Pages are dropped from the cache before each run (os.sync and
+    POSIX_FADV_DONTNEED on the image), so --cache=none and writeback start alike."""
+    secs = args.seconds
+    workloads = [
+        ("4k randread qd16", "IOPS", lambda uri: fio(uri, "randread", "4k", 16, secs)),
+        ("4k randwrite qd16", "IOPS", lambda uri: fio(uri, "randwrite", "4k", 16, secs)),
+        ("nbdcopy 1 GiB to null:", "GB/s", copy_rate),
+        ("64k trim qd16", "IOPS", lambda uri: fio(uri, "randtrim", "64k", 16, secs)),
+        ("64k zero-filled writes qd16", "MB/s",
+         lambda uri: fio(uri, "randwrite", "64k", 16, secs, extra=["--zero_buffers"])),
+    ]
+    values = {name: {label: [] for label in OPTION_VARIANTS} for name, _, _ in workloads}
+    cpu = {name: {label: [] for label in OPTION_VARIANTS} for name, _, _ in workloads}
+    for round_number in range(rounds):
+        order = list(OPTION_VARIANTS) if round_number % 2 == 0 else \
+            list(reversed(OPTION_VARIANTS))
+        for label in order:
+            image = images["nbdserve"]
+            (server,) = make_servers({"nbdserve": image}, sockets, args.tcp,
+                                     nbdserve_args=OPTION_VARIANTS[label],
+                                     names=("nbdserve",), tag="-options")
+            server.start()
+            try:
+                for name, _unit, measure in workloads:
+                    drop_cache(image)
+                    before = server.cpu_seconds()
+                    values[name][label].append(measure(server.uri))
+                    cpu[name][label].append(server.cpu_seconds() - before)
+            finally:
+                server.stop()
+    results = []
+    for name, unit, _ in workloads:
+        result = summarise(name + ", serving options", unit, True, values[name], cpu[name])
+        result["cost"] = {label: 1 - statistics.median(
+            v / b for v, b in zip(runs, values[name]["default"], strict=True))
+            for label, runs in values[name].items()}
+        results.append(result)
+    return results
+
+
+def drop_cache(path: Path) -> None:
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def migration_workloads(args, images, workdir: Path, sockets: Path,
