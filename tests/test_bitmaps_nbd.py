@@ -507,3 +507,7 @@ async def test_enospc_while_serving_data_journal_and_qdb(full_file_system, start
     bitmap_cli("add", "b1", "--control", str(control))
     assert server.stop() == 0
     assert "Traceback" not in server.log
+    # Each failed write is a WARNING with the host's errno name (issue 17).
+    failures = [line for line in server.lines if "WRITE at offset" in line]
+    assert len(failures) == 4 and all(": WARNING: " in line and "(ENOSPC; NBD ENOSPC)"
+                                       in line for line in failures), failures

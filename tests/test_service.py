@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -396,6 +397,48 @@ def test_json_logs(three_exports):
     records = [json.loads(line) for line in server.lines if line.startswith("{")]
     assert records and all({"time", "level", "message"} <= set(r) for r in records)
     assert any("connected to export 'a'" in r["message"] for r in records)
+    # RFC 3339 with milliseconds and the offset (UTC).
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", r["time"])
+               for r in records), records[0]["time"]
+
+
+def test_priorities_in_front_of_lines_when_stderr_is_the_journal(image, tmp_path):
+    """Under systemd, JOURNAL_STREAM names stderr: each line then starts with its
+    syslog priority (<6> info, <3> error), so journalctl -p err finds errors. Where
+    JOURNAL_STREAM names another stream, lines stay plain."""
+    for matching in (True, False):
+        log = tmp_path / f"stderr-{matching}.log"
+        with open(log, "w") as stderr:
+            st = os.fstat(stderr.fileno())
+            inode = st.st_ino if matching else st.st_ino + 1
+            env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{inode}"}
+            ctl = tmp_path / f"ctl-{matching}"
+            proc = subprocess.Popen([*NBDSERVE, "serve", str(image), "-k",
+                                     str(tmp_path / f"s-{matching}.sock"), "--control",
+                                     str(ctl)], stderr=stderr, env=env)
+            try:
+                deadline = time.monotonic() + 15
+                while "ready (pid" not in log.read_text():
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.05)
+                # An error: a migration to nowhere.
+                run(*NBDSERVE, "migrate", "start", f"unix:{tmp_path / 'nowhere'}",
+                    "--control", str(ctl))
+                while "ERROR" not in log.read_text():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+        lines = log.read_text().splitlines()
+        if matching:
+            assert any(line.startswith("<6>nbdserve[") and "ready (pid" in line
+                       for line in lines)
+            assert any(line.startswith("<3>nbdserve[") and "migration" in line
+                       for line in lines)
+            assert all(re.match(r"<\d>", line) for line in lines), lines
+        else:
+            assert not any(re.match(r"<\d>", line) for line in lines), lines
 
 
 def test_dockerfile_passes_hadolint():

@@ -42,33 +42,13 @@ from nbdserve.config import (
     with_overrides,
 )
 from nbdserve.image import ImageError
+from nbdserve.logs import setup_logging
 from nbdserve.server.lifecycle import HANDLED_SIGNALS
 from nbdserve.server.service import Service, ServiceError
 from nbdserve.tls import TLS_MODES, TLS_OFF, TlsConfig, TlsConfigError
 from nbdserve.values import parse_size
 
 log = logging.getLogger("nbdserve")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log collectors."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-                 "level": record.levelname.lower(), "logger": record.name,
-                 "pid": record.process, "message": record.getMessage()}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(level: str, log_format: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(
-        "nbdserve[%(process)d]: %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def install_event_loop() -> None:

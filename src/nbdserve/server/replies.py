@@ -11,11 +11,12 @@ any request, mapped to its NBD error with the request's flags in hand.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
 
-from nbdserve.errors import ERROR_NAMES, error_message, nbd_error
+from nbdserve.errors import ERROR_NAMES, RequestError, error_message, nbd_error
 from nbdserve.export import Export
 from nbdserve.metrics import OTHER
 from nbdserve.protocol import constants as c
@@ -83,15 +84,25 @@ class ReplyWriter:
     def fail(self, command: int, cookie: int, flags: int, exc: BaseException,
              offset: int) -> None:
         """The one failure path for a request that raised: its NBD error depends on
-        the request's flags (errors.nbd_error)."""
-        self.refuse(command, cookie, nbd_error(exc, flags), error_message(exc), offset)
+        the request's flags (errors.nbd_error). A failure of the server's own I/O is
+        a WARNING, with the host's errno name."""
+        error = nbd_error(exc, flags)
+        failure = error != c.NBD_ESHUTDOWN and not isinstance(exc, RequestError)
+        if failure:
+            code = getattr(exc, "errno", None)
+            log.warning("%s: %s at offset %d failed: %s (%s; NBD %s)", self.peer,
+                        c.COMMAND_NAMES.get(command, command), offset, error_message(exc),
+                        errno.errorcode.get(code, code) if code else type(exc).__name__,
+                        ERROR_NAMES.get(error, error))
+        self.refuse(command, cookie, error, error_message(exc), offset, logged=failure)
 
     def refuse(self, command: int, cookie: int, error: int, reason: str,
-               offset: int) -> None:
-        """An error reply: a structured error chunk, or a simple reply's error field."""
+               offset: int, logged: bool = False) -> None:
+        """An error reply: a structured error chunk, or a simple reply's error field.
+        A refusal (the client's mistake, by the spec's rules) is logged at INFO."""
         self.errors[command if command < OTHER else OTHER] += 1
-        if error != c.NBD_ESHUTDOWN:
-            log.info("%s: %s failed: %s (%s)", self.peer,
+        if error != c.NBD_ESHUTDOWN and not logged:
+            log.info("%s: %s refused: %s (%s)", self.peer,
                      c.COMMAND_NAMES.get(command, command), reason,
                      ERROR_NAMES.get(error, error))
         self.out.append(self._error(cookie, offset, error, reason))
