@@ -379,11 +379,52 @@ def test_metrics_are_scraped_over_http(three_exports):
         assert float(lines['nbdserve_read_bytes_total{export="b"}']) == 4096
         assert float(lines['nbdserve_bitmap_dirty_bytes{bitmap="daily",export="a"}']) == \
             2 * 65536
-        assert float(lines['nbdserve_request_duration_seconds_count{export="a"}']) >= 3
+        # Latency per command: READ and WRITE apart.
+        assert float(lines['nbdserve_request_duration_seconds_count{command="WRITE",'
+                           'export="a"}']) == 2
+        assert float(lines['nbdserve_request_duration_seconds_count{command="READ",'
+                           'export="a"}']) >= 1
         assert float(lines['nbdserve_connections_accepted_total']) >= 2
         assert 'nbdserve_connections{export="c"}' in lines
+        assert float(lines['nbdserve_export_size_bytes{export="a"}']) > 0
+        assert lines['nbdserve_bitmap_inconsistent{bitmap="daily",export="a"}'] == "0.0"
+        assert float(lines["process_resident_memory_bytes"]) > 1 << 20
+        assert float(lines["process_open_fds"]) > 3
+        assert any(key.startswith("nbdserve_build_info{version=") for key in lines)
+        # A client that names no export the server has: a refused handshake.
+        run("nbdinfo", f"nbd://127.0.0.1:{port}/nope", check=False)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            again = response.read().decode()
+        assert 'nbdserve_handshake_failures_total{reason="refused"} 1.0' in again
+        # Every query of the shipped Grafana dashboard names metrics this server exports.
+        exported = exported_names(again)
+        dashboard = json.loads((ROOT / "examples/grafana-dashboard.json").read_text())
+        queries = [target["expr"] for panel in dashboard["panels"]
+                   for target in panel["targets"]]
+        queries += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+        named = {name for query in queries
+                 for name in re.findall(r"\b((?:nbdserve|process|python)_[a-z_]+)", query)}
+        assert len(named) >= 20
+        assert named <= exported, named - exported
     finally:
         server.stop()
+
+
+def exported_names(text: str) -> set[str]:
+    """Every series name an exposition can carry: each family's samples, whether or not
+    it has any now (# TYPE lines, which name counters with _total or without: counters
+    as _total, histograms as _bucket, _sum and _count, infos as _info)."""
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"],
+                "info": ["_info"], "gauge": [""], "untyped": [""], "summary": ["_sum"]}
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            base = name.removesuffix("_info").removesuffix("_total")
+            names.update(base + suffix for suffix in suffixes.get(kind, [""]))
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
 
 
 def test_json_logs(three_exports):

@@ -33,24 +33,49 @@ class ExportStats:
         self.bytes_read = 0
         self.bytes_written = 0
         self.timing = False  # set when the metrics endpoint is on
-        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
+        # Per command (COMMANDS' order): a count per bucket, and the sum.
+        self.latency_counts = [[0] * (len(LATENCY_BUCKETS) + 1) for _ in COMMANDS]
+        self.latency_sum = [0.0] * len(COMMANDS)
 
-    def observe(self, seconds: float) -> None:
-        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.latency_sum += seconds
+    def observe(self, command: int, seconds: float) -> None:
+        index = command if command < OTHER else OTHER
+        self.latency_counts[index][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum[index] += seconds
+
+
+class HandshakeFailures:
+    """Handshakes that did not reach transmission, by reason (counted off the hot
+    path, once per connection)."""
+
+    REASONS = ("timeout", "refused", "aborted", "closed", "tls-handshake", "tls-subject",
+               "error")
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(self.REASONS, 0)
+
+    def count(self, reason: str) -> None:
+        self.counts[reason] += 1
+
+
+HANDSHAKE_FAILURES = HandshakeFailures()
 
 
 def start_metrics_server(host: str, port: int, exports: Callable[[], Iterable],
-                         accepted: Callable[[], int]):
-    """Serve /metrics on host:port; returns the HTTP server (closed at shutdown)."""
-    from prometheus_client import start_http_server
+                         accepted: Callable[[], int],
+                         migrations: Callable[[], tuple] = lambda: (None, [])):
+    """Serve /metrics on host:port; returns the HTTP server (closed at shutdown).
+    ``migrations`` gives the latest outgoing migration's describe() (or None) and the
+    incoming ones'."""
+    from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, start_http_server
     from prometheus_client.core import (
         CollectorRegistry,
         CounterMetricFamily,
         GaugeMetricFamily,
         HistogramMetricFamily,
+        InfoMetricFamily,
     )
+
+    from nbdserve import __version__
 
     class Collector:
         def collect(self):
@@ -64,12 +89,25 @@ def start_metrics_server(host: str, port: int, exports: Callable[[], Iterable],
             written = CounterMetricFamily("nbdserve_written_bytes",
                                           "Bytes written by clients", labels=["export"])
             latency = HistogramMetricFamily("nbdserve_request_duration_seconds",
-                                            "Time from request to reply", labels=["export"])
+                                            "Time from request to reply",
+                                            labels=["export", "command"])
+            size = GaugeMetricFamily("nbdserve_export_size_bytes", "Size of the export",
+                                     labels=["export"])
             connections = GaugeMetricFamily("nbdserve_connections",
                                             "Connections in transmission", labels=["export"])
             dirty = GaugeMetricFamily("nbdserve_bitmap_dirty_bytes",
                                       "Dirty bytes recorded in a bitmap",
                                       labels=["export", "bitmap"])
+            inconsistent = GaugeMetricFamily(
+                "nbdserve_bitmap_inconsistent",
+                "1 when a bitmap is inconsistent (all dirty, not exported), else 0",
+                labels=["export", "bitmap"])
+            busy = GaugeMetricFamily("nbdserve_bitmap_busy",
+                                     "1 while a connection exports the bitmap, else 0",
+                                     labels=["export", "bitmap"])
+            recording = GaugeMetricFamily("nbdserve_bitmap_recording",
+                                          "1 when a bitmap records writes, else 0",
+                                          labels=["export", "bitmap"])
             preserved = GaugeMetricFamily(
                 "nbdserve_snapshot_preserved_bytes",
                 "Bytes of the live image a snapshot copied before they were overwritten",
@@ -89,17 +127,26 @@ def start_metrics_server(host: str, port: int, exports: Callable[[], Iterable],
                         errors.add_metric([export.name, name], stats.errors[index])
                 read.add_metric([export.name], stats.bytes_read)
                 written.add_metric([export.name], stats.bytes_written)
-                cumulative, buckets = 0, []
-                for bound, count in zip([*LATENCY_BUCKETS, float("inf")],
-                                        stats.latency_counts, strict=True):
-                    cumulative += count
-                    buckets.append((repr(bound) if bound != float("inf") else "+Inf",
-                                    cumulative))
-                latency.add_metric([export.name], buckets, stats.latency_sum)
+                for index, name in enumerate(COMMANDS):
+                    counts = stats.latency_counts[index]
+                    if not any(counts):
+                        continue
+                    cumulative, buckets = 0, []
+                    for bound, count in zip([*LATENCY_BUCKETS, float("inf")], counts,
+                                            strict=True):
+                        cumulative += count
+                        buckets.append((repr(bound) if bound != float("inf") else "+Inf",
+                                        cumulative))
+                    latency.add_metric([export.name, name], buckets, stats.latency_sum[index])
+                size.add_metric([export.name], export.size)
                 connections.add_metric([export.name], export.connections)
                 if export.tracker is not None:
                     for bitmap in export.tracker.query():
-                        dirty.add_metric([export.name, bitmap["name"]], bitmap["count"])
+                        labels = [export.name, bitmap["name"]]
+                        dirty.add_metric(labels, bitmap["count"])
+                        inconsistent.add_metric(labels, int(bitmap["inconsistent"]))
+                        busy.add_metric(labels, int(bitmap["busy"]))
+                        recording.add_metric(labels, int(bitmap["recording"]))
                 snapshot = getattr(export, "snapshot", None)
                 if snapshot is not None:
                     labels = [export.parent.name, export.name]
@@ -109,11 +156,52 @@ def start_metrics_server(host: str, port: int, exports: Callable[[], Iterable],
             accepted_total = CounterMetricFamily("nbdserve_connections_accepted",
                                                  "Connections accepted since start")
             accepted_total.add_metric([], accepted())
-            yield from (requests, errors, read, written, latency, connections, dirty,
-                        preserved, scratch, broken, accepted_total)
+            failed = CounterMetricFamily("nbdserve_handshake_failures",
+                                         "Handshakes that did not reach transmission",
+                                         labels=["reason"])
+            for reason, count in HANDSHAKE_FAILURES.counts.items():
+                failed.add_metric([reason], count)
+            build = InfoMetricFamily("nbdserve_build", "The running nbdserve")
+            build.add_metric([], {"version": __version__})
+            yield from (requests, errors, read, written, latency, size, connections, dirty,
+                        inconsistent, busy, recording, preserved, scratch, broken,
+                        accepted_total, failed, build, *migration_metrics(*migrations()))
+
+    def migration_metrics(outgoing: dict | None, incoming: list[dict]):
+        phase = GaugeMetricFamily(
+            "nbdserve_migration_phase",
+            "1 for the phase the latest migration from here is in (or ended in)",
+            labels=["export", "target", "phase"])
+        remaining = GaugeMetricFamily("nbdserve_migration_remaining_bytes",
+                                      "Dirty bytes a migration has still to send",
+                                      labels=["export"])
+        sent = GaugeMetricFamily("nbdserve_migration_sent_bytes",
+                                 "Image bytes a migration sent (data, passes included)",
+                                 labels=["export"])
+        pause = GaugeMetricFamily("nbdserve_migration_pause_seconds",
+                                  "The pause of a migration's switchover",
+                                  labels=["export"])
+        waiting = GaugeMetricFamily("nbdserve_incoming_migration_waiting",
+                                    "1 while an export waits for (or receives) a migration",
+                                    labels=["export"])
+        received = GaugeMetricFamily("nbdserve_incoming_migration_received_bytes",
+                                     "Image bytes received by an incoming migration",
+                                     labels=["export"])
+        if outgoing is not None:
+            phase.add_metric([outgoing["export"], outgoing["target"], outgoing["phase"]], 1)
+            remaining.add_metric([outgoing["export"]], outgoing["remaining-bytes"])
+            sent.add_metric([outgoing["export"]], outgoing["data-bytes"])
+            pause.add_metric([outgoing["export"]], outgoing["pause-ms"] / 1000)
+        for entry in incoming:
+            waiting.add_metric([entry["export"]], int(entry["state"] != "completed"))
+            received.add_metric([entry["export"]], entry["received-bytes"])
+        return phase, remaining, sent, pause, waiting, received
 
     registry = CollectorRegistry()
     registry.register(Collector())
+    # RSS, open fds, start time, CPU (process_*), and the Python version (python_info).
+    registry.register(PROCESS_COLLECTOR)
+    registry.register(PLATFORM_COLLECTOR)
     server, _thread = start_http_server(port, addr=host, registry=registry)
     log.info("metrics on http://%s:%d/metrics", host, server.server_port)
     return server

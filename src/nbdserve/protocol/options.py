@@ -210,6 +210,7 @@ class OptionNegotiator:
         tls_mode: str = "off",
     ) -> None:
         self.catalog = catalog
+        self.go_refused = False  # a GO was refused (the export, TLS, the limit...)
         self.shutting_down = shutting_down
         self.max_options = max_options
         self.tls_mode = tls_mode  # "off", "optional" (SELECTIVETLS), "require" (FORCEDTLS)
@@ -291,6 +292,8 @@ class OptionNegotiator:
         try:
             return handler(self, option, payload)
         except OptionError as error:
+            if option == c.NBD_OPT_GO:
+                self.go_refused = True  # a handshake that ends now was refused
             return OptionResult(encode_option_error(option, error.reply_type, error.message))
 
     # -- one method per option ------------------------------------------------------

@@ -21,6 +21,7 @@ from concurrent.futures import Executor
 
 from nbdserve.config import HANDSHAKE_TIMEOUT
 from nbdserve.export import Export, ExportCatalog
+from nbdserve.metrics import HANDSHAKE_FAILURES
 from nbdserve.protocol.options import GREETING, OptionNegotiator, Session
 from nbdserve.server.handshake import Handshake
 from nbdserve.server.polling import Census, Poller
@@ -220,6 +221,9 @@ class Connections:
     def handshake_expired(self, connection: Connection) -> None:
         log.warning("%s: handshake not finished in %g s; disconnecting", connection.peer,
                     self.handshake_timeout)
+        HANDSHAKE_FAILURES.count("timeout")
+        if connection.handshake is not None:
+            connection.handshake.finished = True  # counted here, not again as closed
         connection.stream.close()
 
     def handshake_done(self, connection: Connection, session: Session | None) -> None:

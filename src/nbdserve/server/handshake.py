@@ -15,6 +15,7 @@ import ssl
 import time
 from collections.abc import Callable
 
+from nbdserve.metrics import HANDSHAKE_FAILURES
 from nbdserve.protocol.handshake import HandshakeFraming, Phase
 from nbdserve.protocol.options import GREETING, OptionNegotiator, Outcome, Session
 from nbdserve.server.polling import Poller
@@ -36,6 +37,7 @@ class Handshake:
                  ssl_context: ssl.SSLContext | None = None,
                  poller: Poller | None = None) -> None:
         self.stream = stream
+        self.negotiator = negotiator
         self.framing = HandshakeFraming(negotiator)
         self.poller = poller  # busy-polls between round trips (polling.py)
         self.waiting_since = 0
@@ -63,7 +65,7 @@ class Handshake:
             self._feed()
         except Exception:  # a bug must cost one connection, never the server
             log.exception("%s: handshake failed", self.peer)
-            self.finish(None)
+            self.finish(None, "error")
             return
         if poller is not None and self.framing.reading and \
                 poller.allowed(self.stream.transport.get_write_buffer_size() > 0):
@@ -94,34 +96,43 @@ class Handshake:
                 self.finish(result.session)
             elif result.outcome is _ABORT:
                 log.debug("%s: client aborted the handshake", self.peer)
-                self.finish(None)
+                # A client that aborts after a refused GO was refused (nbdinfo asking
+                # for an export that is not there); otherwise it just left.
+                self.finish(None, "refused" if self.negotiator.go_refused else "aborted")
             else:
                 log.warning("%s: %s; disconnecting", self.peer, result.note)
-                self.finish(None)
+                self.finish(None, "refused")
             return
 
-    def finish(self, session: Session | None) -> None:
+    def finish(self, session: Session | None, failure: str = "") -> None:
+        """The handshake ended: in a session, or (None) in a failure of that kind
+        (metrics.HandshakeFailures' reasons)."""
         if self.finished:
             return
         self.finished = True
         self.stream.on_data = None
+        if session is None:
+            HANDSHAKE_FAILURES.count(failure or "closed")
         self.on_done(session)
 
     async def _start_tls(self) -> None:
         try:
-            if not await start_tls(self.stream, self.peer, self.tls, self.ssl_context):
-                self.finish(None)
+            failure = await start_tls(self.stream, self.peer, self.tls, self.ssl_context)
+            if failure:
+                self.finish(None, failure)
                 return
         except Exception:
             log.exception("%s: TLS upgrade failed", self.peer)
-            self.finish(None)
+            self.finish(None, "error")
             return
         self.framing.tls_started()
         self.stream.on_data = self.feed
         self.feed()  # whatever arrived during the TLS handshake
 
     def abandon(self) -> None:
-        """The connection is gone: stop, and do not report."""
+        """The connection is gone: stop, and do not report (but count it)."""
+        if not self.finished:
+            HANDSHAKE_FAILURES.count("closed")
         self.finished = True
         self.stream.on_data = None
         if self.tls_task is not None:
@@ -129,24 +140,25 @@ class Handshake:
 
 
 async def start_tls(stream: NbdStream, peer: str, tls: TlsConfig,
-                    ssl_context: ssl.SSLContext) -> bool:
-    """The TLS handshake after STARTTLS, then the client-authentication policy."""
+                    ssl_context: ssl.SSLContext) -> str:
+    """The TLS handshake after STARTTLS, then the client-authentication policy.
+    Returns "" when TLS is established, else the kind of failure."""
     try:
         await stream.start_tls(ssl_context)
     except (ssl.SSLError, ConnectionError, OSError) as exc:
         log.warning("%s: TLS handshake failed: %s", peer, str(exc) or type(exc).__name__)
-        return False
+        return "tls-handshake"
     ssl_object = stream.get_extra_info("ssl_object")
     if ssl_object is None or stream.transport.is_closing():
         # The connection ended during the TLS handshake (the handshake deadline, or the
         # client went away): nothing was established.
         log.debug("%s: the connection closed during the TLS handshake", peer)
-        return False
+        return "closed"
     subject = subject_string(stream.get_extra_info("peercert"))
     if not subject_allowed(subject, tls.allow_subjects):
         log.warning("%s: client certificate subject %r is not allowed; disconnecting",
                     peer, subject)
-        return False
+        return "tls-subject"
     log.info("%s: %s established%s", peer, ssl_object.version(),
              f" with client {subject}" if subject else "")
-    return True
+    return ""

@@ -96,7 +96,9 @@ class Server:
                 export.stats.timing = True
             self.metrics_server = start_metrics_server(
                 *self.metrics, exports=lambda: list(self.catalog),
-                accepted=lambda: self.connections.accepted)
+                accepted=lambda: self.connections.accepted,
+                migrations=lambda: (self.migration.describe() if self.migration else None,
+                                    [waiting.describe() for waiting in self.incoming]))
         loop = asyncio.get_running_loop()
         for sock in self.sockets:
             def factory() -> NbdStream:

@@ -144,7 +144,7 @@ class Transmission:
                     replies.refuse(command, cookie, error, reason, offset)
                 elif self.handle(command, flags, cookie, offset, length, payload,
                                  started) and started:
-                    stats.observe(clock() - started)
+                    stats.observe(command, clock() - started)
                 payload = None  # views of the stream's buffers, valid until the loop runs
         except ProtocolViolation as violation:
             log.warning("%s: %s; disconnecting", self.peer, violation)
@@ -227,7 +227,8 @@ class Transmission:
                     if pieces is not None:
                         replies.read_data(cookie, pieces, offset)
                         return True
-            self.spawn(self.slow_read(cookie, offset, length, flags, sparse), length, started)
+            self.spawn(self.slow_read(cookie, offset, length, flags, sparse), length, started,
+                       command)
             return False
         if command == c.NBD_CMD_WRITE:
             export.stats.bytes_written += length
@@ -314,11 +315,11 @@ class Transmission:
         else:
             self.replies.ok(cookie, offset)
         if started:
-            self.export.stats.observe(time.perf_counter() - started)
+            self.export.stats.observe(c.NBD_CMD_WRITE, time.perf_counter() - started)
 
     # -- requests answered from tasks ------------------------------------------------------------
 
-    def spawn(self, coroutine, held_bytes: int, started: float) -> None:
+    def spawn(self, coroutine, held_bytes: int, started: float, command: int) -> None:
         self.inflight_bytes += held_bytes
         if self.inflight_bytes > MAX_INFLIGHT_BYTES:
             self.room.clear()  # backpressure: stop reading requests until some finish
@@ -328,7 +329,7 @@ class Transmission:
 
         def done(finished: asyncio.Task) -> None:
             if started:
-                self.export.stats.observe(time.perf_counter() - started)
+                self.export.stats.observe(command, time.perf_counter() - started)
             self.tasks.discard(finished)
             self.inflight_bytes -= held_bytes
             if self.inflight_bytes <= MAX_INFLIGHT_BYTES:
@@ -340,7 +341,7 @@ class Transmission:
                   started: float, offset: int) -> bool:
         """Run work in a worker thread; reply when it is done. Returns False (the
         reply comes from the task)."""
-        self.spawn(self._in_thread(command, cookie, flags, work, offset), 0, started)
+        self.spawn(self._in_thread(command, cookie, flags, work, offset), 0, started, command)
         return False
 
     async def _in_thread(self, command: int, cookie: int, flags: int,
