@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -229,3 +230,18 @@ def posix_fadvise_dontneed(path) -> None:
 def cached_pages(path) -> int:
     """How many of the file's pages are in the page cache (util-linux's fincore)."""
     return int(run("fincore", "--noheadings", "--output", "PAGES", str(path)).stdout)
+
+
+def test_man_page_and_completion_come_from_the_command_line(tmp_path):
+    """nbdserve(1) is made from --help: every command and option is in it, and man
+    renders it; click's completion script is there for bash."""
+    root = Path(__file__).resolve().parent.parent
+    page = tmp_path / "nbdserve.1"
+    page.write_text(run(sys.executable, str(root / "scripts/manpage.py")).stdout)
+    rendered = run("man", "-l", str(page), env={**os.environ, "MANWIDTH": "200"}).stdout
+    for text in ("migrate start", "backup run", "qdb info", "--incoming", "--cache",
+                 "--max-downtime", "SHELL COMPLETION"):
+        assert text in rendered, text
+    completion = run(str(root / ".venv/bin/nbdserve"),
+                     env={**os.environ, "_NBDSERVE_COMPLETE": "bash_source"})
+    assert "complete -o nosort -F _nbdserve_completion nbdserve" in completion.stdout
