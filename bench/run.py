@@ -835,8 +835,10 @@ OPTION_VARIANTS = {  # label: serve options (the first is the default)
 def option_workloads(args, images, sockets: Path, rounds: int) -> list[dict]:
     """nbdserve only, one server per variant on its own copy of the 1 GiB image: what
     each serving option costs or saves, on the workloads it touches, with the server's
-    CPU per request. Pages are dropped from the cache before each run (os.sync and
-    POSIX_FADV_DONTNEED on the image), so --cache=none and writeback start alike."""
+    CPU per request. Each variant starts from a fresh copy of the random image (trims
+    and punched zeros would otherwise leave holes for the next one), and pages are
+    dropped from the cache before each run (os.sync and POSIX_FADV_DONTNEED on the
+    image), so --cache=none and writeback start alike."""
     secs = args.seconds
     workloads = [
         ("4k randread qd16", "IOPS", lambda uri: fio(uri, "randread", "4k", 16, secs)),
@@ -853,6 +855,7 @@ def option_workloads(args, images, sockets: Path, rounds: int) -> list[dict]:
             list(reversed(OPTION_VARIANTS))
         for label in order:
             image = images["nbdserve"]
+            shutil.copyfile(images["source"], image)
             (server,) = make_servers({"nbdserve": image}, sockets, args.tcp,
                                      nbdserve_args=OPTION_VARIANTS[label],
                                      names=("nbdserve",), tag="-options")
