@@ -102,12 +102,17 @@ class NbdServe(ServerProcess):
         argv = [*NBDSERVE, "serve", str(image), *args]
         argv += ["-k", str(unix)] if unix else ["-b", host, "-p", "0"]
         super().__init__(argv, ready=r"ready \(pid")
-        self.wait_ready()
-        self.port = None
-        self.host = host
-        if not unix:
-            line = self.wait_for_log(r"serving export .* on ")
-            self.port = int(line.rsplit(":", 1)[1])
+        try:
+            self.wait_ready()
+            self.port = None
+            self.host = host
+            if not unix:
+                line = self.wait_for_log(r"serving export .* on ")
+                self.port = int(line.rsplit(":", 1)[1])
+        except BaseException:
+            self.proc.kill()  # never leave a server behind a failed start
+            self.proc.wait()
+            raise
 
     def uri(self, export: str = "") -> str:
         if self.unix:
