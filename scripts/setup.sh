@@ -18,7 +18,8 @@ esac
 if [ "$mode" = runtime ]; then
     packages=(python3-venv)
 else
-    packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio nbd-client systemd python3-venv)
+    packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio nbd-client systemd python3-venv
+              buildah debootstrap)
 fi
 missing=()
 for package in "${packages[@]}"; do
