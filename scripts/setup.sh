@@ -44,9 +44,16 @@ if [ "$mode" = full ] && [ ! -x .venv/qemu-10/usr/bin/qemu-nbd ]; then
     echo "setup: unpacking qemu-utils 10 from bookworm-backports into .venv/qemu-10"
     work=$(mktemp -d)
     mkdir -p "$work/parts" "$work/lists/partial" "$work/cache/archives/partial"
-    cat >"$work/parts/backports.sources" <<'SOURCES'
+    # The Debian mirror the system already uses, for its backports suite.
+    mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+    [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+    if [ -z "$mirror" ]; then
+        echo "setup: no Debian mirror found in the apt sources" >&2
+        exit 1
+    fi
+    cat >"$work/parts/backports.sources" <<SOURCES
 Types: deb
-URIs: http://deb.debian.org/debian
+URIs: $mirror
 Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg

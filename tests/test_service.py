@@ -662,3 +662,17 @@ def test_sdist_carries_the_license_docs_units_and_examples(tmp_path):
     assert "License-Expression: GPL-2.0-or-later" in info
     assert "Classifier: Topic :: System :: Archiving :: Backup" in info
     assert not any("__pycache__" in name for name in names)
+
+
+def test_every_link_in_the_documentation_resolves_inside_the_repository():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a web address, or a place in the same page
+            path = (page.parent / target.split("#", 1)[0]).resolve()
+            assert path.is_relative_to(ROOT), (page.name, target)
+            assert path.exists(), (page.name, target)
+            checked += 1
+    assert checked > 30
