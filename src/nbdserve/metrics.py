@@ -43,6 +43,24 @@ class ExportStats:
         self.latency_sum[index] += seconds
 
 
+BITMAP_FLAGS = (  # (key in the bitmap's info, help): gauges nbdserve_bitmap_KEY, 1 or 0
+    ("inconsistent", "1 when a bitmap is inconsistent (all dirty, not exported), else 0"),
+    ("busy", "1 while a connection exports the bitmap, else 0"),
+    ("recording", "1 when a bitmap records writes, else 0"),
+)
+MIGRATION_GAUGES = (  # (key, name, help) of the per-export migration gauges
+    ("remaining", "nbdserve_migration_remaining_bytes",
+     "Dirty bytes a migration has still to send"),
+    ("sent", "nbdserve_migration_sent_bytes",
+     "Image bytes a migration sent (data, passes included)"),
+    ("pause", "nbdserve_migration_pause_seconds", "The pause of a migration's switchover"),
+    ("waiting", "nbdserve_incoming_migration_waiting",
+     "1 while an export waits for (or receives) a migration"),
+    ("received", "nbdserve_incoming_migration_received_bytes",
+     "Image bytes received by an incoming migration"),
+)
+
+
 class HandshakeFailures:
     """Handshakes that did not reach transmission, by reason (counted off the hot
     path, once per connection)."""
@@ -98,16 +116,9 @@ def start_metrics_server(host: str, port: int, exports: Callable[[], Iterable],
             dirty = GaugeMetricFamily("nbdserve_bitmap_dirty_bytes",
                                       "Dirty bytes recorded in a bitmap",
                                       labels=["export", "bitmap"])
-            inconsistent = GaugeMetricFamily(
-                "nbdserve_bitmap_inconsistent",
-                "1 when a bitmap is inconsistent (all dirty, not exported), else 0",
-                labels=["export", "bitmap"])
-            busy = GaugeMetricFamily("nbdserve_bitmap_busy",
-                                     "1 while a connection exports the bitmap, else 0",
-                                     labels=["export", "bitmap"])
-            recording = GaugeMetricFamily("nbdserve_bitmap_recording",
-                                          "1 when a bitmap records writes, else 0",
-                                          labels=["export", "bitmap"])
+            flags = {key: GaugeMetricFamily(f"nbdserve_bitmap_{key}", text,
+                                            labels=["export", "bitmap"])
+                     for key, text in BITMAP_FLAGS}
             preserved = GaugeMetricFamily(
                 "nbdserve_snapshot_preserved_bytes",
                 "Bytes of the live image a snapshot copied before they were overwritten",
@@ -144,9 +155,8 @@ def start_metrics_server(host: str, port: int, exports: Callable[[], Iterable],
                     for bitmap in export.tracker.query():
                         labels = [export.name, bitmap["name"]]
                         dirty.add_metric(labels, bitmap["count"])
-                        inconsistent.add_metric(labels, int(bitmap["inconsistent"]))
-                        busy.add_metric(labels, int(bitmap["busy"]))
-                        recording.add_metric(labels, int(bitmap["recording"]))
+                        for key, gauge in flags.items():
+                            gauge.add_metric(labels, int(bitmap[key]))
                 snapshot = getattr(export, "snapshot", None)
                 if snapshot is not None:
                     labels = [export.parent.name, export.name]
@@ -164,7 +174,7 @@ def start_metrics_server(host: str, port: int, exports: Callable[[], Iterable],
             build = InfoMetricFamily("nbdserve_build", "The running nbdserve")
             build.add_metric([], {"version": __version__})
             yield from (requests, errors, read, written, latency, size, connections, dirty,
-                        inconsistent, busy, recording, preserved, scratch, broken,
+                        *flags.values(), preserved, scratch, broken,
                         accepted_total, failed, build, *migration_metrics(*migrations()))
 
     def migration_metrics(outgoing: dict | None, incoming: list[dict]):
@@ -172,30 +182,18 @@ def start_metrics_server(host: str, port: int, exports: Callable[[], Iterable],
             "nbdserve_migration_phase",
             "1 for the phase the latest migration from here is in (or ended in)",
             labels=["export", "target", "phase"])
-        remaining = GaugeMetricFamily("nbdserve_migration_remaining_bytes",
-                                      "Dirty bytes a migration has still to send",
-                                      labels=["export"])
-        sent = GaugeMetricFamily("nbdserve_migration_sent_bytes",
-                                 "Image bytes a migration sent (data, passes included)",
-                                 labels=["export"])
-        pause = GaugeMetricFamily("nbdserve_migration_pause_seconds",
-                                  "The pause of a migration's switchover",
-                                  labels=["export"])
-        waiting = GaugeMetricFamily("nbdserve_incoming_migration_waiting",
-                                    "1 while an export waits for (or receives) a migration",
-                                    labels=["export"])
-        received = GaugeMetricFamily("nbdserve_incoming_migration_received_bytes",
-                                     "Image bytes received by an incoming migration",
-                                     labels=["export"])
+        gauges = {key: GaugeMetricFamily(name, text, labels=["export"])
+                  for key, name, text in MIGRATION_GAUGES}
         if outgoing is not None:
-            phase.add_metric([outgoing["export"], outgoing["target"], outgoing["phase"]], 1)
-            remaining.add_metric([outgoing["export"]], outgoing["remaining-bytes"])
-            sent.add_metric([outgoing["export"]], outgoing["data-bytes"])
-            pause.add_metric([outgoing["export"]], outgoing["pause-ms"] / 1000)
+            export = [outgoing["export"]]
+            phase.add_metric([*export, outgoing["target"], outgoing["phase"]], 1)
+            gauges["remaining"].add_metric(export, outgoing["remaining-bytes"])
+            gauges["sent"].add_metric(export, outgoing["data-bytes"])
+            gauges["pause"].add_metric(export, outgoing["pause-ms"] / 1000)
         for entry in incoming:
-            waiting.add_metric([entry["export"]], int(entry["state"] != "completed"))
-            received.add_metric([entry["export"]], entry["received-bytes"])
-        return phase, remaining, sent, pause, waiting, received
+            gauges["waiting"].add_metric([entry["export"]], int(entry["state"] != "completed"))
+            gauges["received"].add_metric([entry["export"]], entry["received-bytes"])
+        return phase, *gauges.values()
 
     registry = CollectorRegistry()
     registry.register(Collector())
