@@ -593,7 +593,7 @@ def test_docker_image_installs_with_the_readme_steps():
     assert "USER 10809:10809" in dockerfile and "HEALTHCHECK" in dockerfile
     assert "groupadd --system --gid 10809 nbdserve" in dockerfile
     assert "--uid 10809 --gid 10809" in dockerfile
-    assert dockerfile.index("pip install --no-cache-dir -r") < dockerfile.index("COPY src src")
+    assert dockerfile.index("-r /tmp/requirements.txt") < dockerfile.index("COPY src src")
     runtime = dockerfile[dockerfile.rindex("FROM "):]
     copies = [line for line in runtime.splitlines() if line.startswith("COPY")]
     assert copies == ["COPY --from=build /opt/nbdserve/.venv /opt/nbdserve/.venv",
