@@ -712,3 +712,18 @@ def test_sigterm_during_a_migration_cancels_it_and_stops_cleanly(tmp_path, start
     assert not Path(str(image) + ".qdb.journal").exists()  # a clean stop
     info = json.loads(run(*NBDSERVE, "qdb", "info", "--json", str(image) + ".qdb").stdout)
     assert info["bitmaps"][0]["dirty_bytes"] == GRANULE
+
+
+def test_a_read_only_export_migrates_and_its_copy_stays_servable(tmp_path, start_server):
+    """Nothing is written to a read-only export, so its copy is not stale: the source
+    writes no QDB file (its directory may be read-only too) and serves again without
+    --force."""
+    image = tmp_path / "disk.img"
+    fill(image, 16 << 20, [(0, 4 << 20)])
+    pair = Pair(tmp_path, start_server, image, "-r")
+    pair.migrate("--wait")
+    assert run("cmp", str(image), str(pair.target_image)).returncode == 0
+    assert not Path(str(image) + ".qdb").exists()
+    pair.source.stop()
+    again = NbdServe(image, "-r", unix=tmp_path / "again.sock")
+    again.stop()

@@ -440,7 +440,10 @@ class Migration:
         export.recorder = None
         export.watch = None
         store = self._store()
-        if store is not None:
+        if export.read_only:
+            if store is not None:
+                store.close()  # nothing was written here: this copy is not stale
+        elif store is not None:
             store.close(moved=True)
         else:
             image = export.image
@@ -466,7 +469,7 @@ class Migration:
             export.watch = reopened.watch_image(export.image.fd)
             if export.watch is not None:
                 export.watch.under_way = export.gate.active
-        elif store is None:
+        elif store is None and not export.read_only:  # the "moved" file written here
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(default_qdb_path(export.image.path))
         else:
