@@ -36,13 +36,7 @@ from nbdserve.bitmaps.qdb import QdbContents, StoredBitmap, write_qdb
 from nbdserve.bitmaps.store import StoreLocked, default_qdb_path, take_lock
 from nbdserve.config import ExportConfig
 from nbdserve.export import Export
-from nbdserve.image import (
-    FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
-    ImageIdentity,
-    fallocate,
-    path_identity,
-)
+from nbdserve.image import ImageIdentity, RawImage, path_identity
 from nbdserve.migration import stream
 from nbdserve.migration.channel import Channel
 from nbdserve.migration.stream import BitmapMeta, ChannelError, Kind
@@ -173,16 +167,16 @@ class IncomingMigration:
                  self.source, size)
         self.state = "receiving"
         self.received_bytes = 0
-        fd = self._prepare(size, channel)
-        writeback = Writeback(fd)
+        image = self._prepare(size, channel)
+        writeback = Writeback(image)
         try:
             channel.send(stream.encode_meta(Kind.WELCOME, {
                 "export": self.settings.name, "listen": self.listeners()}))
             with writeback:
-                bitmaps = self._receive_image(channel, fd, size, writeback)
-            os.fdatasync(fd)
+                bitmaps = self._receive_image(channel, image, writeback)
+            image.flush()
         finally:
-            os.close(fd)
+            image.close()
         self._commit(bitmaps)
         channel.send(stream.encode(Kind.READY))
         channel.expect(Kind.GO)
@@ -197,8 +191,9 @@ class IncomingMigration:
                  self.source)
         return True
 
-    def _prepare(self, size: int, channel: Channel) -> int:
-        """Say in the QDB file that the image is partial, then empty it."""
+    def _prepare(self, size: int, channel: Channel) -> RawImage:
+        """Say in the QDB file that the image is partial, then empty it; the image,
+        open."""
         write_qdb(self.qdb_path, QdbContents(identity=ImageIdentity(0), migration="incoming"))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.qdb_path + ".journal")
@@ -210,14 +205,14 @@ class IncomingMigration:
                                    "receive a migration")
             os.ftruncate(fd, 0)  # every hole the source has is a hole here already
             os.ftruncate(fd, size)
-        except BaseException:
+        finally:
             os.close(fd)
-            raise
-        return fd
+        return RawImage(self.settings.image)
 
-    def _receive_image(self, channel: Channel, fd: int, size: int,
+    def _receive_image(self, channel: Channel, image: RawImage,
                        writeback: Writeback) -> list[StoredBitmap]:
         """DATA, ZERO, BITMAPS and BITS until SWITCHOVER; the bitmaps received."""
+        size = image.size
         metas: list[BitmapMeta] = []
         bits: list[bitarray] = []
         while True:
@@ -229,10 +224,13 @@ class IncomingMigration:
                     raise ChannelError(f"{kind.name} at {message.offset}+{message.length} "
                                        f"is past the image's end ({size})")
                 if kind == Kind.DATA:
-                    _pwrite_all(fd, message.payload, message.offset)
+                    image.pwrite(message.offset, message.payload)
                     writeback.received += message.length
                 else:
-                    _zero(fd, message.offset, message.length)
+                    # (as WRITE_ZEROES would: punched, else zeroed in place)
+                    if not image.punch_hole(message.offset, message.length) and \
+                            not image.zero_range(message.offset, message.length):
+                        image.write_zeroes_slowly(message.offset, message.length)
                 self.received_bytes += message.length
             elif kind == Kind.BITMAPS:
                 listed = message.meta()
@@ -253,7 +251,7 @@ class IncomingMigration:
                 stream.apply_bits(bits[message.offset], message.length, message.payload)
             elif kind == Kind.SYNC:
                 writeback.received = 0
-                os.fdatasync(fd)
+                image.flush()
                 channel.send(stream.encode(Kind.SYNCED))
             elif kind == Kind.SWITCHOVER:
                 return [StoredBitmap(m.name, m.granularity_bits, m.generation, m.recording,
@@ -278,8 +276,8 @@ class Writeback:
     source's SYNCs find little left to write. Small passes are left to those SYNCs:
     syncs racing each other would only slow them."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, image: RawImage) -> None:
+        self.image = image
         self.received = 0  # bytes written since the last sync (the receiving thread's)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -290,7 +288,7 @@ class Writeback:
             if self.received >= WRITEBACK_BYTES:
                 self.received = 0
                 with contextlib.suppress(OSError):  # the final fdatasync reports errors
-                    os.fdatasync(self.fd)
+                    self.image.flush()
 
     def __enter__(self) -> Writeback:
         self._thread.start()
@@ -299,15 +297,3 @@ class Writeback:
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
-def _zero(fd: int, offset: int, length: int) -> None:
-    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
