@@ -436,18 +436,26 @@ class DirectImage(RawImage):
         self.pwrite(offset, buffers[0] if len(buffers) == 1 else b"".join(buffers))
 
     def write_from_pipe(self, pipe_fd: int, offset: int, count: int) -> tuple[int, OSError | None]:
-        chunks, got = [], 0
-        while got < count:
-            chunk = os.read(pipe_fd, count - got)
-            if not chunk:
-                return got, OSError(errno.EIO, "short read from the pipe")
-            chunks.append(chunk)
-            got += len(chunk)
-        try:
-            self.pwrite(offset, b"".join(chunks))
-        except OSError as exc:
-            return got, exc
-        return got, None
+        return write_through_memory(pipe_fd, offset, count, self.pwrite)
+
+
+def write_through_memory(pipe_fd: int, offset: int, count: int,
+                         pwrite) -> tuple[int, OSError | None]:
+    """write_from_pipe for images that cannot splice (O_DIRECT, a migration's target):
+    the count bytes waiting in the pipe are read, then written with pwrite(offset,
+    data). Returns what RawImage.write_from_pipe does."""
+    chunks, got = [], 0
+    while got < count:
+        chunk = os.read(pipe_fd, count - got)
+        if not chunk:
+            return got, OSError(errno.EIO, "short read from the pipe")
+        chunks.append(chunk)
+        got += len(chunk)
+    try:
+        pwrite(offset, b"".join(chunks))
+    except OSError as exc:
+        return got, exc
+    return got, None
 
 
 def open_image(path: str, *, read_only: bool = False, offset: int = 0,

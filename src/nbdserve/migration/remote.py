@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from nbdserve.client import NbdClient, NbdError
 from nbdserve.config import ListenAddress
+from nbdserve.image import write_through_memory
 from nbdserve.protocol import constants as c
 
 REQUEST_TIMEOUT = 60.0  # seconds a forwarded request may take
@@ -157,18 +158,7 @@ class RemoteImage:
     def write_from_pipe(self, pipe_fd: int, offset: int,
                         count: int) -> tuple[int, OSError | None]:
         """A spliced WRITE's part: the bytes waiting in the pipe, forwarded."""
-        chunks, got = [], 0
-        while got < count:
-            chunk = os.read(pipe_fd, count - got)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        try:
-            self._call(self.client.write(offset, b"".join(chunks)))
-        except OSError as exc:
-            return got, exc
-        return got, None
+        return write_through_memory(pipe_fd, offset, count, self.pwrite)
 
     def punch_hole(self, offset: int, length: int) -> bool:
         for start, size in _pieces(offset, length):
