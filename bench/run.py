@@ -130,7 +130,7 @@ def make_servers(kind_images: dict[str, Path], workdir: Path, tcp: bool,
         if name == "nbdserve":
             where = ["-b", listen[0], "-p", listen[1]] if tcp else ["-k", address]
             argv = [str(ROOT / ".venv/bin/nbdserve"), "serve", str(image), *where,
-                    "--log-level", "warning", *nbdserve_args]
+                    *nbdserve_args]
         elif name in ("qemu-nbd", "qemu-nbd-10"):
             where = ["-b", listen[0], "-p", listen[1]] if tcp else ["-k", address]
             binary = "qemu-nbd" if name == "qemu-nbd" else str(QEMU10 / "qemu-nbd")
@@ -672,7 +672,7 @@ def tls_workloads(args, images, workdir: Path, rounds: int) -> list[dict]:
         uri = f"nbds://127.0.0.1:{port}/?tls-certificates={client_dir}"
         if name == "nbdserve":
             argv = [str(ROOT / ".venv/bin/nbdserve"), "serve", str(images[name]), "-b",
-                    "127.0.0.1", "-p", str(port), "--log-level", "warning", "--tls",
+                    "127.0.0.1", "-p", str(port), "--tls",
                     "require", "--tls-cert", str(server_dir / "server-cert.pem"),
                     "--tls-key", str(server_dir / "server-key.pem")]
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -411,3 +412,26 @@ async def test_handshakes_at_once_are_bounded(image, tmp_path):
         for _, writer in streams:
             writer.close()
         await server.shutdown()
+
+
+async def test_a_burst_of_connections_is_logged_in_a_summary(image, start_server):
+    """More than 20 connections in a second: the first are logged one by one, the
+    rest counted in one line at the end of the second; every one is accounted for.
+    At --log-level debug each is logged."""
+    for level, burst in (("info", 120), ("debug", 40)):
+        server = start_server(image, "--log-level", level)
+        for _ in range(burst):
+            nbd = await NbdClient.connect(**server.client_args())
+            await nbd.disconnect()
+        await asyncio.sleep(1.2)  # the summary comes at the end of the second
+        one_by_one = len(re.findall(r": connected to export ''", server.log))
+        left = len(re.findall(r": disconnected from export ''", server.log))
+        counted = sum(int(n) for n in re.findall(r"(\d+) more connections in the last "
+                                                 r"second, not logged one by one", server.log))
+        assert one_by_one == left  # a connection's two lines go together
+        assert one_by_one + counted == burst, server.log
+        if level == "info":
+            assert 20 <= one_by_one < burst and counted
+        else:
+            assert one_by_one == burst and not counted
+        server.stop()

@@ -21,6 +21,7 @@ from concurrent.futures import Executor
 
 from nbdserve.config import HANDSHAKE_TIMEOUT
 from nbdserve.export import Export, ExportCatalog
+from nbdserve.logs import Sampler
 from nbdserve.metrics import HANDSHAKE_FAILURES
 from nbdserve.protocol.options import GREETING, OptionNegotiator, Session
 from nbdserve.server.handshake import Handshake
@@ -30,6 +31,9 @@ from nbdserve.server.transmission import Transmission
 from nbdserve.tls import TlsConfig
 
 log = logging.getLogger("nbdserve.server")
+# Each connection's two lines (connected, disconnected), for at most 20 connections a
+# second; more are counted in one line (logs.Sampler).
+CONNECTION_LINES = Sampler(log, "connections")
 
 # Clients queued behind a connection limit (-e), at most: each holds a descriptor, and
 # an unbounded queue lets anyone exhaust them. 128 is the listen backlog we ask for,
@@ -265,9 +269,11 @@ class Connections:
         features += list(session.meta_contexts.values())
         connection.session = session
         connection.features = features
-        log.info("%s: connected to export %r (flags 0x%04x%s)", peer, export.name,
-                 session.transmission_flags,
-                 "; " + ", ".join(features) if features else "")
+        logged = CONNECTION_LINES.admit()
+        if logged:
+            log.info("%s: connected to export %r (flags 0x%04x%s)", peer, export.name,
+                     session.transmission_flags,
+                     "; " + ", ".join(features) if features else "")
         transmission = Transmission(stream, session, self.executor, peer,
                                     stopping=self.stopping, sock=connection.sock,
                                     unix=connection.unix, poller=connection.poller)
@@ -290,5 +296,6 @@ class Connections:
                 self.on_unused(export)
             self.census.transmitting -= 1
             self.on_change()
-            log.info("%s: disconnected from export %r after %d requests", peer, export.name,
-                     transmission.requests)
+            if logged:
+                log.info("%s: disconnected from export %r after %d requests", peer,
+                         export.name, transmission.requests)

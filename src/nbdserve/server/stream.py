@@ -144,12 +144,15 @@ class NbdStream(asyncio.BufferedProtocol):
         self._drain_waiters.clear()
         if self.on_lost is not None:
             self.on_lost()
-        # What is unread can never be used now: give the buffers back. And let go of
-        # the transport: a TLS transport's protocol holds our bound methods, so the two
-        # would keep each other (and OpenSSL's buffers) alive until the cycle collector
-        # next ran, which under a stream of TLS clients is a growing heap (issue 12).
-        self._buf, self._other, self._spare = bytearray(0), None, bytearray(0)
-        self._start = self._end = 0
+        # What is unread can never be used now: give the buffers back (to the pool:
+        # a client that hangs up right after DISC is often gone before the request
+        # loop ends, and a fresh 256 KiB buffer for each such connection was a
+        # twentieth of a handshake). And let go of the transport: a TLS transport's
+        # protocol holds our bound methods, so the two would keep each other (and
+        # OpenSSL's buffers) alive until the cycle collector next ran, which under a
+        # stream of TLS clients is a growing heap (issue 12).
+        self._pool_buffers()
+        self._buf, self._spare = bytearray(0), bytearray(0)
         self.transport = _GONE
         self.on_connect = None
 
@@ -226,10 +229,17 @@ class NbdStream(asyncio.BufferedProtocol):
     def release_buffers(self) -> None:
         """The connection is closed and nothing reads from it any more: give the
         receive buffers back to the pool."""
+        self._pool_buffers()
+        self._buf = bytearray(HANDSHAKE_BUFFER)
+
+    def _pool_buffers(self) -> None:
+        """Hand the receive buffers to the pool. Only once nothing refers to them:
+        payload views never outlive a turn of the loop (read_payload), and no worker
+        thread is given one."""
         for buffer in (self._buf, self._other):
             if buffer is not None and len(buffer) == BUFFER_SIZE and len(_POOL) < POOL_MAX:
                 _POOL.append(buffer)
-        self._buf, self._other = bytearray(HANDSHAKE_BUFFER), None
+        self._buf, self._other = bytearray(0), None
         self._start = self._end = 0
 
     @property
