@@ -193,29 +193,45 @@ class Workload:
     unit: str
     higher_is_better: bool
     measure: object  # callable(server) -> value
-    work: float  # units of work per run, for CPU seconds per unit
-    work_unit: str
+    work: object  # units of work per run (a number, or callable(value) -> number)...
+    work_unit: str  # ...and what a unit is, for the server's CPU time per unit
+
+    def units(self, value: float) -> float:
+        return self.work(value) if callable(self.work) else self.work
+
+
+RAMP = 0.5  # fio's ramp time: its requests cost CPU but are not in its rate
 
 
 def workloads(args, images: dict[str, Path]) -> list[Workload]:
     secs = args.seconds
     source = images["source"]
+
+    def requests(iops: float) -> float:  # fio's requests in a run, the ramp included
+        return iops * (secs + RAMP)
+
+    def megabytes(rate: float) -> float:  # fio's MB in a run, as requests of 1 MiB
+        return rate * (secs + RAMP) / (MiB / 1e6)
+
     return [
         Workload("nbdcopy 1 GiB to null:", "GB/s", True,
                  lambda s: GiB / timed(["nbdcopy", s.uri, "null:"]) / 1e9, 1, "GiB"),
         Workload("nbdcopy 1 GiB from a file", "GB/s", True,
                  lambda s: GiB / timed(["nbdcopy", str(source), s.uri]) / 1e9, 1, "GiB"),
         Workload("fio 4k randread qd16", "IOPS", True,
-                 lambda s: fio(s.uri, "randread", "4k", 16, secs), 1, "run"),
+                 lambda s: fio(s.uri, "randread", "4k", 16, secs), requests, "request"),
         Workload("fio 4k randread qd1", "IOPS", True,
-                 lambda s: fio(s.uri, "randread", "4k", 1, secs), 1, "run"),
+                 lambda s: fio(s.uri, "randread", "4k", 1, secs), requests, "request"),
         Workload("fio 4k randwrite qd16", "IOPS", True,
-                 lambda s: fio(s.uri, "randwrite", "4k", 16, secs), 1, "run"),
+                 lambda s: fio(s.uri, "randwrite", "4k", 16, secs), requests, "request"),
+        Workload("fio 4k randwrite qd1", "IOPS", True,
+                 lambda s: fio(s.uri, "randwrite", "4k", 1, secs), requests, "request"),
         Workload("fio 1M seq read qd4", "MB/s", True,
-                 lambda s: fio(s.uri, "read", "1m", 4, secs), 1, "run"),
+                 lambda s: fio(s.uri, "read", "1m", 4, secs), megabytes, "request"),
         Workload("fio 1M seq write qd4", "MB/s", True,
-                 lambda s: fio(s.uri, "write", "1m", 4, secs), 1, "run"),
-        Workload("handshakes", "conn/s", True, lambda s: handshakes(s.uri, secs), 1, "run"),
+                 lambda s: fio(s.uri, "write", "1m", 4, secs), megabytes, "request"),
+        Workload("handshakes", "conn/s", True, lambda s: handshakes(s.uri, secs),
+                 lambda rate: rate * secs, "connection"),
     ]
 
 
@@ -289,15 +305,25 @@ def interleaved(servers: list[Server], rounds: int):
 def measure(workload: Workload, servers: list[Server], rounds: int) -> dict:
     values: dict[str, list[float]] = {s.name: [] for s in servers}
     cpu: dict[str, list[float]] = {s.name: [] for s in servers}
+    per_unit: dict[str, list[float]] = {s.name: [] for s in servers}
     for _, order in interleaved(servers, rounds):
         for server in order:
             before = server.cpu_seconds()
-            values[server.name].append(workload.measure(server))
-            cpu[server.name].append(server.cpu_seconds() - before)
-    return summarise(workload.name, workload.unit, workload.higher_is_better, values, cpu)
+            value = workload.measure(server)
+            used = server.cpu_seconds() - before
+            values[server.name].append(value)
+            cpu[server.name].append(used)
+            per_unit[server.name].append(used / workload.units(value) if value else 0.0)
+    result = summarise(workload.name, workload.unit, workload.higher_is_better, values, cpu)
+    result["cpu_unit"] = workload.work_unit
+    for name, runs in per_unit.items():
+        result["servers"][name]["cpu_per_unit_us"] = statistics.median(runs) * 1e6
+    return result
 
 
 def summarise(name, unit, higher_is_better, values, cpu) -> dict:
+    """Medians and ranges per server, and nbdserve's ratio to each peer and to the
+    best peer of each round, pair by pair within a round."""
     result = {"workload": name, "unit": unit, "higher_is_better": higher_is_better,
               "servers": {}, "ratios": {}}
     for server, runs in values.items():
@@ -306,8 +332,12 @@ def summarise(name, unit, higher_is_better, values, cpu) -> dict:
             "runs": runs, "cpu_seconds": statistics.median(cpu[server]) if cpu else None,
         }
     ours = values.get("nbdserve")
-    for peer, runs in values.items():
-        if peer == "nbdserve" or not ours:
+    peers = {peer: runs for peer, runs in values.items() if peer != "nbdserve"}
+    if ours and len(peers) > 1:
+        best = [max(r) if higher_is_better else min(r) for r in zip(*peers.values())]
+        peers["best peer"] = best
+    for peer, runs in peers.items():
+        if not ours:
             continue
         pairs = [(a / b if higher_is_better else b / a) for a, b in zip(ours, runs,
                                                                         strict=True) if b and a]
@@ -336,28 +366,33 @@ def machine() -> dict:
 
 
 def print_table(results: list[dict]) -> None:
-    header = f"{'workload':44} {'unit':7} {'nbdserve':>12} {'qemu-nbd':>12} {'nbdkit':>12}" \
-             f" {'vs qemu-nbd':>12} {'vs nbdkit':>10} {'vs qemu-nbd-10':>15}"
+    names = ("nbdserve", "qemu-nbd", "qemu-nbd-10", "nbdkit")
+    header = f"{'workload':40} {'unit':7}" + "".join(f" {n:>11}" for n in names) + \
+        f" {'vs best':>8} {'(range)':>11}   server CPU per unit (us): " + \
+        " / ".join(names)
     print(header)
     print("-" * len(header))
     for r in results:
         if "servers" not in r:  # a record, not a comparison
-            print(f"{r['workload'][:44]:44} {r['unit']:7} {json.dumps(r['runs'])}")
+            print(f"{r['workload'][:40]:40} {r['unit']:7} {json.dumps(r['runs'])}")
             continue
         if "cost" in r:  # nbdserve alone, in variants (bitmaps, snapshots)
             parts = [f"{label} {r['servers'][label]['median']:.4g}"
                      + (f" ({-r['cost'][label] * 100:+.1f} %)" if r["cost"][label] else "")
                      for label in r["servers"]]
-            print(f"{r['workload'][:44]:44} {r['unit']:7} " + ", ".join(parts))
+            print(f"{r['workload'][:40]:40} {r['unit']:7} " + ", ".join(parts))
             continue
-        cells = []
-        for name in ("nbdserve", "qemu-nbd", "nbdkit"):
-            s = r["servers"].get(name)
-            cells.append(f"{s['median']:12.4g}" if s else f"{'-':>12}")
-        ratios = [f"{r['ratios'][p]['median']:.2f}x" if p in r["ratios"] else "-"
-                  for p in ("qemu-nbd", "nbdkit", "qemu-nbd-10")]
-        print(f"{r['workload'][:44]:44} {r['unit']:7} {' '.join(cells)} {ratios[0]:>12}"
-              f" {ratios[1]:>10} {ratios[2]:>15}")
+        cells = "".join(f" {r['servers'][n]['median']:11.4g}" if n in r["servers"]
+                        else f" {'-':>11}" for n in names)
+        ratios = r["ratios"]
+        best = ratios.get("best peer") or next(iter(ratios.values()), None)
+        ratio = f" {best['median']:7.2f}x {best['min']:5.2f}-{best['max']:<5.2f}" if best \
+            else f" {'-':>8} {'':11}"
+        cpu = " / ".join(f"{r['servers'][n]['cpu_per_unit_us']:.4g}"
+                         if "cpu_per_unit_us" in r["servers"].get(n, {}) else "-"
+                         for n in names)
+        unit = f" per {r['cpu_unit']}" if "cpu_unit" in r else ""
+        print(f"{r['workload'][:40]:40} {r['unit']:7}{cells}{ratio}   {cpu}{unit}")
 
 
 def main() -> int:
@@ -391,7 +426,7 @@ def main() -> int:
             print("running nbdinfo --map ...", file=sys.stderr)
             results.append(measure(Workload(
                 "nbdinfo --map, 64 GiB sparse", "ms", False,
-                lambda s: timed(["nbdinfo", "--map", s.uri]) * 1000, 1, "run"),
+                lambda s: timed(["nbdinfo", "--map", s.uri]) * 1000, 1, "map"),
                 sparse, rounds))
         peak = {s.name: s.peak_rss_mib() for s in servers}
     finally:

@@ -210,14 +210,10 @@ class Connections:
         connection.has_slot = True
         negotiator = OptionNegotiator(self.catalog, shutting_down=self.is_stopping,
                                       tls_mode=self.tls.mode)
-        sock = connection.sock
-        if self.census.poll_max_ns and sock is not None:
-            connection.poller = Poller(sock.fileno(), self.census)
         self.census.handshaking += 1
         connection.handshake = Handshake(
             connection.stream, negotiator, connection.peer,
-            functools.partial(self.handshake_done, connection), self.tls, self.ssl_context,
-            connection.poller)
+            functools.partial(self.handshake_done, connection), self.tls, self.ssl_context)
         connection.timer = connection.stream.loop.call_later(
             self.handshake_timeout, self.handshake_expired, connection)
         connection.handshake.start(greeted)
@@ -274,8 +270,11 @@ class Connections:
             log.info("%s: connected to export %r (flags 0x%04x%s)", peer, export.name,
                      session.transmission_flags,
                      "; " + ", ".join(features) if features else "")
+        sock = connection.sock
+        if self.census.poll_max_ns and sock is not None:
+            connection.poller = Poller(sock.fileno(), self.census)
         transmission = Transmission(stream, session, self.executor, peer,
-                                    stopping=self.stopping, sock=connection.sock,
+                                    stopping=self.stopping, sock=sock,
                                     unix=connection.unix, poller=connection.poller)
         connection.transmission = transmission
         export.connections += 1

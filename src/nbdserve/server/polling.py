@@ -11,9 +11,10 @@ the connection first watches its socket for a short window. The window adapts:
 - a wait that a longer window (up to the maximum) would have caught: double it.
 
 An idle connection polls at most once (one window), then sleeps as usual. Polling
-happens only while a single connection is busy (in its handshake, between option
-round trips, or in transmission with nothing in flight): the spin holds the event
-loop, and any other work must not wait behind it.
+happens only in the request loop, while a single connection is busy (in
+transmission with nothing in flight, and no other connection in its handshake): the
+spin holds the event loop, and any other work must not wait behind it. The option
+phase does not poll (server/handshake.py says why).
 """
 
 from __future__ import annotations
