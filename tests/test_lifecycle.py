@@ -435,3 +435,40 @@ async def test_a_burst_of_connections_is_logged_in_a_summary(image, start_server
         else:
             assert one_by_one == burst and not counted
         server.stop()
+
+
+class FaultyWriteExport(Export):
+    """An export whose CACHE has a bug: it raises something no request expects."""
+
+    def cache(self, offset: int, length: int) -> None:
+        raise RuntimeError("a bug in CACHE")
+
+
+async def test_a_bug_in_a_request_costs_its_connection_only(image, tmp_path, caplog):
+    """A request that raises unexpectedly, whether served as it arrives or by the
+    request loop, ends its own connection (logged with the traceback); the server
+    serves the next client."""
+    export = FaultyWriteExport(ExportConfig("", str(image)), RawImage(str(image)))
+    path = str(tmp_path / "faulty.sock")
+    server = Server(ExportCatalog([export]), [bind_unix(path)], poll_max_us=0)
+    await server.start()
+    try:
+        for pipelined in (False, True):
+            nbd = await NbdClient.connect(unix=path)
+            assert await nbd.read(0, 4096) == image.read_bytes()[:4096]
+            if pipelined:  # the CACHE behind a READ in one burst
+                read = asyncio.ensure_future(nbd.read(0, 4096))
+                await asyncio.sleep(0)
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError, NbdError)):
+                await asyncio.wait_for(nbd.cache(0, 4096), 10)
+            if pipelined:
+                assert (await read) == image.read_bytes()[:4096]
+            await wait_until(lambda: not server.connections.live, what="connection closed")
+            await nbd.disconnect()
+        assert caplog.text.count("connection failed") == 2
+        assert caplog.text.count("RuntimeError: a bug in CACHE") == 2
+        nbd = await NbdClient.connect(unix=path)  # the server is fine
+        await nbd.write(0, b"x" * 512)
+        await nbd.disconnect()
+    finally:
+        await server.shutdown()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import struct
+import time
 
 import pytest
 
@@ -392,3 +394,39 @@ def test_an_oversized_option_is_refused_without_being_buffered(server):
         assert (option, kind) == (c.NBD_OPT_ABORT, c.NBD_REP_ACK)
         assert_closed(sock)
     assert rss_kib() - before < 4096, (before, rss_kib())
+
+
+@pytest.mark.parametrize("piece", [3, 28, 100, 4096 + 28])
+def test_requests_split_at_every_boundary_are_answered_in_order(server, image, piece):
+    """Requests arriving in pieces of every size: some complete (served as they
+    arrive), some cut inside the header or the payload (left to the request loop),
+    an error, a FLUSH from a worker thread and a bad header last. Every reply comes,
+    in order for the inline ones, and the bytes land."""
+    rng = random.Random(piece)
+    blocks = {i: os.urandom(4096) for i in range(12)}
+    stream = b""
+    for i, data in blocks.items():
+        stream += request(c.NBD_CMD_WRITE, i * 8192, 4096, cookie=i) + data
+    stream += request(c.NBD_CMD_WRITE, (64 << 20) - 2, 4, cookie=100) + b"tail"  # ENOSPC
+    stream += request(c.NBD_CMD_FLUSH, cookie=101)
+    for i in blocks:
+        stream += request(c.NBD_CMD_READ, i * 8192, 4096, cookie=200 + i)
+    with raw_socket(server) as sock:
+        handshake_simple(sock)
+        pauses = min(0.3, 60 * piece / len(stream))  # about 60 pauses in all
+        for at in range(0, len(stream), piece):
+            sock.sendall(stream[at:at + piece])
+            if rng.random() < pauses:
+                time.sleep(0.002)  # let this piece arrive on its own
+        replies = {}
+        while len(replies) < len(blocks) * 2 + 2:
+            _magic, error, cookie = struct.unpack(">IIQ", recv_exactly(sock, 16))
+            replies[cookie] = (error, recv_exactly(sock, 4096) if cookie >= 200 else b"")
+        assert [e for cookie, (e, _) in replies.items() if cookie < 200] == \
+            [0] * len(blocks) + [c.NBD_ENOSPC, 0]
+        for i, data in blocks.items():
+            assert replies[200 + i] == (0, data)
+        sock.sendall(b"\x12\x34\x56\x78" + bytes(24))  # bad magic: the loop hangs up
+        assert_closed(sock)
+    content = image.read_bytes()
+    assert all(content[i * 8192:i * 8192 + 4096] == data for i, data in blocks.items())

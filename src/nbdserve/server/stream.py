@@ -65,6 +65,10 @@ class NbdStream(asyncio.BufferedProtocol):
         # While set, called whenever bytes arrive (instead of waking a reader): the
         # handshake is driven this way, without a task per connection.
         self.on_data: Callable[[], None] | None = None
+        # While set, called when bytes arrive, before a waiting reader is woken: the
+        # request loop serves requests that arrive complete this way while it waits
+        # for a header (Transmission.serve_arrived), and leaves the rest unread.
+        self.on_arrival: Callable[[], None] | None = None
         self.on_lost: Callable[[], None] | None = None
         self._connected = False
         self.transport: asyncio.Transport | None = None
@@ -120,6 +124,8 @@ class NbdStream(asyncio.BufferedProtocol):
         if self.on_data is not None:
             self.on_data()
             return
+        if self.on_arrival is not None:
+            self.on_arrival()
         unread = self._end - self._start
         if unread >= self._wanted:
             self._wake()
@@ -285,6 +291,18 @@ class NbdStream(asyncio.BufferedProtocol):
         values = layout.unpack_from(self._buf, self._start)
         self._consume(layout.size)
         return values
+
+    def peek_struct(self, layout: struct.Struct) -> tuple | None:
+        """The next fixed-size record if it has arrived, not consumed; else None."""
+        if self._end - self._start < layout.size:
+            return None
+        return layout.unpack_from(self._buf, self._start)
+
+    def fail_reader(self, exc: BaseException) -> None:
+        """Make the waiting reader raise exc (an on_arrival callback failed)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
 
     async def read_struct(self, layout: struct.Struct) -> tuple:
         """Unpack the next fixed-size record in place (the per-request header)."""
