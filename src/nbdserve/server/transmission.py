@@ -251,7 +251,9 @@ class Transmission:
         if replies.out:
             replies.flush()
         poller = self.poller
-        if poller is not None and \
+        # Not before the first request: nothing is known of this client's rhythm yet,
+        # and a client that connects only to look (nbdinfo) sends DISC after a while.
+        if poller is not None and self.requests and \
                 poller.allowed(bool(self.tasks) or self.transport.get_write_buffer_size()):
             polled_from = time.perf_counter_ns()
             poller.spin(polled_from)
