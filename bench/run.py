@@ -334,7 +334,8 @@ def summarise(name, unit, higher_is_better, values, cpu) -> dict:
     ours = values.get("nbdserve")
     peers = {peer: runs for peer, runs in values.items() if peer != "nbdserve"}
     if ours and len(peers) > 1:
-        best = [max(r) if higher_is_better else min(r) for r in zip(*peers.values())]
+        best = [max(r) if higher_is_better else min(r)
+                for r in zip(*peers.values(), strict=True)]
         peers["best peer"] = best
     for peer, runs in peers.items():
         if not ours:
@@ -379,6 +380,8 @@ def print_table(results: list[dict]) -> None:
         if "cost" in r:  # nbdserve alone, in variants (bitmaps, snapshots)
             parts = [f"{label} {r['servers'][label]['median']:.4g}"
                      + (f" ({-r['cost'][label] * 100:+.1f} %)" if r["cost"][label] else "")
+                     + (f" [{r['servers'][label]['cpu_per_unit_us']:.3g} us CPU]"
+                        if "cpu_per_unit_us" in r["servers"][label] else "")
                      for label in r["servers"]]
             print(f"{r['workload'][:40]:40} {r['unit']:7} " + ", ".join(parts))
             continue
@@ -435,7 +438,9 @@ def main() -> int:
     # The sections after the main workloads: (--only key, what runs, how).
     sections = [
         ("TLS", "nbdcopy over TLS", lambda: tls_workloads(args, images, workdir, rounds)),
-        ("bitmap", "dirty tracking and bitmap maps",
+        ("tracking", "dirty-tracking cost",
+         lambda: tracking_workloads(args, images, sockets, rounds)),
+        ("bitmap", "bitmap maps, connections and memory",
          lambda: bitmap_workloads(args, images, workdir, sockets, rounds)),
         ("extended", "extended headers (QEMU 10 and 7.2 clients)",
          lambda: extended_header_workloads(args, images, workdir, sockets, rounds)),
@@ -471,10 +476,10 @@ def main() -> int:
     return 0
 
 
-def bitmap_workloads(args, images, workdir: Path, sockets: Path, rounds: int) -> list[dict]:
-    """nbdserve only: the cost of dirty tracking, and mapping a huge dirty bitmap."""
+def tracking_workloads(args, images, sockets: Path, rounds: int) -> list[dict]:
+    """nbdserve only: what recording writes in 1 and 4 bitmaps (and their crash
+    journal) costs 4 KiB random writes, against none."""
     results = []
-    print("running dirty-tracking cost ...", file=sys.stderr)
     # Three servers on the same image (each with its own QDB file and control socket),
     # measured in interleaved rounds. Every round starts from clean bitmaps, so the
     # cost includes the journal records of clean-to-dirty transitions, the expensive
@@ -490,8 +495,12 @@ def bitmap_workloads(args, images, workdir: Path, sockets: Path, rounds: int) ->
         (server,) = make_servers({"nbdserve": images["nbdserve"]}, sockets, args.tcp,
                                  nbdserve_args=extra, names=("nbdserve",), tag=tag)
         servers.append((label, names, server))
-    values: dict[str, list[float]] = {label: [] for label in variants}
-    cpu: dict[str, list[float]] = {label: [] for label in variants}
+    # Runs of at least 10 s: the journal's records and the bitmaps' first marks are
+    # front-loaded, and a short run weighs them more than a client ever would.
+    seconds = max(10.0, args.seconds)
+    phases = ("from clean bitmaps", "steady state")
+    values = {phase: {label: [] for label in variants} for phase in phases}
+    cpu = {phase: {label: [] for label in variants} for phase in phases}
     for _, _, server in servers:
         server.start()
     try:
@@ -504,18 +513,36 @@ def bitmap_workloads(args, images, workdir: Path, sockets: Path, rounds: int) ->
                 # The servers share one image: without this, a run would meet the
                 # previous run's pages under writeback, which costs more than marking.
                 os.sync()
-                before = server.cpu_seconds()
-                values[label].append(fio(server.uri, "randwrite", "4k", 16, args.seconds))
-                cpu[label].append(server.cpu_seconds() - before)
+                # From clean bitmaps (every first write to a granule is a clean-to-dirty
+                # transition and a journal record), then again with the same bitmaps
+                # dirty where the writes go (one bit test per write).
+                for phase in phases:
+                    before = server.cpu_seconds()
+                    iops = fio(server.uri, "randwrite", "4k", 16, seconds)
+                    values[phase][label].append(iops)
+                    cpu[phase][label].append((server.cpu_seconds() - before)
+                                             / (iops * (seconds + RAMP)) * 1e6)
     finally:
         for _, _, server in servers:
             server.stop()
-    result = summarise("4k randwrite qd16, by bitmaps", "IOPS", True, values, cpu)
-    # Pair by pair within a round, like every other ratio here.
-    result["cost"] = {label: 1 - statistics.median(
-        v / base for v, base in zip(runs, values["0 bitmaps"], strict=True))
-        for label, runs in values.items()}
-    results.append(result)
+    for phase in phases:
+        result = summarise(f"4k randwrite qd16 {seconds:.0f} s, {phase}", "IOPS", True,
+                           values[phase], cpu[phase])
+        # Pair by pair within a round, like every other ratio here.
+        result["cost"] = {label: 1 - statistics.median(
+            v / base for v, base in zip(runs, values[phase]["0 bitmaps"], strict=True))
+            for label, runs in values[phase].items()}
+        result["cpu_unit"] = "request"
+        for label, runs in cpu[phase].items():
+            result["servers"][label]["cpu_per_unit_us"] = statistics.median(runs)
+        results.append(result)
+    return results
+
+
+def bitmap_workloads(args, images, workdir: Path, sockets: Path, rounds: int) -> list[dict]:
+    """nbdserve only: mapping a huge dirty bitmap, many connections, and the memory
+    of bitmap cycles."""
+    results = []
     print("running 16 TiB dirty-bitmap map ...", file=sys.stderr)
     image = prepare_dirty_bitmap_image(workdir)
     (server,) = make_servers({"nbdserve": image}, sockets, args.tcp, names=("nbdserve",),
