@@ -403,6 +403,8 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="longer runs, 4 rounds")
     parser.add_argument("--tcp", action="store_true", help="loopback TCP, not Unix sockets")
     parser.add_argument("--only", help="run only workloads whose name contains this")
+    parser.add_argument("--main", action="store_true",
+                        help="only the workloads against the peers, no later sections")
     parser.add_argument("--workdir", default=str(HERE / "work"),
                         help="where images go (not tmpfs: SEEK_DATA there is slow)")
     args = parser.parse_args()
@@ -455,7 +457,7 @@ def main() -> int:
          lambda: option_workloads(args, images, sockets, rounds)),
     ]
     for key, what, section in sections:
-        if args.only and key not in args.only:
+        if args.main or args.only and key not in args.only:
             continue
         print(f"running {what} ...", file=sys.stderr)
         try:

@@ -219,37 +219,37 @@ class RawImage:
         calls, so the loop is kept flat: two calls per hole-and-data pair, no more.
         """
         words = array(typecode)
-        append = words.append
+        extend = words.extend
         lseek, fd = os.lseek, self.fd
         end = offset + length + self.base  # the file's positions from here on
         position = offset + self.base
         count = 0
+        # Per extent, so kept to the two calls and plain comparisons (no min(), one
+        # extend per run): this loop's Python is what a map costs beyond the lseeks.
         while position < end and count < limit:
             try:
                 data_start = lseek(fd, position, SEEK_DATA)
             except OSError as exc:
                 # ENXIO: no data after position, a hole to the end. Anything else: the
                 # file system cannot tell, so say data.
-                append(end - position)
-                append(hole if exc.errno == errno.ENXIO else data)
+                extend((end - position, hole if exc.errno == errno.ENXIO else data))
                 break
             if data_start > position:
-                hole_end = min(data_start, end)
-                append(hole_end - position)
-                append(hole)
+                hole_end = data_start if data_start < end else end
+                extend((hole_end - position, hole))
                 count += 1
                 position = hole_end
                 if position == end or count == limit:
                     break
             try:
-                hole_start = lseek(fd, position, SEEK_HOLE)
+                data_end = lseek(fd, position, SEEK_HOLE)
             except OSError:
-                hole_start = end
-            data_end = min(hole_start, end)
-            if data_end <= position:
+                data_end = end
+            if data_end > end:
+                data_end = end
+            elif data_end <= position:
                 data_end = end  # changed between the two calls: say data (safe), stop
-            append(data_end - position)
-            append(data)
+            extend((data_end - position, data))
             count += 1
             position = data_end
         return words
