@@ -221,7 +221,10 @@ class Transmission:
             stream.on_arrival = None
             stream.fail_reader(exc)
             return
-        stream.on_arrival = None  # the loop serves the next request
+        # The loop serves the next request: the replies so far go out now, as the
+        # loop may not run before the client has them (it waits for a header).
+        stream.on_arrival = None
+        replies.flush()
 
     def other_payload(self, command: int, flags: int, offset: int, data: bytes, error: int,
                       reason: str) -> tuple[int, str, int]:
