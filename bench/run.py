@@ -441,7 +441,7 @@ def main() -> int:
     sections = [
         ("TLS", "nbdcopy over TLS", lambda: tls_workloads(args, images, workdir, rounds)),
         ("tracking", "dirty-tracking cost",
-         lambda: tracking_workloads(args, images, sockets, rounds)),
+         lambda: tracking_workloads(args, images, workdir, sockets, rounds)),
         ("bitmap", "bitmap maps, connections and memory",
          lambda: bitmap_workloads(args, images, workdir, sockets, rounds)),
         ("extended", "extended headers (QEMU 10 and 7.2 clients)",
@@ -478,14 +478,15 @@ def main() -> int:
     return 0
 
 
-def tracking_workloads(args, images, sockets: Path, rounds: int) -> list[dict]:
+def tracking_workloads(args, images, workdir: Path, sockets: Path,
+                       rounds: int) -> list[dict]:
     """nbdserve only: what recording writes in 1 and 4 bitmaps (and their crash
     journal) costs 4 KiB random writes, against none."""
     results = []
-    # Three servers on the same image (each with its own QDB file and control socket),
-    # measured in interleaved rounds. Every round starts from clean bitmaps, so the
-    # cost includes the journal records of clean-to-dirty transitions, the expensive
-    # case; once everything is dirty, marking is one bit test per write.
+    # Three servers, each on its own copy of the image (with its own QDB file and
+    # control socket), measured in interleaved rounds. On one shared image the state of
+    # its page cache (pages still under writeback from the previous server's run) moved
+    # each run by more than marking costs.
     variants = {"0 bitmaps": [], "1 bitmap": ["b0"], "4 bitmaps": ["b0", "b1", "b2", "b3"]}
     servers = []
     for label, names in variants.items():
@@ -494,9 +495,12 @@ def tracking_workloads(args, images, sockets: Path, rounds: int) -> list[dict]:
         if names:
             extra += ["--qdb", str(sockets / f"{tag}.qdb"), "--control",
                       str(sockets / f"{tag}.ctl")]
-        (server,) = make_servers({"nbdserve": images["nbdserve"]}, sockets, args.tcp,
+        copy = workdir / f"tracking-{tag}.raw"
+        shutil.copyfile(images["source"], copy)
+        (server,) = make_servers({"nbdserve": copy}, sockets, args.tcp,
                                  nbdserve_args=extra, names=("nbdserve",), tag=tag)
         servers.append((label, names, server))
+    os.sync()  # the copies' pages written back before any run
     # Runs of at least 10 s: the journal's records and the bitmaps' first marks are
     # front-loaded, and a short run weighs them more than a client ever would.
     seconds = max(10.0, args.seconds)
@@ -512,13 +516,14 @@ def tracking_workloads(args, images, sockets: Path, rounds: int) -> list[dict]:
                 for name in names:
                     run([str(ROOT / ".venv/bin/nbdserve"), "bitmap", "clear", "--control",
                          str(sockets / f"t{len(names)}.ctl"), name])
-                # The servers share one image: without this, a run would meet the
-                # previous run's pages under writeback, which costs more than marking.
-                os.sync()
                 # From clean bitmaps (every first write to a granule is a clean-to-dirty
                 # transition and a journal record), then again with the same bitmaps
                 # dirty where the writes go (one bit test per write).
                 for phase in phases:
+                    # Without this, a run would meet pages still under writeback from
+                    # the previous runs (its own or the other servers'), which costs
+                    # more than marking.
+                    os.sync()
                     before = server.cpu_seconds()
                     iops = fio(server.uri, "randwrite", "4k", 16, seconds)
                     values[phase][label].append(iops)
