@@ -158,7 +158,7 @@ class NbdStream(asyncio.BufferedProtocol):
         # OpenSSL's buffers) alive until the cycle collector next ran, which under a
         # stream of TLS clients is a growing heap (issue 12).
         self._pool_buffers()
-        self._buf, self._spare = bytearray(0), bytearray(0)
+        self._spare = bytearray(0)
         self.transport = _GONE
         self.on_connect = None
 
