@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from nbdserve.image import RawImage
+from nbdserve import image as image_module
+from nbdserve.image import RawImage, filesystem_type
 
 KiB = 1024
 BLOCK = 64 * KiB  # far above any file system's block size
@@ -54,3 +59,69 @@ def test_limit_stops_early_without_covering_the_range(layout):
 def test_words_carry_the_callers_flags(layout):
     words = layout.allocation_words(0, 4 * BLOCK, 100, data=7, hole=3)
     assert list(words) == [BLOCK, 3, 2 * BLOCK, 7, BLOCK, 3]
+
+
+# -- reads that ask the page cache first (RWF_NOWAIT) ------------------------------------
+
+
+@pytest.fixture
+def memory_dir(tmp_path_factory):
+    """A directory on tmpfs, whose files refuse RWF_NOWAIT (as of Linux 6.18)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or filesystem_type(shm.stat().st_dev) != "tmpfs":
+        pytest.skip("/dev/shm is not a tmpfs here")
+    directory = Path(tempfile.mkdtemp(dir=shm, prefix="nbdserve-test-"))
+    yield directory
+    shutil.rmtree(directory)
+
+
+def refuses_nowait(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+    except OSError as exc:
+        return exc.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_reads_of_a_memory_file_system_are_page_cache_hits(memory_dir):
+    path = memory_dir / "disk.img"
+    data = os.urandom(256 * KiB)
+    path.write_bytes(data)
+    image = RawImage(str(path), read_only=True)
+    try:
+        assert image.filesystem == "tmpfs"
+        # Whether this kernel's tmpfs takes the flag or not, a read never waits.
+        assert image.in_memory == refuses_nowait(path)
+        assert image.is_cached(0, len(data))
+        pieces = image.read_pieces(4 * KiB, 128 * KiB, False, nowait=True)
+        assert pieces is not None
+        assert bytes(pieces[0][2]) == data[4 * KiB:132 * KiB]
+    finally:
+        image.close()
+
+
+def test_a_file_system_that_cannot_tell_sends_reads_to_threads(memory_dir, monkeypatch):
+    """overlayfs refuses RWF_NOWAIT too, but its files are on a disk below: no read
+    is taken for a hit (None sends it to a worker thread), and the refusal is known
+    at open rather than met by every read."""
+    path = memory_dir / "disk.img"
+    path.write_bytes(os.urandom(64 * KiB))
+    if not refuses_nowait(path):
+        pytest.skip("this kernel's tmpfs takes RWF_NOWAIT: no file system here refuses it")
+    monkeypatch.setattr(image_module, "filesystem_type", lambda device: "overlay")
+    image = RawImage(str(path), read_only=True)
+    try:
+        assert image.cache_unknown and not image.in_memory
+        assert image.read_pieces(0, 4 * KiB, False, nowait=True) is None
+        assert not image.is_cached(0, 4 * KiB)
+        assert image.read_pieces(0, 4 * KiB, False) == [(0, 4 * KiB, path.read_bytes()[:4 * KiB])]
+    finally:
+        image.close()
+
+
+def test_the_file_system_type_is_read_from_the_mount_table(tmp_path):
+    assert filesystem_type(os.stat("/proc").st_dev) == "proc"
+    assert filesystem_type(os.makedev(0, 0)) == ""

@@ -31,10 +31,28 @@ SPLICE_F_MOVE = 1
 SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
 _ZERO_CHUNK = bytes(1 << 20)
 
+# File systems whose files live in memory: every read is a page-cache hit.
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _fallocate.restype = ctypes.c_int
+
+
+def filesystem_type(device: int) -> str:
+    """The type of the mounted file system with this device number (stat's st_dev),
+    from /proc/self/mountinfo; "" when it cannot be told."""
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    try:
+        with open("/proc/self/mountinfo") as mounts:
+            for line in mounts:
+                fields, _, rest = line.partition(" - ")
+                if fields.split()[2:3] == [wanted] and rest:
+                    return rest.split()[0]
+    except OSError:
+        pass
+    return ""
 
 
 class ImageError(Exception):
@@ -117,6 +135,13 @@ class RawImage:
             raise
         self.can_punch = not self.is_block_device
         self.can_zero_range = True
+        # Reads ask the page cache first (RWF_NOWAIT) and leave misses to worker
+        # threads. Some file systems refuse the flag (tmpfs, overlayfs): on one that
+        # keeps its files in memory every read is a hit; on the others nothing cheap
+        # tells a hit from a miss, so every read goes to a worker thread.
+        self.filesystem = "" if self.is_block_device else filesystem_type(st.st_dev)
+        self.cache_unknown = not self._nowait_supported()
+        self.in_memory = self.cache_unknown and self.filesystem in MEMORY_FILESYSTEMS
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -136,8 +161,17 @@ class RawImage:
             data += bytes(length - len(data))
         return data
 
-    def pread_nowait(self, offset: int, length: int) -> bytearray | None:
+    def _nowait_supported(self) -> bool:
+        try:
+            os.preadv(self.fd, [bytearray(1)], self.base, os.RWF_NOWAIT)
+        except OSError as exc:
+            return exc.errno != errno.EOPNOTSUPP
+        return True
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
         """Read only if every byte is in the page cache (RWF_NOWAIT), else None."""
+        if self.cache_unknown:
+            return self.pread(offset, length) if self.in_memory else None
         buffer = bytearray(length)
         try:
             done = os.preadv(self.fd, [buffer], offset + self.base, os.RWF_NOWAIT)
@@ -154,6 +188,8 @@ class RawImage:
     def is_cached(self, offset: int, length: int) -> bool:
         """A cheap guess that [offset, offset+length) is in the page cache: its first
         and last bytes are (checked with RWF_NOWAIT, which never blocks)."""
+        if self.cache_unknown:
+            return self.in_memory
         probe = bytearray(1)
         try:
             for position in (offset, offset + length - 1):

@@ -18,6 +18,7 @@ from nbdserve import systemd
 from nbdserve.config import HANDSHAKE_TIMEOUT, POLL_MAX_US
 from nbdserve.control.server import ControlServer
 from nbdserve.export import Export, ExportCatalog
+from nbdserve.image import RawImage
 from nbdserve.metrics import start_metrics_server
 from nbdserve.migration.request import MigrationRequest
 from nbdserve.migration.source import Migration, MigrationError
@@ -116,6 +117,13 @@ class Server:
                 log.info("serving export %r (%s, once its incoming migration completed) "
                          "on %s", waiting.settings.name, waiting.settings.image,
                          describe(sock))
+        for export in self.catalog:
+            image = export.image
+            if type(image) is RawImage and image.cache_unknown and not image.in_memory:
+                log.info("%s: its file system (%s) cannot tell whether data is in the "
+                         "page cache (RWF_NOWAIT), so every READ of export %r goes to a "
+                         "worker thread", image.path, image.filesystem or "unknown",
+                         export.name)
 
     async def run(self) -> int:
         """Serve until SIGTERM or SIGINT, then shut down gracefully. Returns the exit
