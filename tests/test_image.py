@@ -125,3 +125,64 @@ def test_a_file_system_that_cannot_tell_sends_reads_to_threads(memory_dir, monke
 def test_the_file_system_type_is_read_from_the_mount_table(tmp_path):
     assert filesystem_type(os.stat("/proc").st_dev) == "proc"
     assert filesystem_type(os.makedev(0, 0)) == ""
+
+
+# -- the remembered data run ------------------------------------------------------------
+
+
+@pytest.fixture
+def writable(tmp_path):
+    """1 MiB, all data but a hole at [512K, 576K)."""
+    path = tmp_path / "data.img"
+    with open(path, "wb") as f:
+        f.write(os.urandom(8 * BLOCK))
+        f.seek(9 * BLOCK)
+        f.write(os.urandom(7 * BLOCK))
+    image = RawImage(str(path))
+    if runs(image, 0, 16 * BLOCK) == [(16 * BLOCK, True)]:
+        pytest.skip(f"{tmp_path} reports no holes (SEEK_HOLE unsupported)")
+    yield image
+    image.close()
+
+
+def count_hole_seeks(monkeypatch) -> list[int]:
+    seeks: list[int] = []
+    real = os.lseek
+
+    def lseek(fd, position, whence):
+        if whence == os.SEEK_HOLE:
+            seeks.append(position)
+        return real(fd, position, whence)
+    monkeypatch.setattr(os, "lseek", lseek)
+    return seeks
+
+
+def test_reads_inside_one_data_run_look_for_its_end_once(writable, monkeypatch):
+    seeks = count_hole_seeks(monkeypatch)
+    for start in range(0, 7 * BLOCK, KiB * 4):
+        assert runs(writable, start, BLOCK) == [(BLOCK, True)]
+    assert len(seeks) == 1
+    # Past the run, the file is asked again, and the hole is where it is.
+    assert runs(writable, 7 * BLOCK, 3 * BLOCK) == [(BLOCK, True), (BLOCK, False),
+                                                   (BLOCK, True)]
+
+
+def test_punching_or_zeroing_inside_the_remembered_run_shows_at_once(writable):
+    assert runs(writable, 0, BLOCK) == [(BLOCK, True)]  # remembers [0, 512K)
+    assert writable.punch_hole(2 * BLOCK, BLOCK)
+    assert runs(writable, BLOCK, 3 * BLOCK) == [(BLOCK, True), (BLOCK, False),
+                                                (BLOCK, True)]
+    assert runs(writable, 0, BLOCK) == [(BLOCK, True)]
+    writable.zero_range(4 * BLOCK, BLOCK)  # ext4 and XFS: an unwritten extent
+    assert runs(writable, 3 * BLOCK, 3 * BLOCK) in (
+        [(3 * BLOCK, True)], [(BLOCK, True), (BLOCK, False), (BLOCK, True)])
+    assert bytes(writable.pread(4 * BLOCK, BLOCK)) == bytes(BLOCK)
+
+
+def test_a_hole_filled_behind_our_back_is_seen(writable):
+    """Holes are never remembered: data written by another process shows."""
+    assert runs(writable, 7 * BLOCK, 3 * BLOCK)[1] == (BLOCK, False)
+    with open(writable.path, "r+b") as other:
+        other.seek(8 * BLOCK)
+        other.write(b"\1" * BLOCK)
+    assert runs(writable, 7 * BLOCK, 3 * BLOCK) == [(3 * BLOCK, True)]

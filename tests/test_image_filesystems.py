@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from nbdserve.image import filesystem_type
 from conftest import nbdsh, run
+from nbdserve.image import filesystem_type
 
 MiB = 1 << 20
 NOTE = "cannot tell whether data is in the page cache"
