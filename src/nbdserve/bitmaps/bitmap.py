@@ -42,6 +42,13 @@ class Bitmap:
     def granularity(self) -> int:
         return 1 << self.granularity_bits
 
+    @property
+    def bits(self) -> bitarray:
+        """The bits themselves, one per granule, for reading where a call per look
+        costs too much (the marking path, bitmaps/tracking.py). The same object for
+        this bitmap's life: every change is made in place, through these methods."""
+        return self._bits
+
     def __len__(self) -> int:
         """The number of granules."""
         return len(self._bits)

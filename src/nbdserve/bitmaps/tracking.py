@@ -20,6 +20,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
+from bitarray import bitarray
+
 from nbdserve.bitmaps.bitmap import Bitmap
 from nbdserve.bitmaps.journal import Journal, encode_group_record
 from nbdserve.bitmaps.policy import DirtyBitmap
@@ -34,6 +36,7 @@ class Recorder:
         # (granularity bits, members, summary, the members' bits when several, else
         # an empty list: the summary is then the one member's bits)
         self.groups: list[tuple[int, list[DirtyBitmap], Bitmap, list[Bitmap]]] = []
+        self.summaries: list[tuple[bitarray, int, list[Bitmap]]] = []
         self.epoch = 0  # bumped whenever bits may have been reset (see mark_dirty)
 
     def refresh(self, bitmaps: Iterable[DirtyBitmap]) -> None:
@@ -50,6 +53,10 @@ class Recorder:
             summary = bits[0] if len(bits) == 1 else Bitmap.summary_of(bits, SUMMARY_SHIFT)
             rebuilt.append((shift, members, summary, bits[1:] and bits))
         self.groups = rebuilt  # one assignment: mark_dirty reads it without the lock
+        # What mark_dirty's first look reads: each group's summary bits and their
+        # shift, and the members to ask when the summary is coarse.
+        self.summaries = [(summary.bits, summary.granularity_bits, several)
+                          for _, _, summary, several in rebuilt]
         self.epoch += 1
 
     def mark_dirty(self, offset: int, length: int) -> int:
@@ -63,15 +70,19 @@ class Recorder:
         epoch = self.epoch
         if not length:
             return epoch
-        for _shift, _members, summary, several in self.groups:
-            if summary.is_set(offset, length):
-                continue
-            for bits in several:  # the coarse summary could not say: ask each member
-                if not bits.is_set(offset, length):
-                    break
-            else:
-                if several:
+        # Most writes land where every bitmap is dirty already: that look is made
+        # here, without a call per group (this runs for every write).
+        last = offset + length - 1
+        for bits, shift, several in self.summaries:
+            first = offset >> shift
+            if first == last >> shift:
+                if bits[first]:
                     continue
+            elif not bits.count(0, first, (last >> shift) + 1):
+                continue
+            # The coarse summary could not say: ask each member.
+            if several and all(member.is_set(offset, length) for member in several):
+                continue
             break  # something to record: do it all under the lock
         else:
             return epoch
