@@ -248,7 +248,7 @@ def memory_dir(wanted: str | None, workdir: Path) -> tuple[Path, bool]:
     shm = Path("/dev/shm")
     need = (len(PEERS) + 4) * GiB  # the peers' copies, the tracking section's, slack
     if shm.is_dir() and filesystem_type(shm) == "tmpfs" \
-            and shutil.disk_usage(shm).free > need and available_memory() > 2 * need:
+            and shutil.disk_usage(shm).free > need and available_memory() > need + 4 * GiB:
         return Path(tempfile.mkdtemp(dir=shm, prefix="nbdbench-")), True
     print("no tmpfs with room: images written to go in the workdir, and write figures "
           "depend on the kernel's writeback", file=sys.stderr)
@@ -414,6 +414,12 @@ def print_table(results: list[dict]) -> None:
         if "servers" not in r:  # a record, not a comparison
             print(f"{r['workload'][:40]:40} {r['unit']:7} {json.dumps(r['runs'])}")
             continue
+        if "cpu_cost" in r:  # nbdserve alone at a fixed rate: CPU per request
+            parts = [f"{label} {r['servers'][label]['median']:.3g}"
+                     + (f" ({r['cpu_cost'][label] * 100:+.1f} %)" if r["cpu_cost"][label]
+                        else "") for label in r["servers"]]
+            print(f"{r['workload'][:40]:40} {r['unit']:7} " + ", ".join(parts))
+            continue
         if "cost" in r:  # nbdserve alone, in variants (bitmaps, snapshots)
             parts = [f"{label} {r['servers'][label]['median']:.4g}"
                      + (f" ({-r['cost'][label] * 100:+.1f} %)" if r["cost"][label] else "")
@@ -558,11 +564,13 @@ def tracking_workloads(args, images, workdir: Path, sockets: Path,
     # front-loaded, and a short run weighs them more than a client ever would.
     seconds = max(10.0, args.seconds)
     phases = ("from clean bitmaps", "steady state")
-    values = {phase: {label: [] for label in variants} for phase in phases}
-    cpu = {phase: {label: [] for label in variants} for phase in phases}
-    for _, _, server in servers:
-        server.start()
-    try:
+
+    def measure_phases(rate: int) -> tuple[dict, dict]:
+        """IOPS and server CPU per request, by phase and variant; at fio's full speed,
+        or at a fixed rate (requests per second) when rate is set."""
+        extra = [f"--rate_iops={rate}"] if rate else []
+        values = {phase: {label: [] for label in variants} for phase in phases}
+        cpu = {phase: {label: [] for label in variants} for phase in phases}
         for round_number in range(rounds):
             order = servers if round_number % 2 == 0 else servers[::-1]
             for label, names, server in order:
@@ -573,28 +581,50 @@ def tracking_workloads(args, images, workdir: Path, sockets: Path,
                 # transition and a journal record), then again with the same bitmaps
                 # dirty where the writes go (one bit test per write).
                 for phase in phases:
-                    # Without this, a run would meet pages still under writeback from
-                    # the previous runs (its own or the other servers'), which costs
-                    # more than marking.
+                    # On a disk, a run would otherwise meet pages still under writeback
+                    # from the previous runs, which costs more than marking.
                     os.sync()
                     before = server.cpu_seconds()
-                    iops = fio(server.uri, "randwrite", "4k", 16, seconds)
+                    iops = fio(server.uri, "randwrite", "4k", 16, seconds, extra=extra)
                     values[phase][label].append(iops)
                     cpu[phase][label].append((server.cpu_seconds() - before)
                                              / (iops * (seconds + RAMP)) * 1e6)
+        return values, cpu
+
+    for _, _, server in servers:
+        server.start()
+    try:
+        full_speed = measure_phases(0)
+        # At full speed, a run's rate scatters by more than marking costs, and its CPU
+        # per request moves with it (a server that falls behind answers more requests
+        # per wake-up, with fewer system calls each). At one fixed rate every server
+        # sees the same arrivals, so CPU per request compares what each does per write.
+        rate = int(0.75 * min(min(runs) for runs in full_speed[0]["steady state"].values()))
+        fixed = measure_phases(rate)
     finally:
         for _, _, server in servers:
             server.stop()
     for phase in phases:
+        values, cpu = full_speed[0][phase], full_speed[1][phase]
         result = summarise(f"4k randwrite qd16 {seconds:.0f} s, {phase}", "IOPS", True,
-                           values[phase], cpu[phase])
+                           values, cpu)
         # Pair by pair within a round, like every other ratio here.
         result["cost"] = {label: 1 - statistics.median(
-            v / base for v, base in zip(runs, values[phase]["0 bitmaps"], strict=True))
-            for label, runs in values[phase].items()}
+            v / base for v, base in zip(runs, values["0 bitmaps"], strict=True))
+            for label, runs in values.items()}
         result["cpu_unit"] = "request"
-        for label, runs in cpu[phase].items():
+        for label, runs in cpu.items():
             result["servers"][label]["cpu_per_unit_us"] = statistics.median(runs)
+        results.append(result)
+    for phase in phases:
+        values, cpu = fixed[0][phase], fixed[1][phase]
+        result = summarise(f"4k randwrite qd16 at {rate} IOPS, {phase}", "us CPU", False,
+                           cpu, None)
+        result["rate_iops"] = {label: statistics.median(runs) for label, runs in values.items()}
+        # What tracking adds to the CPU of a request, pair by pair within a round.
+        result["cpu_cost"] = {label: statistics.median(
+            c / base for c, base in zip(runs, cpu["0 bitmaps"], strict=True)) - 1
+            for label, runs in cpu.items()}
         results.append(result)
     return results
 
