@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -19,7 +20,7 @@ import pytest
 
 from nbdserve.config import ExportConfig
 from nbdserve.export import Export, ExportCatalog
-from nbdserve.image import RawImage
+from nbdserve.image import RawImage, filesystem_type
 from nbdserve.server.lifecycle import Server
 from nbdserve.server.listener import bind_unix
 
@@ -175,6 +176,17 @@ async def wait_until(condition, timeout: float = 10, what: str = "condition") ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def tmpfs_dir():
+    """A directory on tmpfs (/dev/shm), removed afterwards; skips where there is none."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or filesystem_type(shm.stat().st_dev) != "tmpfs":
+        pytest.skip("/dev/shm is not a tmpfs here")
+    directory = Path(tempfile.mkdtemp(dir=shm, prefix="nbdserve-test-"))
+    yield directory
+    shutil.rmtree(directory)
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -64,17 +62,6 @@ def test_words_carry_the_callers_flags(layout):
 # -- reads that ask the page cache first (RWF_NOWAIT) ------------------------------------
 
 
-@pytest.fixture
-def memory_dir(tmp_path_factory):
-    """A directory on tmpfs, whose files refuse RWF_NOWAIT (as of Linux 6.18)."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or filesystem_type(shm.stat().st_dev) != "tmpfs":
-        pytest.skip("/dev/shm is not a tmpfs here")
-    directory = Path(tempfile.mkdtemp(dir=shm, prefix="nbdserve-test-"))
-    yield directory
-    shutil.rmtree(directory)
-
-
 def refuses_nowait(path: Path) -> bool:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -86,8 +73,8 @@ def refuses_nowait(path: Path) -> bool:
     return False
 
 
-def test_reads_of_a_memory_file_system_are_page_cache_hits(memory_dir):
-    path = memory_dir / "disk.img"
+def test_reads_of_a_memory_file_system_are_page_cache_hits(tmpfs_dir):
+    path = tmpfs_dir / "disk.img"
     data = os.urandom(256 * KiB)
     path.write_bytes(data)
     image = RawImage(str(path), read_only=True)
@@ -103,11 +90,11 @@ def test_reads_of_a_memory_file_system_are_page_cache_hits(memory_dir):
         image.close()
 
 
-def test_a_file_system_that_cannot_tell_sends_reads_to_threads(memory_dir, monkeypatch):
+def test_a_file_system_that_cannot_tell_sends_reads_to_threads(tmpfs_dir, monkeypatch):
     """overlayfs refuses RWF_NOWAIT too, but its files are on a disk below: no read
     is taken for a hit (None sends it to a worker thread), and the refusal is known
     at open rather than met by every read."""
-    path = memory_dir / "disk.img"
+    path = tmpfs_dir / "disk.img"
     path.write_bytes(os.urandom(64 * KiB))
     if not refuses_nowait(path):
         pytest.skip("this kernel's tmpfs takes RWF_NOWAIT: no file system here refuses it")

@@ -9,15 +9,12 @@ bytes, and the holes, must come back as they are.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from conftest import nbdsh, run
-from nbdserve.image import filesystem_type
 
 MiB = 1 << 20
 NOTE = "cannot tell whether data is in the page cache"
@@ -45,16 +42,6 @@ def read_back(server, tmp_path: Path, expected: bytes) -> None:
     lines = nbdsh(server.uri(), script).split()
     assert [bytes.fromhex(line) for line in lines] == \
         [expected[offset:offset + length] for offset, length in spots]
-
-
-@pytest.fixture
-def tmpfs_dir():
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or filesystem_type(shm.stat().st_dev) != "tmpfs":
-        pytest.skip("/dev/shm is not a tmpfs here")
-    directory = Path(tempfile.mkdtemp(dir=shm, prefix="nbdserve-test-"))
-    yield directory
-    shutil.rmtree(directory)
 
 
 @pytest.fixture
