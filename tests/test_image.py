@@ -173,3 +173,21 @@ def test_a_hole_filled_behind_our_back_is_seen(writable):
         other.seek(8 * BLOCK)
         other.write(b"\1" * BLOCK)
     assert runs(writable, 7 * BLOCK, 3 * BLOCK) == [(3 * BLOCK, True)]
+
+
+def test_a_walk_that_raced_a_punch_does_not_keep_its_run(writable, monkeypatch):
+    """A walk whose SEEK_HOLE ran before a punch in another thread stores what it found
+    after the punch forgot the run: it must not be kept, or the hole would read as
+    data for every later walk."""
+    real = os.lseek
+
+    def lseek(fd, position, whence):
+        result = real(fd, position, whence)
+        if whence == os.SEEK_HOLE and position == 0:
+            writable.punch_hole(2 * BLOCK, BLOCK)  # lands between the seek and the store
+        return result
+    monkeypatch.setattr(os, "lseek", lseek)
+    assert runs(writable, 0, BLOCK) == [(BLOCK, True)]
+    monkeypatch.setattr(os, "lseek", real)
+    assert runs(writable, BLOCK, 3 * BLOCK) == [(BLOCK, True), (BLOCK, False),
+                                                (BLOCK, True)]

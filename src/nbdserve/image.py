@@ -142,8 +142,10 @@ class RawImage:
         # that looks for holes would pay that every time. Runs are only ever
         # remembered as data, which is always a safe answer: if a hole is punched
         # there behind our back, it reads as the zeros it is. Our own punching and
-        # zeroing forget the run, so the map stays exact.
+        # zeroing forget the run, so the map stays exact; a walk that raced one (in
+        # another thread) does not keep what it found, as that may predate the hole.
         self._data_run = (0, 0)
+        self._holes_made = 0  # bumped by our punching and zeroing
         # Reads ask the page cache first (RWF_NOWAIT) and leave misses to worker
         # threads. Some file systems refuse the flag (tmpfs, overlayfs): on one that
         # keeps its files in memory every read is a hit; on the others nothing cheap
@@ -272,6 +274,7 @@ class RawImage:
         # Per extent, so kept to the two calls and plain comparisons (no min(), one
         # extend per run): this loop's Python is what a map costs beyond the lseeks.
         known_from, known_to = self._data_run
+        holes_made = self._holes_made
         while position < end and count < limit:
             if known_from <= position < known_to:
                 data_end = known_to if known_to < end else end
@@ -301,6 +304,8 @@ class RawImage:
                 data_end = end
             if data_end > end:
                 self._data_run = known_from, known_to = position, data_end
+                if self._holes_made != holes_made:  # (checked after the store)
+                    self._data_run = (0, 0)
                 data_end = end
             elif data_end <= position:
                 data_end = end  # changed between the two calls: say data (safe), stop
@@ -363,7 +368,7 @@ class RawImage:
                 return False
             raise
         finally:
-            self._data_run = (0, 0)
+            self._forget_data_run()
         return True
 
     def zero_range(self, offset: int, length: int) -> bool:
@@ -379,8 +384,15 @@ class RawImage:
                 return False
             raise
         finally:
-            self._data_run = (0, 0)
+            self._forget_data_run()
         return True
+
+    def _forget_data_run(self) -> None:
+        """After punching or zeroing (which may have made holes): the counter first,
+        then the run, so a walk racing this either sees the counter move or stored
+        its run before the run is forgotten here."""
+        self._holes_made += 1
+        self._data_run = (0, 0)
 
     def write_zeroes_slowly(self, offset: int, length: int) -> None:
         end = offset + length
