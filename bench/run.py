@@ -449,7 +449,8 @@ def main() -> int:
     parser.add_argument("--main", action="store_true",
                         help="only the workloads against the peers, no later sections")
     parser.add_argument("--workdir", default=str(HERE / "work"),
-                        help="where images go (not tmpfs: SEEK_DATA there is slow)")
+                        help="where the source and the sparse (map) images go: a disk, "
+                             "as users map theirs (not tmpfs, whose SEEK_HOLE walks pages)")
     parser.add_argument("--memdir", default=None,
                         help="where the 1 GiB images that workloads write go (default: a "
                              "directory made on /dev/shm when it is a tmpfs with room, so "
