@@ -247,7 +247,7 @@ def memory_dir(wanted: str | None, workdir: Path) -> tuple[Path, bool]:
         return (Path(wanted) if wanted else workdir), False
     shm = Path("/dev/shm")
     need = (len(PEERS) + 4) * GiB  # the peers' copies, the tracking section's, slack
-    if shm.is_dir() and filesystem_type(shm) == "tmpfs" \
+    if shm.is_dir() and filesystem_of(shm) == "tmpfs" \
             and shutil.disk_usage(shm).free > need and available_memory() > need + 4 * GiB:
         return Path(tempfile.mkdtemp(dir=shm, prefix="nbdbench-")), True
     print("no tmpfs with room: images written to go in the workdir, and write figures "
@@ -255,15 +255,10 @@ def memory_dir(wanted: str | None, workdir: Path) -> tuple[Path, bool]:
     return workdir, False
 
 
-def filesystem_type(path: Path) -> str:
-    device = os.stat(path).st_dev
-    wanted = f"{os.major(device)}:{os.minor(device)}"
-    with open("/proc/self/mountinfo") as mounts:
-        for line in mounts:
-            fields, _, rest = line.partition(" - ")
-            if fields.split()[2:3] == [wanted] and rest:
-                return rest.split()[0]
-    return ""
+def filesystem_of(path: Path) -> str:
+    from nbdserve.image import filesystem_type
+
+    return filesystem_type(path.stat().st_dev)
 
 
 def available_memory() -> int:
@@ -525,7 +520,7 @@ def run_all(args, workdir: Path, memdir: Path, sockets: Path) -> int:
             print(f"{what} failed: {exc!r}", file=sys.stderr)
     report = {"machine": machine(), "mode": "full" if args.full else "quick",
               "transport": "tcp" if args.tcp else "unix", "rounds": rounds,
-              "written_images": f"{memdir} ({filesystem_type(memdir)})",
+              "written_images": f"{memdir} ({filesystem_of(memdir)})",
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "results": results, "peak_rss_mib": peak}
     print_table(results)
