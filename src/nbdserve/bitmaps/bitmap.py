@@ -116,12 +116,8 @@ class Bitmap:
     def update_summary(self, members: list[Bitmap], first: int, stop: int) -> None:
         """After members' granules [first, stop) were set: set the summary bits (this
         is the summary, made by summary_of) whose groups are now set in every member."""
-        shift = self.granularity_bits - members[0].granularity_bits
-        for group in range(first >> shift, ((stop - 1) >> shift) + 1):
-            low = group << shift
-            high = low + (1 << shift)
-            if all(not member._bits.count(0, low, high) for member in members):
-                self._bits[group] = 1
+        update_summary_bits(self._bits, self.granularity_bits - members[0].granularity_bits,
+                            [member._bits for member in members], first, stop)
 
     def copy(self) -> Bitmap:
         return Bitmap(self.size, self.granularity_bits, self._bits.copy())
@@ -207,3 +203,29 @@ class Bitmap:
         """The bits, LSB-first, as the QDB file stores them (not a copy: the caller
         writes them out before the bitmap changes, under the store's lock)."""
         return self._bits
+
+
+def all_set(members: list[bitarray], first: int, stop: int) -> bool:
+    """Whether granules [first, stop) are set in every one of these bits (the marking
+    path's look, one call for a group: bitmaps/tracking.py). Loops, not all() over a
+    generator: a third of the time for four members."""
+    if stop - first == 1:
+        for bits in members:  # noqa: SIM110
+            if not bits[first]:
+                return False
+        return True
+    for bits in members:  # noqa: SIM110
+        if bits.count(0, first, stop):
+            return False
+    return True
+
+
+def update_summary_bits(summary: bitarray, shift: int, members: list[bitarray], first: int,
+                        stop: int) -> None:
+    """Bitmap.update_summary on the bits themselves: after granules [first, stop) were
+    set in every member, set the summary bits (2**shift granules each) whose groups
+    are now set in every member."""
+    for group in range(first >> shift, ((stop - 1) >> shift) + 1):
+        low = group << shift
+        if all_set(members, low, low + (1 << shift)):
+            summary[group] = 1

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 from bitarray import bitarray
 
-from nbdserve.bitmaps.bitmap import Bitmap
+from nbdserve.bitmaps.bitmap import Bitmap, all_set, update_summary_bits
 from nbdserve.bitmaps.journal import Journal, encode_group_record
 from nbdserve.bitmaps.policy import DirtyBitmap
 
@@ -36,7 +36,7 @@ class Recorder:
         # (granularity bits, members, summary, the members' bits when several, else
         # an empty list: the summary is then the one member's bits)
         self.groups: list[tuple[int, list[DirtyBitmap], Bitmap, list[Bitmap]]] = []
-        self.summaries: list[tuple[bitarray, int, list[Bitmap]]] = []
+        self.summaries: list[tuple[bitarray, int, int, list[bitarray], bool]] = []
         self.epoch = 0  # bumped whenever bits may have been reset (see mark_dirty)
 
     def refresh(self, bitmaps: Iterable[DirtyBitmap]) -> None:
@@ -53,10 +53,12 @@ class Recorder:
             summary = bits[0] if len(bits) == 1 else Bitmap.summary_of(bits, SUMMARY_SHIFT)
             rebuilt.append((shift, members, summary, bits[1:] and bits))
         self.groups = rebuilt  # one assignment: mark_dirty reads it without the lock
-        # What mark_dirty's first look reads: each group's summary bits and their
-        # shift, and the members to ask when the summary is coarse.
-        self.summaries = [(summary.bits, summary.granularity_bits, several)
-                          for _, _, summary, several in rebuilt]
+        # What mark_dirty reads, the bits themselves (a call per look would cost more
+        # than the look): each group's summary bits and their shift, the members'
+        # granularity and bits, and whether the summary is coarse.
+        self.summaries = [(summary.bits, summary.granularity_bits, shift,
+                           [member.bitmap.bits for member in members], len(members) > 1)
+                          for shift, members, summary, _ in rebuilt]
         self.epoch += 1
 
     def mark_dirty(self, offset: int, length: int) -> int:
@@ -73,30 +75,34 @@ class Recorder:
         # Most writes land where every bitmap is dirty already: that look is made
         # here, without a call per group (this runs for every write).
         last = offset + length - 1
-        for bits, shift, several in self.summaries:
-            first = offset >> shift
-            if first == last >> shift:
-                if bits[first]:
+        for summary, summary_shift, shift, members, coarse in self.summaries:
+            first = offset >> summary_shift
+            if first == last >> summary_shift:
+                if summary[first]:
                     continue
-            elif not bits.count(0, first, (last >> shift) + 1):
+            elif not summary.count(0, first, (last >> summary_shift) + 1):
                 continue
-            # The coarse summary could not say: ask each member.
-            if several and all(member.is_set(offset, length) for member in several):
+            # The coarse summary could not say (most writes while its groups of 64
+            # fill up, after a clear): ask the members.
+            if coarse and all_set(members, offset >> shift, (last >> shift) + 1):
                 continue
             break  # something to record: do it all under the lock
         else:
             return epoch
         with self.lock:
             journal = self.journal
-            for shift, members, summary, several in self.groups:
-                if summary.is_set(offset, length) or \
-                        several and all(b.is_set(offset, length) for b in several):
+            for summary, summary_shift, shift, members, coarse in self.summaries:
+                first, stop = offset >> shift, (last >> shift) + 1
+                if all_set(members, first, stop):
                     continue  # already dirty in every member: nothing to do
-                first, stop = members[0].bitmap.granules(offset, length)
                 if journal.fd >= 0:  # one record for the group, before any bit is set
                     journal.append(encode_group_record(shift, first, stop - first))
-                for bitmap in members:
-                    bitmap.bitmap.set(offset, length)
-                if several:
-                    summary.update_summary(several, first, stop)
+                if stop - first == 1:
+                    for bits in members:
+                        bits[first] = 1
+                else:
+                    for bits in members:
+                        bits[first:stop] = 1
+                if coarse:
+                    update_summary_bits(summary, summary_shift - shift, members, first, stop)
         return epoch
