@@ -395,7 +395,12 @@ def machine() -> dict:
             "python": platform.python_version(),
             "qemu-nbd": version(["qemu-nbd", "--version"]),
             "nbdkit": version(["nbdkit", "--version"]),
-            "libnbd": version(["nbdinfo", "--version"]), "fio": version(["fio", "--version"])}
+            "libnbd": version(["nbdinfo", "--version"]), "fio": version(["fio", "--version"]),
+            # Which nbdserve ran: the checkout's commit, and a PYTHONPATH that would put
+            # other code first (an A/B of two commits runs one of them that way).
+            "nbdserve": version(["git", "-C", str(ROOT), "describe", "--always", "--dirty"]),
+            **({"pythonpath": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH")
+               else {})}
 
 
 def print_table(results: list[dict]) -> None:
