@@ -333,15 +333,15 @@ def test_one_recording_bitmap_costs_its_bits_once(raw):
     the bits); groups of several keep a coarse one, and marking stays exact either way."""
     store = open_store(raw, ("solo", 4096), ("pair1", None), ("pair2", None))
     try:
-        groups = {shift: (members, summary) for shift, members, summary, _several
-                  in store.recorder.groups}
-        (solo,), summary = groups[12]
-        assert summary is solo.bitmap
-        pair, pair_summary = groups[16]
-        assert len(pair) == 2 and all(pair_summary is not b.bitmap for b in pair)
+        groups = {shift: (members, summary, summary_shift) for summary, summary_shift, shift,
+                  members, _coarse in store.recorder.groups}
+        (solo,), summary, _ = groups[12]
+        assert summary is solo is store.bitmaps["solo"].bitmap.bits
+        pair, pair_summary, pair_shift = groups[16]
+        assert len(pair) == 2 and all(pair_summary is not bits for bits in pair)
         # The pair's summary is coarse: 64 granules to a bit, 1/64 of a member.
-        assert pair_summary.granularity_bits == 16 + 6
-        assert len(pair_summary) * 64 >= len(pair[0].bitmap) > (len(pair_summary) - 1) * 64
+        assert pair_shift == 16 + 6
+        assert len(pair_summary) * 64 >= len(pair[0]) > (len(pair_summary) - 1) * 64
         store.mark_dirty(5 * MiB, 4096)
         store.mark_dirty(5 * MiB, 4096)  # already dirty: the summary says so
         assert info(store, "solo")["count"] == 4096

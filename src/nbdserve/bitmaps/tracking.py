@@ -33,10 +33,12 @@ class Recorder:
     def __init__(self, journal: Journal, lock: threading.RLock) -> None:
         self.journal = journal
         self.lock = lock  # the store's: operations and marking exclude each other
-        # (granularity bits, members, summary, the members' bits when several, else
-        # an empty list: the summary is then the one member's bits)
-        self.groups: list[tuple[int, list[DirtyBitmap], Bitmap, list[Bitmap]]] = []
-        self.summaries: list[tuple[bitarray, int, int, list[bitarray], bool]] = []
+        # One tuple per recording group (one granularity), read by mark_dirty without
+        # the lock, so the bits themselves (a call per look would cost more than the
+        # look): the summary's bits and granularity, the members' granularity and
+        # bits, and whether the summary is a coarse one of several members (else it
+        # is the one member's own bits).
+        self.groups: list[tuple[bitarray, int, int, list[bitarray], bool]] = []
         self.epoch = 0  # bumped whenever bits may have been reset (see mark_dirty)
 
     def refresh(self, bitmaps: Iterable[DirtyBitmap]) -> None:
@@ -48,17 +50,13 @@ class Recorder:
                 groups.setdefault(bitmap.granularity_bits, []).append(bitmap)
         rebuilt = []
         for shift, members in groups.items():
-            bits = [member.bitmap for member in members]
+            bitmaps = [member.bitmap for member in members]
             # One member is its own (exact) summary; several share a coarse one.
-            summary = bits[0] if len(bits) == 1 else Bitmap.summary_of(bits, SUMMARY_SHIFT)
-            rebuilt.append((shift, members, summary, bits[1:] and bits))
+            coarse = len(bitmaps) > 1
+            summary = Bitmap.summary_of(bitmaps, SUMMARY_SHIFT) if coarse else bitmaps[0]
+            rebuilt.append((summary.bits, summary.granularity_bits, shift,
+                            [bitmap.bits for bitmap in bitmaps], coarse))
         self.groups = rebuilt  # one assignment: mark_dirty reads it without the lock
-        # What mark_dirty reads, the bits themselves (a call per look would cost more
-        # than the look): each group's summary bits and their shift, the members'
-        # granularity and bits, and whether the summary is coarse.
-        self.summaries = [(summary.bits, summary.granularity_bits, shift,
-                           [member.bitmap.bits for member in members], len(members) > 1)
-                          for shift, members, summary, _ in rebuilt]
         self.epoch += 1
 
     def mark_dirty(self, offset: int, length: int) -> int:
@@ -75,7 +73,7 @@ class Recorder:
         # Most writes land where every bitmap is dirty already: that look is made
         # here, without a call per group (this runs for every write).
         last = offset + length - 1
-        for summary, summary_shift, shift, members, coarse in self.summaries:
+        for summary, summary_shift, shift, members, coarse in self.groups:
             first = offset >> summary_shift
             if first == last >> summary_shift:
                 if summary[first]:
@@ -91,7 +89,7 @@ class Recorder:
             return epoch
         with self.lock:
             journal = self.journal
-            for summary, summary_shift, shift, members, coarse in self.summaries:
+            for summary, summary_shift, shift, members, coarse in self.groups:
                 first, stop = offset >> shift, (last >> shift) + 1
                 if all_set(members, first, stop):
                     continue  # already dirty in every member: nothing to do
