@@ -13,7 +13,12 @@ import time
 import pytest
 
 from nbdserve.client import NbdClient, NbdError, OptionRefused
+from nbdserve.config import ExportConfig
+from nbdserve.export import Export, ExportCatalog
+from nbdserve.image import RawImage
 from nbdserve.protocol import constants as c
+from nbdserve.server.lifecycle import Server
+from nbdserve.server.listener import bind_unix
 
 
 async def connect(server, **kwargs) -> NbdClient:
@@ -179,6 +184,43 @@ async def test_large_reads_survive_a_full_socket(server, image, structured):
         assert whole == payload
         assert small == payload[1 << 20 : (1 << 20) + 65536]
         assert middle == payload[5 << 20 : 13 << 20]
+
+
+async def test_large_reads_use_sendfile_only_with_requests_queued_behind(
+        image, tmp_path, monkeypatch):
+    """In-process. sendfile hands the socket 64 KiB at a time, and a client waiting
+    for its one reply wakes for each piece: a lone large READ is copied, and sendfile
+    is kept for a client with requests queued behind it (docs/performance.md)."""
+    payload = os.urandom(4 << 20)
+    with open(image, "r+b") as f:
+        f.write(payload)
+    raw = RawImage(str(image))
+    if raw.cache_unknown and not raw.in_memory:
+        raw.close()
+        pytest.skip("this file system cannot say what is cached: no sendfile here")
+    sent = []
+    send_to = RawImage.send_to
+
+    def counted(self, sockfd, offset, count):
+        sent.append(send_to(self, sockfd, offset, count))
+        return sent[-1]
+
+    monkeypatch.setattr(RawImage, "send_to", counted)
+    path = str(tmp_path / "inprocess.sock")
+    server = Server(ExportCatalog([Export(ExportConfig("", str(image)), raw)]),
+                    [bind_unix(path)])
+    await server.start()
+    try:
+        async with await NbdClient.connect(unix=path) as nbd:
+            for i in range(4):  # one at a time: nothing waits behind any of them
+                assert await nbd.read(i << 20, 1 << 20) == payload[i << 20:(i + 1) << 20]
+            assert sent == []
+            spans = [(i * 262144, 131072) for i in range(16)]  # all sent at once
+            got = await asyncio.gather(*(nbd.read(o, n) for o, n in spans))
+            assert got == [payload[o:o + n] for o, n in spans]
+            assert sum(sent) >= 131072  # at least one reply went out with sendfile
+    finally:
+        await asyncio.wait_for(server.shutdown(), 30)
 
 
 async def test_block_status_caps_and_never_passes_the_request(server):

@@ -36,7 +36,7 @@ from nbdserve.protocol.transmission import (
 
 log = logging.getLogger("nbdserve.transmission")
 
-UNIX_SEND_BUFFER = 4 << 20  # send buffer asked for on Unix sockets (see send_file)
+UNIX_SEND_BUFFER = 4 << 20  # send buffer asked for on Unix sockets (see large_read)
 
 Pieces = list[tuple[int, int, "bytes | bytearray | None"]]
 
@@ -60,9 +60,9 @@ class ReplyWriter:
         # while the transport has nothing queued, so the bytes still leave in order.
         self.sockfd = sock.fileno() if sock is not None else -1
         # A Unix socket's send buffer (about 208 KiB by default) is smaller than one
-        # nbdcopy read (256 KiB): sendfile(2) would stop part-way and the rest be
-        # copied. It is enlarged before the first large read (not at accept: the
-        # call costs a few microseconds of every handshake).
+        # nbdcopy read (256 KiB): a reply would stop part-way, and the rest wait in
+        # the transport. It is enlarged before the first large read (large_read; not
+        # at accept: the call costs a few microseconds of every handshake).
         self.unix_sock = sock if unix else None
 
     # -- the queue ----------------------------------------------------------------------------
@@ -138,14 +138,18 @@ class ReplyWriter:
 
     # -- reads sent with sendfile(2) -----------------------------------------------------------
 
-    def send_file(self, cookie: int, offset: int, length: int, sparse: bool) -> bool:
-        """Send a cached READ with sendfile(2); False (nothing sent) if it cannot."""
-        export = self.export
-        if self.unix_sock is not None:  # (large replies sent otherwise gain from it too)
-            with contextlib.suppress(OSError):  # the kernel caps it at wmem_max
+    def large_read(self) -> None:
+        """Before the first large READ's reply, however it is sent: a Unix socket's
+        send buffer is enlarged (the kernel caps it at net.core.wmem_max)."""
+        if self.unix_sock is not None:
+            with contextlib.suppress(OSError):
                 self.unix_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
                                           UNIX_SEND_BUFFER)
             self.unix_sock = None
+
+    def send_file(self, cookie: int, offset: int, length: int, sparse: bool) -> bool:
+        """Send a cached READ with sendfile(2); False (nothing sent) if it cannot."""
+        export = self.export
         if self.sockfd < 0 or not export.is_cached(offset, length):
             return False
         self.flush()
