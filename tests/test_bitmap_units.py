@@ -44,7 +44,7 @@ def test_setting_sets_every_overlapped_granule():
     b.set(100, 10)
     b.set(131000, 1000)  # spans granules 1 and 2
     assert granule_states(b)[:4] == [True, True, True, False]
-    assert b.serialise().tobytes()[0] == 0x07  # LSB-first, as QEMU stores it
+    assert b.bits.tobytes()[0] == 0x07  # LSB-first, as QEMU stores it
     assert b.count_bytes() == 3 * 65536
 
 
@@ -158,7 +158,7 @@ def sample_contents() -> QdbContents:
     return QdbContents(
         identity=ImageIdentity(64 * MiB, 123, 456, 789), in_use=True, save_counter=9,
         bitmaps=[StoredBitmap(name, b.granularity_bits, generation, b is a, False,
-                              b.serialise())
+                              b.bits)
                  for name, generation, b in (("a", 11, a), ("ünïcode name", 12, big))])
 
 

@@ -44,9 +44,11 @@ class Bitmap:
 
     @property
     def bits(self) -> bitarray:
-        """The bits themselves, one per granule, for reading where a call per look
-        costs too much (the marking path, bitmaps/tracking.py). The same object for
-        this bitmap's life: every change is made in place, through these methods."""
+        """The bits themselves, one per granule, LSB-first as the QDB file stores them:
+        not a copy. The same object for this bitmap's life (every change is made in
+        place, through these methods), read where a call per look costs too much (the
+        marking path, bitmaps/tracking.py) and written out by the store before the
+        bitmap changes, under its lock."""
         return self._bits
 
     def __len__(self) -> int:
@@ -196,13 +198,6 @@ class Bitmap:
         for value, start, stop in intervals(self._bits):
             if value:
                 yield start * granularity, min(stop * granularity, self.size) - start * granularity
-
-    # -- serialising -----------------------------------------------------------------------------
-
-    def serialise(self) -> bitarray:
-        """The bits, LSB-first, as the QDB file stores them (not a copy: the caller
-        writes them out before the bitmap changes, under the store's lock)."""
-        return self._bits
 
 
 def all_set(members: list[bitarray], first: int, stop: int) -> bool:

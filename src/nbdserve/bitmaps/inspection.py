@@ -58,7 +58,7 @@ def read_for_inspection(qdb_path: str, *, complete: bool = False) -> tuple[QdbCo
         if reason is not None:
             stored.inconsistent, stored.problem = True, reason
         else:
-            stored.bits = named.bitmap.serialise()
+            stored.bits = named.bitmap.bits
     if reason is not None:
         return contents, f"left in use by a crash; its bitmaps cannot be trusted: {reason}"
     return contents, "left in use by a crash: journal replayed, as the next start will"

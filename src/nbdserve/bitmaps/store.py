@@ -255,7 +255,7 @@ class BitmapStore:
         with self.lock:
             return [StoredBitmap(b.name, b.granularity_bits, b.generation, b.recording,
                                  b.inconsistent,
-                                 b.bitmap.serialise().copy() if copy else b.bitmap.serialise())
+                                 b.bitmap.bits.copy() if copy else b.bitmap.bits)
                     for b in self.bitmaps.values()]
 
     def _save(self, in_use: bool, migration: str = "") -> None:

@@ -386,7 +386,7 @@ class Migration:
                 shift = bitmap.granularity_bits
                 if shift not in by_shift:
                     by_shift[shift] = changed_bytes(changed, shift)
-                bits = bitmap.bitmap.serialise()
+                bits = bitmap.bitmap.bits
                 for start, stop in by_shift[shift]:
                     messages.append(stream.bits_message(index, bits, start * 8, stop * 8))
         data = b"".join(messages)
