@@ -248,7 +248,8 @@ def memory_dir(wanted: str | None, workdir: Path) -> tuple[Path, bool]:
     shm = Path("/dev/shm")
     need = (len(PEERS) + 4) * GiB  # the peers' copies, the tracking section's, slack
     if shm.is_dir() and filesystem_of(shm) == "tmpfs" \
-            and shutil.disk_usage(shm).free > need and available_memory() > need + 4 * GiB:
+            and shutil.disk_usage(shm).free > need \
+            and meminfo_bytes("MemAvailable") > need + 4 * GiB:
         return Path(tempfile.mkdtemp(dir=shm, prefix="nbdbench-")), True
     print("no tmpfs with room: images written to go in the workdir, and write figures "
           "depend on the kernel's writeback", file=sys.stderr)
@@ -261,10 +262,11 @@ def filesystem_of(path: Path) -> str:
     return filesystem_type(path.stat().st_dev)
 
 
-def available_memory() -> int:
+def meminfo_bytes(name: str) -> int:
+    """A /proc/meminfo figure (MemTotal, MemAvailable) in bytes; 0 if missing."""
     with open("/proc/meminfo") as meminfo:
         for line in meminfo:
-            if line.startswith("MemAvailable:"):
+            if line.startswith(name + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -389,9 +391,9 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "?")
-    mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "kernel": platform.release(),
-            "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(int(mem) / 2**20, 1),
+            "cpu": cpu, "cores": os.cpu_count(),
+            "memory_gib": round(meminfo_bytes("MemTotal") / GiB, 1),
             "python": platform.python_version(),
             "qemu-nbd": version(["qemu-nbd", "--version"]),
             "nbdkit": version(["nbdkit", "--version"]),
