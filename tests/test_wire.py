@@ -223,6 +223,64 @@ async def test_large_reads_use_sendfile_only_with_requests_queued_behind(
         await asyncio.wait_for(server.shutdown(), 30)
 
 
+async def test_small_writes_whose_payload_arrives_late_are_served_from_the_callback(
+        image, tmp_path, monkeypatch):
+    """In-process. A small WRITE whose header came before its payload waits for the
+    rest in the stream's arrival callback; the request loop's coroutine is not woken
+    for it (docs/performance.md: 4 KiB writes at queue depth 16). A DISC after such a
+    write must still wake the loop, or the connection would hang."""
+    from nbdserve.server.stream import NbdStream
+
+    awaited = []
+    read_payload = NbdStream.read_payload
+
+    async def counted(self, n):
+        awaited.append(n)
+        return await read_payload(self, n)
+
+    monkeypatch.setattr(NbdStream, "read_payload", counted)
+    path = str(tmp_path / "inprocess.sock")
+    raw = RawImage(str(image))
+    server = Server(ExportCatalog([Export(ExportConfig("", str(image)), raw)]),
+                    [bind_unix(path)])
+    data = [os.urandom(4096) for _ in range(10)]
+
+    def client() -> bytes:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            handshake_simple(sock)
+            for i in range(8):  # header and a little payload, then the rest
+                sock.sendall(request(c.NBD_CMD_WRITE, i * 4096, 4096, cookie=i) +
+                             data[i][:1000])
+                time.sleep(0.02)
+                sock.sendall(data[i][1000:])
+                assert recv_exactly(sock, 16) == struct.pack(">IIQ", c.NBD_SIMPLE_REPLY_MAGIC, 0, i)
+            # A whole WRITE, then one cut short, in one burst.
+            sock.sendall(request(c.NBD_CMD_WRITE, 8 * 4096, 4096, cookie=8) + data[8] +
+                         request(c.NBD_CMD_WRITE, 9 * 4096, 4096, cookie=9) + data[9][:7])
+            time.sleep(0.02)
+            sock.sendall(data[9][7:])
+            replies = recv_exactly(sock, 32)
+            sock.sendall(request(c.NBD_CMD_READ, 0, 10 * 4096, cookie=10))
+            read = recv_exactly(sock, 16 + 10 * 4096)
+            sock.sendall(request(c.NBD_CMD_DISC))
+            assert_closed(sock)
+            assert replies == b"".join(struct.pack(">IIQ", c.NBD_SIMPLE_REPLY_MAGIC, 0, cookie)
+                                       for cookie in (8, 9))
+            assert read[:16] == struct.pack(">IIQ", c.NBD_SIMPLE_REPLY_MAGIC, 0, 10)
+            return read[16:]
+
+    await server.start()
+    try:
+        assert await asyncio.wait_for(asyncio.to_thread(client), 30) == b"".join(data)
+    finally:
+        await asyncio.wait_for(server.shutdown(), 30)
+    assert awaited == []
+    with open(image, "rb") as f:
+        assert f.read(10 * 4096) == b"".join(data)
+
+
 async def test_block_status_caps_and_never_passes_the_request(server):
     async with await connect(server, meta_contexts=["base:allocation",
                                                     "qemu:allocation-depth"]) as nbd:

@@ -298,6 +298,12 @@ class NbdStream(asyncio.BufferedProtocol):
             return None
         return layout.unpack_from(self._buf, self._start)
 
+    def expect(self, n: int) -> None:
+        """For the arrival callback (on_arrival): it can go on once n bytes are unread.
+        Until then, bytes that arrive call it again without waking the waiting reader
+        (whose own need is smaller)."""
+        self._wanted = n
+
     def fail_reader(self, exc: BaseException) -> None:
         """Make the waiting reader raise exc (an on_arrival callback failed)."""
         waiter = self._waiter

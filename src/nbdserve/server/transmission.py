@@ -180,9 +180,10 @@ class Transmission:
         """While the request loop waits for a header, bytes arrived: serve the
         requests that are complete and need no waiting, here in the stream's callback,
         which saves waking the loop's coroutine for each (at queue depth 1, a tenth
-        of a request's time). Anything else (DISC, a payload still on its way, a
-        payload on another command, backpressure, a header the loop must refuse)
-        stays unread: the loop takes over from there, as the stream wakes it."""
+        of a request's time). A small WRITE whose payload is still on its way is
+        waited for here too. Anything else (DISC, a large WRITE, a payload on another
+        command, backpressure, a header the loop must refuse) stays unread: the loop
+        takes over from there, as the stream wakes it."""
         stream = self.stream
         if self.polled_from:
             self.poller.adapt(time.perf_counter_ns() - self.polled_from)
@@ -193,6 +194,7 @@ class Transmission:
         replies = self.replies
         rules = self.rules
         stats = self.export.stats
+        stream.expect(size)  # what the request loop waits for (a WRITE may raise it)
         try:
             while not self.held_up and \
                     self.transport.get_write_buffer_size() <= WRITE_BUFFER_HIGH:
@@ -204,8 +206,15 @@ class Transmission:
                 if magic != magic_wanted or command == c.NBD_CMD_DISC:
                     break
                 if command == c.NBD_CMD_WRITE:
-                    if length > INLINE_WRITE_MAX or stream.available() < size + length:
+                    if length > INLINE_WRITE_MAX:
                         break
+                    if stream.available() < size + length:
+                        # Its payload is on its way (and fits the buffer): served
+                        # here once it is in, without waking the loop for it. (No
+                        # busy-polling: the rest is already being sent.)
+                        stream.expect(size + length)
+                        replies.flush()
+                        return
                 elif flags & c.NBD_CMD_FLAG_PAYLOAD_LEN:
                     break
                 # (What rules.frame would check is settled above: the magic, no DISC,
