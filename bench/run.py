@@ -325,7 +325,7 @@ def prepare_dirty_bitmap_image(workdir: Path) -> Path:
         bitmap.set_granules(granule, granule + 1)
     write_qdb(str(image) + ".qdb", QdbContents(
         identity=ImageIdentity(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev),
-        bitmaps=[StoredBitmap("backup", 16, 1, False, False, bitmap.serialise())]))
+        bitmaps=[StoredBitmap("backup", 16, 1, False, False, bitmap.bits)]))
     return image
 
 
