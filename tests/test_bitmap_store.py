@@ -386,7 +386,12 @@ def test_a_coarse_summary_never_claims_a_granule_some_member_lacks():
     assert [summary.is_set(k << 18, 1) for k in range(len(summary))] == expected(summary)
 
 
-def test_marking_is_exact_for_every_shape_of_write_and_group(raw):
+@pytest.mark.parametrize("bitmaps", [
+    {"solo": 4096, "a": None, "b": None, "c": None},  # a group of one and one of three
+    {"a": None},  # one group, its own summary (mark_dirty's first look: Recorder.only)
+    {"a": None, "b": None, "c": None},  # one group with a coarse summary (the same)
+], ids=["two-groups", "one-bitmap", "one-group-of-three"])
+def test_marking_is_exact_for_every_shape_of_write_and_group(raw, bitmaps):
     """The marking path's first look (is everything dirty already?) reads the summary
     bits directly: single granules, ranges across granules and across a coarse
     summary's groups, in a group of one and a group of three, with clears between,
@@ -394,8 +399,9 @@ def test_marking_is_exact_for_every_shape_of_write_and_group(raw):
     import random
 
     rng = random.Random(7)
-    shifts = {"solo": 12, "a": 16, "b": 16, "c": 16}
-    store = open_store(raw, ("solo", 4096), ("a", None), ("b", None), ("c", None))
+    shifts = {name: 12 if granularity == 4096 else 16 for name, granularity in bitmaps.items()}
+    store = open_store(raw, *bitmaps.items())
+    assert (store.recorder.only is not None) == (len(set(shifts.values())) == 1)
     expected = {name: set() for name in shifts}
     try:
         for step in range(4000):

@@ -39,6 +39,9 @@ class Recorder:
         # bits, and whether the summary is a coarse one of several members (else it
         # is the one member's own bits).
         self.groups: list[tuple[bitarray, int, int, list[bitarray], bool]] = []
+        # With one group (every recording bitmap of one granularity, the usual case):
+        # its summary's bits and granularity, for mark_dirty's first look.
+        self.only: tuple[bitarray, int] | None = None
         self.epoch = 0  # bumped whenever bits may have been reset (see mark_dirty)
 
     def refresh(self, bitmaps: Iterable[DirtyBitmap]) -> None:
@@ -57,6 +60,7 @@ class Recorder:
             rebuilt.append((summary.bits, summary.granularity_bits, shift,
                             [bitmap.bits for bitmap in bitmaps], coarse))
         self.groups = rebuilt  # one assignment: mark_dirty reads it without the lock
+        self.only = rebuilt[0][:2] if len(rebuilt) == 1 else None
         self.epoch += 1
 
     def mark_dirty(self, offset: int, length: int) -> int:
@@ -68,6 +72,12 @@ class Recorder:
         data is written (Export._record).
         """
         epoch = self.epoch
+        only = self.only
+        if only is not None:  # one granularity: a write within one summary bit, set
+            summary, summary_shift = only
+            first = offset >> summary_shift
+            if first == (offset + length - 1) >> summary_shift and summary[first]:
+                return epoch
         if not length:
             return epoch
         # Most writes land where every bitmap is dirty already: that look is made
