@@ -68,14 +68,16 @@ class Server:
         except OSError:
             return False
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU of the server and its children (reaped ones included)."""
+    def cpu_seconds(self, user_only: bool = False) -> float:
+        """User + system CPU of the server and its children (reaped ones included), or
+        their user CPU alone."""
         total = 0.0
         pids = [self.proc.pid] + _children(self.proc.pid)
         for pid in pids:
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += sum(int(v) for v in fields[11:15]) / CLK_TCK
+                counted = (fields[11], fields[13]) if user_only else fields[11:15]
+                total += sum(int(v) for v in counted) / CLK_TCK
             except (OSError, IndexError):
                 pass
         return total
@@ -419,6 +421,8 @@ def print_table(results: list[dict]) -> None:
         if "cpu_cost" in r:  # nbdserve alone at a fixed rate: CPU per request
             parts = [f"{label} {r['servers'][label]['median']:.3g}"
                      + (f" ({r['cpu_cost'][label] * 100:+.1f} %)" if r["cpu_cost"][label]
+                        else "")
+                     + (f" [user {r['user_cpu_us'][label]:.3g}]" if "user_cpu_us" in r
                         else "") for label in r["servers"]]
             print(f"{r['workload'][:40]:40} {r['unit']:7} " + ", ".join(parts))
             continue
@@ -550,63 +554,79 @@ def tracking_workloads(args, images, workdir: Path, sockets: Path,
     # its page cache (pages still under writeback from the previous server's run) moved
     # each run by more than marking costs.
     variants = {"0 bitmaps": [], "1 bitmap": ["b0"], "4 bitmaps": ["b0", "b1", "b2", "b3"]}
-    servers = []
-    for label, names in variants.items():
-        tag = f"t{len(names)}"
-        extra = [a for name in names for a in ("--bitmap", name)]
-        if names:
-            extra += ["--qdb", str(sockets / f"{tag}.qdb"), "--control",
-                      str(sockets / f"{tag}.ctl")]
-        copy = args.memdir / f"tracking-{tag}.raw"
-        shutil.copyfile(images["source"], copy)
-        (server,) = make_servers({"nbdserve": copy}, sockets, args.tcp,
-                                 nbdserve_args=extra, names=("nbdserve",), tag=tag)
-        servers.append((label, names, server))
+    copies = {}
+    for names in variants.values():
+        copies[len(names)] = args.memdir / f"tracking-t{len(names)}.raw"
+        shutil.copyfile(images["source"], copies[len(names)])
     os.sync()  # the copies' pages written back before any run
+
+    def make_tracking_servers(more: list[str]) -> list:
+        made = []
+        for label, names in variants.items():
+            tag = f"t{len(names)}"
+            extra = [a for name in names for a in ("--bitmap", name)]
+            if names:
+                extra += ["--qdb", str(sockets / f"{tag}.qdb"), "--control",
+                          str(sockets / f"{tag}.ctl")]
+            (server,) = make_servers({"nbdserve": copies[len(names)]}, sockets, args.tcp,
+                                     nbdserve_args=extra + more, names=("nbdserve",),
+                                     tag=tag)
+            made.append((label, names, server))
+        return made
     # Runs of at least 10 s: the journal's records and the bitmaps' first marks are
     # front-loaded, and a short run weighs them more than a client ever would.
     seconds = max(10.0, args.seconds)
     phases = ("from clean bitmaps", "steady state")
 
-    def measure_phases(rate: int) -> tuple[dict, dict]:
-        """IOPS and server CPU per request, by phase and variant; at fio's full speed,
-        or at a fixed rate (requests per second) when rate is set."""
+    def measure_phases(more: list[str], rate: int) -> tuple[dict, dict, dict]:
+        """IOPS, server CPU and server user CPU per request, by phase and variant; at
+        fio's full speed, or at a fixed rate (requests per second) when rate is set.
+        Every round starts its own servers: a process keeps its own offset through
+        its life (where its memory and CPU fell), as large as marking costs, and only
+        new processes average it out."""
         extra = [f"--rate_iops={rate}"] if rate else []
         values = {phase: {label: [] for label in variants} for phase in phases}
         cpu = {phase: {label: [] for label in variants} for phase in phases}
+        user = {phase: {label: [] for label in variants} for phase in phases}
         for round_number in range(rounds):
-            order = servers if round_number % 2 == 0 else servers[::-1]
-            for label, names, server in order:
-                for name in names:
-                    run([str(ROOT / ".venv/bin/nbdserve"), "bitmap", "clear", "--control",
-                         str(sockets / f"t{len(names)}.ctl"), name])
-                # From clean bitmaps (every first write to a granule is a clean-to-dirty
-                # transition and a journal record), then again with the same bitmaps
-                # dirty where the writes go (one bit test per write).
-                for phase in phases:
-                    # On a disk, a run would otherwise meet pages still under writeback
-                    # from the previous runs, which costs more than marking.
-                    os.sync()
-                    before = server.cpu_seconds()
-                    iops = fio(server.uri, "randwrite", "4k", 16, seconds, extra=extra)
-                    values[phase][label].append(iops)
-                    cpu[phase][label].append((server.cpu_seconds() - before)
-                                             / (iops * (seconds + RAMP)) * 1e6)
-        return values, cpu
+            servers = make_tracking_servers(more)
+            for _, _, server in servers:
+                server.start()
+            try:
+                order = servers if round_number % 2 == 0 else servers[::-1]
+                for label, names, server in order:
+                    for name in names:  # a new server loads the last round's bits
+                        run([str(ROOT / ".venv/bin/nbdserve"), "bitmap", "clear",
+                             "--control", str(sockets / f"t{len(names)}.ctl"), name])
+                    # From clean bitmaps (every first write to a granule is a
+                    # clean-to-dirty transition and a journal record), then again with
+                    # the same bitmaps dirty where the writes go (one bit test per write).
+                    for phase in phases:
+                        # On a disk, a run would otherwise meet pages still under
+                        # writeback from the previous runs, which costs more than marking.
+                        os.sync()
+                        before = server.cpu_seconds(), server.cpu_seconds(user_only=True)
+                        iops = fio(server.uri, "randwrite", "4k", 16, seconds, extra=extra)
+                        requests = iops * (seconds + RAMP) / 1e6
+                        values[phase][label].append(iops)
+                        cpu[phase][label].append((server.cpu_seconds() - before[0])
+                                                 / requests)
+                        user[phase][label].append(
+                            (server.cpu_seconds(user_only=True) - before[1]) / requests)
+            finally:
+                for _, _, server in servers:
+                    server.stop()
+        return values, cpu, user
 
-    for _, _, server in servers:
-        server.start()
-    try:
-        full_speed = measure_phases(0)
-        # At full speed, a run's rate scatters by more than marking costs, and its CPU
-        # per request moves with it (a server that falls behind answers more requests
-        # per wake-up, with fewer system calls each). At one fixed rate every server
-        # sees the same arrivals, so CPU per request compares what each does per write.
-        rate = int(0.75 * min(min(runs) for runs in full_speed[0]["steady state"].values()))
-        fixed = measure_phases(rate)
-    finally:
-        for _, _, server in servers:
-            server.stop()
+    full_speed = measure_phases([], 0)  # as users run it
+    # At full speed, a run's rate scatters by more than marking costs, and its CPU per
+    # request moves with it (a server that falls behind answers more requests per
+    # wake-up, with fewer system calls each). At one fixed rate every server sees the
+    # same arrivals, so CPU per request compares what each does per write; busy-polling
+    # is off there, as it would fill the idle time between requests and hide added
+    # work (a server that works longer per request only spins less).
+    rate = int(0.75 * min(min(runs) for runs in full_speed[0]["steady state"].values()))
+    fixed = measure_phases(["--poll-max-us", "0"], rate)
     for phase in phases:
         values, cpu = full_speed[0][phase], full_speed[1][phase]
         result = summarise(f"4k randwrite qd16 {seconds:.0f} s, {phase}", "IOPS", True,
@@ -620,14 +640,21 @@ def tracking_workloads(args, images, workdir: Path, sockets: Path,
             result["servers"][label]["cpu_per_unit_us"] = statistics.median(runs)
         results.append(result)
     for phase in phases:
-        values, cpu = fixed[0][phase], fixed[1][phase]
-        result = summarise(f"4k randwrite qd16 at {rate} IOPS, {phase}", "us CPU", False,
-                           cpu, None)
+        values, cpu, user = fixed[0][phase], fixed[1][phase], fixed[2][phase]
+        result = summarise(f"4k randwrite qd16 at {rate} IOPS, no polling, {phase}",
+                           "us CPU", False, cpu, None)
         result["rate_iops"] = {label: statistics.median(runs) for label, runs in values.items()}
         # What tracking adds to the CPU of a request, pair by pair within a round.
         result["cpu_cost"] = {label: statistics.median(
             c / base for c, base in zip(runs, cpu["0 bitmaps"], strict=True)) - 1
             for label, runs in cpu.items()}
+        # Marking is user-space work (no system call once the granules are dirty),
+        # and user CPU scatters less than the kernel's share: what it adds, in µs
+        # per request, pair by pair.
+        result["user_cpu_us"] = {label: statistics.median(runs) for label, runs in user.items()}
+        result["user_cpu_added_us"] = {label: statistics.median(
+            u - base for u, base in zip(runs, user["0 bitmaps"], strict=True))
+            for label, runs in user.items()}
         results.append(result)
     return results
 
