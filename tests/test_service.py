@@ -172,6 +172,17 @@ def test_the_example_configuration_is_valid():
     assert not missing, missing
 
 
+def test_the_polling_default_is_the_same_in_code_help_docs_and_example():
+    from nbdserve.config import POLL_MAX_US
+    help_text = " ".join(run(*NBDSERVE, "serve", "--help").stdout.split())
+    stated = re.search(r"--poll-max-us INTEGER RANGE .*?\[default: (\d+)\]", help_text)
+    table = re.search(r"^\| `poll-max-us` \| integer \| (\d+) \|",
+                      (ROOT / "docs/configuration.md").read_text(), re.M)
+    example = re.search(r"^#? ?poll-max-us = (\d+)",
+                        (ROOT / "examples/nbdserve.toml").read_text(), re.M)
+    assert [int(m.group(1)) for m in (stated, table, example)] == [POLL_MAX_US] * 3
+
+
 def test_command_line_overrides_the_file(three_exports):
     config, port, tmp = three_exports
     other = free_port()

@@ -30,6 +30,7 @@ from nbdserve.config import (
     DEFAULT_LISTEN,
     DETECT_ZEROES_MODES,
     DISCARD_MODES,
+    POLL_MAX_US,
     BitmapRequest,
     ConfigError,
     ListenAddress,
@@ -207,7 +208,7 @@ def main() -> None:
 @click.option("--poll-max-us", default=None, type=click.IntRange(0, 10_000),
               help="Longest time, in microseconds, a lone busy connection watches its "
                    "socket before sleeping; adapts to the client, 0 turns it off. Cuts "
-                   "queue-depth-1 latency at the cost of some CPU [default: 50].")
+                   f"queue-depth-1 latency at the cost of some CPU [default: {POLL_MAX_US}].")
 @click.option("--log-level", default=None,
               type=click.Choice(["debug", "info", "warning", "error"]),
               help="[default: info]")

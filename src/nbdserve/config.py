@@ -20,7 +20,7 @@ from nbdserve.values import (
 )
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client may spend haggling before GO
-POLL_MAX_US = 50  # longest busy-polling window (see server/polling.py); 0: never
+POLL_MAX_US = 100  # longest busy-polling window (see server/polling.py); 0: never
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 # What a snapshot's failed copy-before-write does (docs/snapshots.md): break the
