@@ -289,8 +289,9 @@ def test_a_full_disk_during_a_save_keeps_the_previous_file(raw, monkeypatch, fai
     assert before  # the pre-crash file existed
 
 
+@pytest.mark.parametrize("buffers", [1, 2])
 @pytest.mark.parametrize("action", ["bitmap-clear", "bitmap-add"])
-def test_a_write_racing_with_a_reset_is_recorded_in_the_new_epoch(raw, action):
+def test_a_write_racing_with_a_reset_is_recorded_in_the_new_epoch(raw, action, buffers):
     """A clear, or a new bitmap (as a checkpoint adds), that lands between a write's marking and
     its data must not leave the write unrecorded."""
     from nbdserve.config import ExportConfig
@@ -299,17 +300,24 @@ def test_a_write_racing_with_a_reset_is_recorded_in_the_new_epoch(raw, action):
     store = open_store(raw, ("b0",))
     store.mark_dirty(0, 64 * 1024)  # granule 0 is dirty: the write's mark is a no-op
     export = Export(ExportConfig("", raw.path), raw, store)
-    write = raw.pwritev
 
-    def reset_then_write(offset, buffers):
-        if action == "bitmap-clear":
-            store.execute("bitmap-clear", {"name": "b0"})
-        else:
-            store.execute("bitmap-add", {"name": "b1"})
-        write(offset, buffers)
+    reset = []
 
-    raw.pwritev = reset_then_write
-    export.write(4096, 4096, (bytes(4096),))
+    def reset_then(write):
+        def reset_then_write(offset, data):
+            if not reset:  # once, whichever verb comes first
+                reset.append(action)
+                if action == "bitmap-clear":
+                    store.execute("bitmap-clear", {"name": "b0"})
+                else:
+                    store.execute("bitmap-add", {"name": "b1"})
+            write(offset, data)
+        return reset_then_write
+
+    # One buffer is written with pwrite, several with pwritev (Export.write).
+    raw.pwrite, raw.pwritev = reset_then(raw.pwrite), reset_then(raw.pwritev)
+    export.write(4096, 4096, (bytes(4096),) if buffers == 1 else (bytes(1024), bytes(3072)))
+    assert reset == [action]
     name = "b0" if action == "bitmap-clear" else "b1"  # the new bitmap records it
     assert store.dirty_runs(f"qemu:dirty-bitmap:{name}", 0, 65536, 10) == ([65536], True)
     store.close()

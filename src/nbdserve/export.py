@@ -258,6 +258,9 @@ class Export:
         if self.detect_zeroes is not None and all(map(_ZEROS.startswith, payload)):
             self.zero(offset, length, may_punch=self.detect_zeroes)
             return
+        if len(payload) == 1:  # most WRITEs: one buffer, one call less
+            self._record(offset, length, self.image.pwrite, offset, payload[0])
+            return
         self._record(offset, length, self.image.pwritev, offset, payload)
 
     def write_from_pipe(self, pipe_fd: int, offset: int,
