@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import socket
+import time
 
 import pytest
 
@@ -369,13 +370,19 @@ async def test_a_connection_that_ends_leaves_nothing_for_the_cycle_collector(ima
     gc.collect()
     gc.disable()
     try:
-        for gives_up_in_transmission in (False, True) * 5:
-            if gives_up_in_transmission:
-                client = await NbdClient.connect(unix=path)
-                await client.disconnect()
-            else:
+        # Ended in the handshake; by DISC, or by going, with requests served as they
+        # arrived; by DISC after a WRITE that needed the request loop.
+        for ending in ("abort", "disc", "gone", "loop") * 3:
+            if ending == "abort":
                 haggling = await NbdClient.open_handshake(unix=path)
                 await haggling.abort()
+                continue
+            client = await NbdClient.connect(unix=path)
+            await client.write(0, bytes(128 << 10 if ending == "loop" else 4096))
+            if ending == "gone":
+                client.writer.close()
+            else:
+                await client.disconnect()
         await wait_until(lambda: not list(server.connections), what="all connections gone")
         await asyncio.sleep(0.05)  # let the last callbacks run
         alive = [o for o in gc.get_objects() if isinstance(o, NbdStream)]
@@ -472,3 +479,99 @@ async def test_a_bug_in_a_request_costs_its_connection_only(image, tmp_path, cap
         await nbd.disconnect()
     finally:
         await server.shutdown()
+
+
+class SlowFlushExport(Export):
+    """An export whose FLUSH takes a while (and says when it is done)."""
+
+    flushed = False
+
+    def flush(self) -> None:
+        time.sleep(0.3)
+        super().flush()
+        self.flushed = True
+
+
+async def test_requests_served_as_they_arrive_need_no_request_loop(image, tmp_path,
+                                                                     monkeypatch, caplog):
+    """A connection whose requests are all served as they arrive is served from the
+    stream's callbacks alone, to its end (DISC, or a client that just goes): no task
+    for its request loop. A request that needs the loop (a large WRITE) starts it, and
+    so does a hang-up with a request still in flight. However it ends, what the
+    connection counted is undone: the export's connections, the bitmap it kept busy,
+    its "disconnected" line."""
+    from nbdserve.bitmaps.store import BitmapStore
+    from nbdserve.config import BitmapRequest
+    from nbdserve.server.connections import Connections
+
+    raw = RawImage(str(image))
+    store = BitmapStore.open(str(image) + ".qdb", raw.size, raw.identity,
+                             requests=[BitmapRequest("b0")])
+    export = SlowFlushExport(ExportConfig("", str(image)), raw, store)
+    path = str(tmp_path / "s.sock")
+    server = Server(ExportCatalog([export]), [bind_unix(path)], poll_max_us=0)
+    loops: list[str] = []
+    start_loop = Connections.start_loop
+
+    def counted(self, connection) -> None:
+        if connection.task is None:
+            loops.append(connection.peer)
+        start_loop(self, connection)
+
+    monkeypatch.setattr(Connections, "start_loop", counted)
+    caplog.set_level("INFO", logger="nbdserve.server")
+    await server.start()
+    bitmap = store.bitmaps["b0"]
+    small, large = os.urandom(4096), os.urandom(1 << 20)
+
+    async def connect() -> NbdClient:
+        nbd = await NbdClient.connect(unix=path, meta_contexts=["qemu:dirty-bitmap:b0"])
+        assert (export.connections, bitmap.busy) == (1, 1)
+        return nbd
+
+    async def ended() -> None:
+        await wait_until(lambda: not server.connections.live, what="the client gone")
+        await wait_until(lambda: export.connections == 0, what="its book-keeping done")
+        assert bitmap.busy == 0
+
+    try:
+        # 1. Small requests, then DISC: all from the callbacks.
+        nbd = await connect()
+        await nbd.write(0, small)
+        assert await nbd.read(0, 4096) == small
+        await nbd.disconnect()
+        await ended()
+        assert loops == []
+        # 2. The client goes without DISC: still no loop.
+        nbd = await connect()
+        await nbd.write(8192, small)
+        nbd.writer.close()
+        await ended()
+        assert loops == []
+        # 3. A large WRITE needs the loop, which then serves the rest.
+        nbd = await connect()
+        await nbd.write(1 << 20, large)
+        assert await nbd.read(1 << 20, len(large)) == large
+        await nbd.disconnect()
+        await ended()
+        assert len(loops) == 1
+        # 4. A FLUSH still in flight when the client goes: the loop starts to let it
+        #    finish before the connection's end is accounted for.
+        nbd = await connect()
+        nbd.submit(c.NBD_CMD_FLUSH, 0, 0)
+        await nbd.writer.drain()
+        await wait_until(lambda: server.connections.inflight(), what="FLUSH in flight")
+        nbd.writer.close()
+        await ended()
+        assert export.flushed
+        assert len(loops) == 2
+        assert caplog.text.count("disconnected from export") == 4
+        assert image_holds(image, 0, small) and image_holds(image, 8192, small)
+    finally:
+        await server.shutdown()
+
+
+def image_holds(image, offset: int, data: bytes) -> bool:
+    with open(image, "rb") as f:
+        f.seek(offset)
+        return f.read(len(data)) == data

@@ -157,6 +157,11 @@ class TransmissionRules:
         # accepted still complete.
         return c.NBD_ESHUTDOWN, "server is shutting down"
 
+    @property
+    def closed(self) -> bool:
+        """DISC was received, or the framing broke: nothing more will be read."""
+        return self.phase is Phase.CLOSED
+
     def stop(self) -> None:
         """The server is shutting down: from now on every request earns ESHUTDOWN."""
         if self.phase is Phase.SERVING:

@@ -46,6 +46,10 @@ WAITING_MAX = 128
 HANDSHAKES_MAX = 256
 
 
+def _nothing() -> None:
+    pass
+
+
 class Connection:
     """Book-keeping for one client, so shutdown and status can find it."""
 
@@ -63,12 +67,31 @@ class Connection:
         self.timer: asyncio.TimerHandle | None = None  # the handshake's deadline
         self.has_slot = False  # counted against max_connections
         self.lost: asyncio.Future | None = None  # set when the client is gone
+        self.gone = False  # the connection is closed
         self.poller: Poller | None = None  # busy-polling its socket (polling.py)
+        self.held: list[str] = []  # the bitmaps its meta contexts keep busy
+        self.logged = False  # its "connected" line was logged (and so is its last)
+        self.ended = False  # its transmission phase is over and accounted for
 
     def wait_lost(self) -> asyncio.Future:
         if self.lost is None:
             self.lost = asyncio.get_running_loop().create_future()
+            if self.gone:
+                self.lost.set_result(None)
         return self.lost
+
+    def finished(self) -> asyncio.Future:
+        """What to wait for until this client is gone and its book-keeping done: the
+        request loop's task once it runs, else the connection's end (a transmission
+        served from callbacks alone ends in connection_lost)."""
+        return self.task if self.task is not None else self.wait_lost()
+
+    def hang_up(self) -> None:
+        """End the connection now: its request loop, or the connection itself."""
+        if self.task is not None:
+            self.task.cancel()
+        else:
+            self.stream.close()
 
     def describe(self) -> dict:
         state = "handshake" if self.has_slot else "waiting"  # for a connection slot
@@ -177,9 +200,27 @@ class Connections:
             connection.handshake.abandon()
             connection.handshake = None
             self.census.handshaking -= 1
+        transmission = connection.transmission
+        finishing = None
+        if transmission is not None and connection.task is None:
+            # Served from the stream's callbacks to the end (no request loop ran):
+            # nothing else will end its transmission phase.
+            if not transmission.rules.closed:
+                log.debug("%s: client closed the connection", connection.peer)
+            if transmission.tasks:
+                self.start_loop(connection)  # it lets them finish, then ends it
+                finishing = connection.task
+            else:
+                self.end_transmission(connection)
+        connection.gone = True
         self.live.discard(connection)
-        if connection.lost is not None and not connection.lost.done():
-            connection.lost.set_result(None)
+        lost = connection.lost
+        if lost is not None and not lost.done():
+            if finishing is not None:  # gone once that loop has ended it
+                finishing.add_done_callback(lambda _task: lost.done() or
+                                            lost.set_result(None))
+            else:
+                lost.set_result(None)
         if connection.has_slot:
             connection.has_slot = False
             self.active -= 1
@@ -234,28 +275,15 @@ class Connections:
         if session is None:
             connection.stream.close()
             return
-        connection.task = connection.stream.loop.create_task(
-            self.serve_transmission(connection, session))
+        self.enter_transmission(connection, session)
 
     # -- transmission ----------------------------------------------------------------------------
 
-    async def serve_transmission(self, connection: Connection, session: Session) -> None:
-        stream = connection.stream
-        try:
-            await self.transmission_phase(connection, session)
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            log.exception("%s: connection failed", connection.peer)
-        finally:
-            stream.close()
-            stream.release_buffers()
-            with contextlib.suppress(Exception):
-                await stream.wait_closed()
-
-    async def transmission_phase(self, connection: Connection, session: Session) -> None:
-        peer = connection.peer
-        stream = connection.stream
+    def enter_transmission(self, connection: Connection, session: Session) -> None:
+        """The handshake agreed on a session: account for the connection, then serve
+        its requests from the stream's callbacks. A task for its request loop starts
+        only when a request needs one (start_loop): a client that connects, asks a
+        few things and sends DISC (nbdinfo, a monitoring probe) never costs one."""
         export = session.export
         features = ["tls"] if session.tls else []
         if session.extended_headers:
@@ -265,22 +293,34 @@ class Connections:
         features += list(session.meta_contexts.values())
         connection.session = session
         connection.features = features
-        logged = CONNECTION_LINES.admit()
-        if logged:
-            log.info("%s: connected to export %r (flags 0x%04x%s)", peer, export.name,
-                     session.transmission_flags,
+        connection.logged = CONNECTION_LINES.admit()
+        if connection.logged:
+            log.info("%s: connected to export %r (flags 0x%04x%s)", connection.peer,
+                     export.name, session.transmission_flags,
                      "; " + ", ".join(features) if features else "")
         sock = connection.sock
         if self.census.poll_max_ns and sock is not None:
             connection.poller = Poller(sock.fileno(), self.census)
-        transmission = Transmission(stream, session, self.executor, peer,
-                                    stopping=self.stopping, sock=sock,
+        transmission = Transmission(connection.stream, session, self.executor,
+                                    connection.peer, stopping=self.stopping, sock=sock,
                                     unix=connection.unix, poller=connection.poller)
         connection.transmission = transmission
         export.connections += 1
         self.census.transmitting += 1
         self.on_change()
-        held = export.hold(session.meta_contexts.values())
+        connection.held = export.hold(session.meta_contexts.values())
+        transmission.serve_from_callbacks(functools.partial(self.start_loop, connection))
+
+    def start_loop(self, connection: Connection) -> None:
+        """A request needs the request loop (Transmission.run): start its task, which
+        serves the connection from now on and ends it."""
+        if connection.task is None:
+            connection.task = connection.stream.loop.create_task(
+                self.serve_transmission(connection))
+
+    async def serve_transmission(self, connection: Connection) -> None:
+        stream = connection.stream
+        transmission = connection.transmission
         try:
             await transmission.run()
             transport = transmission.transport
@@ -288,13 +328,33 @@ class Connections:
             if not transport.is_closing() and transport.get_write_buffer_size():
                 with contextlib.suppress(ConnectionError):
                     await stream.drain()
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("%s: connection failed", connection.peer)
         finally:
-            export.release(held)
-            export.connections -= 1
-            if not export.connections:
-                self.on_unused(export)
-            self.census.transmitting -= 1
-            self.on_change()
-            if logged:
-                log.info("%s: disconnected from export %r after %d requests", peer,
-                         export.name, transmission.requests)
+            self.end_transmission(connection)
+            stream.close()
+            stream.release_buffers()
+            with contextlib.suppress(Exception):
+                await stream.wait_closed()
+
+    def end_transmission(self, connection: Connection) -> None:
+        """The transmission phase is over: undo what enter_transmission counted."""
+        if connection.ended:
+            return
+        connection.ended = True
+        # Let go of what refers back to the connection and its stream, so both go
+        # when it does (not whenever the cycle collector next runs: issue 12).
+        connection.stream.on_arrival = None
+        connection.transmission.start_loop = _nothing
+        export = connection.session.export
+        export.release(connection.held)
+        export.connections -= 1
+        if not export.connections:
+            self.on_unused(export)
+        self.census.transmitting -= 1
+        self.on_change()
+        if connection.logged:
+            log.info("%s: disconnected from export %r after %d requests", connection.peer,
+                     export.name, connection.transmission.requests)

@@ -202,10 +202,9 @@ class Server:
         users = self.connections.using(export)
         for conn in users:
             await conn.transmission.finish_inflight()
-            if conn.task is not None:
-                conn.task.cancel()
+            conn.hang_up()
         if users:
-            await asyncio.wait([c.task for c in users if c.task is not None], timeout=5)
+            await asyncio.wait([c.finished() for c in users], timeout=5)
         loop = asyncio.get_running_loop()
         try:
             if not export.read_only:
@@ -347,8 +346,7 @@ class Server:
         # still waiting for a slot are never greeted.
         for conn in list(connections.waiting):
             conn.stream.close()
-        lingering = [conn.task if conn.task is not None else conn.wait_lost()
-                     for conn in connections]
+        lingering = [conn.finished() for conn in connections]
         if lingering:
             await asyncio.wait(lingering, timeout=SHUTDOWN_LINGER)
         loop = asyncio.get_running_loop()
@@ -357,11 +355,8 @@ class Server:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await conn.stream.drain()
-            if conn.task is not None:
-                conn.task.cancel()
-            else:
-                conn.stream.close()
-        remaining = [conn.task for conn in connections if conn.task is not None]
+            conn.hang_up()
+        remaining = [conn.finished() for conn in connections]
         if remaining:
             await asyncio.wait(remaining, timeout=5)
         for export in list(self.catalog) + self.moved:

@@ -97,6 +97,11 @@ class Transmission:
         self.sockfd = plain.fileno() if plain is not None else -1
         self.splicer: SocketSplicer | None = None  # made at the first large WRITE
         self.polled_from = 0  # when busy-polling started before this wait (ns), or 0
+        # Until the request loop runs (run), requests are served from the stream's
+        # callback alone, and start_loop is called when one needs the loop.
+        self.looping = False
+        self.start_loop: Callable[[], None] = lambda: None
+        self.failure: BaseException | None = None  # raised by serve_arrived before it
 
     def stop(self) -> None:
         """The server is shutting down: later requests earn ESHUTDOWN."""
@@ -104,8 +109,18 @@ class Transmission:
 
     # -- the request loop: receive, handle, reply ----------------------------------------------
 
+    def serve_from_callbacks(self, start_loop: Callable[[], None]) -> None:
+        """Begin serving without the request loop: requests that arrive complete are
+        served from the stream's callback (serve_arrived), and DISC with nothing in
+        flight hangs up there too, so a short connection needs no task. start_loop is
+        called once a request needs the loop; it runs run() in a task."""
+        self.start_loop = start_loop
+        self.stream.on_arrival = self.serve_arrived
+        self.serve_arrived()  # what came with the end of the handshake
+
     async def run(self) -> None:
         """Serve requests until DISC, EOF or a protocol violation."""
+        self.looping = True
         stream = self.stream
         rules = self.rules
         stats = self.export.stats
@@ -116,6 +131,8 @@ class Transmission:
         replies = self.replies
         request_header = self.request_header
         try:
+            if self.failure is not None:  # serve_arrived failed before the loop ran
+                raise self.failure
             while True:
                 if self.held_up or write_buffer_size() > WRITE_BUFFER_HIGH:
                     await self.wait_for_client()  # our own backlog first
@@ -236,12 +253,34 @@ class Transmission:
                     replies.flush()
         except BaseException as exc:  # the loop raises it, as if it had been there
             stream.on_arrival = None
-            stream.fail_reader(exc)
+            if self.looping:
+                stream.fail_reader(exc)
+            else:
+                self.failure = exc
+                self.start_loop()
             return
         # The loop serves the next request: the replies so far go out now, as the
         # loop may not run before the client has them (it waits for a header).
         stream.on_arrival = None
         replies.flush()
+        if not self.looping:
+            self.take_over()
+
+    def take_over(self) -> None:
+        """serve_arrived left a request to the request loop, and none runs yet. DISC
+        with nothing in flight ends the connection here (how most short connections
+        end: without a task at all); anything else starts the loop."""
+        stream = self.stream
+        header = stream.peek_struct(self.request_header)
+        if header is not None and not self.tasks and header[0] == self.request_magic \
+                and header[2] == c.NBD_CMD_DISC:
+            magic, flags, command, _cookie, _offset, length = header
+            stream.consume(self.request_header.size)
+            self.rules.frame(magic, flags, command, length)  # the phase is CLOSED now
+            log.debug("%s: client disconnected (DISC)", self.peer)
+            self.hang_up()
+            return
+        self.start_loop()
 
     def other_payload(self, command: int, flags: int, offset: int, data: bytes, error: int,
                       reason: str) -> tuple[int, str, int]:
