@@ -358,8 +358,11 @@ def measure(workload: Workload, servers: list[Server], rounds: int) -> dict:
 
 
 def summarise(name, unit, higher_is_better, values, cpu) -> dict:
-    """Medians and ranges per server, and nbdserve's ratio to each peer and to the
-    best peer of each round, pair by pair within a round."""
+    """Medians and ranges per server, and nbdserve's ratio to each peer, pair by pair
+    within a round. The best peer is one peer per workload, the one with the best
+    median: taking the best of the peers' draws in each round instead would pit one
+    draw of ours against the luckiest of two or three, which favours the peers
+    wherever they are close together (qemu-nbd 7.2 and 10, say)."""
     result = {"workload": name, "unit": unit, "higher_is_better": higher_is_better,
               "servers": {}, "ratios": {}}
     for server, runs in values.items():
@@ -370,9 +373,10 @@ def summarise(name, unit, higher_is_better, values, cpu) -> dict:
     ours = values.get("nbdserve")
     peers = {peer: runs for peer, runs in values.items() if peer != "nbdserve"}
     if ours and len(peers) > 1:
-        best = [max(r) if higher_is_better else min(r)
-                for r in zip(*peers.values(), strict=True)]
-        peers["best peer"] = best
+        pick = max if higher_is_better else min
+        leader = pick(peers, key=lambda peer: statistics.median(peers[peer]))
+        peers["best peer"] = peers[leader]
+        result["best_peer"] = leader
     for peer, runs in peers.items():
         if not ours:
             continue
@@ -410,7 +414,7 @@ def machine() -> dict:
 def print_table(results: list[dict]) -> None:
     names = ("nbdserve", "qemu-nbd", "qemu-nbd-10", "nbdkit")
     header = f"{'workload':40} {'unit':7}" + "".join(f" {n:>11}" for n in names) + \
-        f" {'vs best':>8} {'(range)':>11}   server CPU per unit (us): " + \
+        f" {'vs best':>8} {'(range)':>11} {'best peer':>11}   server CPU per unit (us): " + \
         " / ".join(names)
     print(header)
     print("-" * len(header))
@@ -440,6 +444,7 @@ def print_table(results: list[dict]) -> None:
         best = ratios.get("best peer") or next(iter(ratios.values()), None)
         ratio = f" {best['median']:7.2f}x {best['min']:5.2f}-{best['max']:<5.2f}" if best \
             else f" {'-':>8} {'':11}"
+        ratio += f" {r.get('best_peer', '-'):>11}"
         cpu = " / ".join(f"{r['servers'][n]['cpu_per_unit_us']:.4g}"
                          if "cpu_per_unit_us" in r["servers"].get(n, {}) else "-"
                          for n in names)

@@ -30,3 +30,24 @@ def test_the_16_tib_dirty_bitmap_image_is_one_the_server_accepts(tmp_path):
     (stored,) = read_qdb(qdb).bitmaps
     assert (stored.name, stored.granularity_bits) == ("backup", 16)
     assert stored.bits.count() == 1_000_000
+
+
+def test_the_best_peer_is_one_peer_chosen_by_its_median():
+    """Not the best of the peers' draws in each round: against two close peers that
+    would compare one draw of ours with the luckier of two."""
+    bench = load_bench()
+    values = {"nbdserve": [100, 100, 100, 100],
+              "qemu-nbd": [90, 130, 90, 130],  # median 110
+              "qemu-nbd-10": [130, 90, 130, 90],  # median 110, the luckier draw each round
+              "nbdkit": [105, 105, 105, 105]}  # median 105
+    result = bench.summarise("w", "x/s", True, values, {})
+    assert result["best_peer"] in ("qemu-nbd", "qemu-nbd-10")
+    assert result["ratios"]["best peer"]["median"] == result["ratios"][
+        result["best_peer"]]["median"]
+    assert round(result["ratios"]["best peer"]["median"], 3) == round(
+        (100 / 90 + 100 / 130) / 2, 3)  # not 100/130, the per-round best
+    lower = bench.summarise("m", "ms", False, {"nbdserve": [50, 50, 50],
+                                               "qemu-nbd": [40, 60, 45],  # median 45
+                                               "nbdkit": [55, 44, 70]}, {})
+    assert lower["best_peer"] == "qemu-nbd"
+    assert lower["ratios"]["best peer"]["median"] == 45 / 50
