@@ -180,3 +180,18 @@ async def test_no_pause_while_the_reader_needs_more_than_has_arrived():
     assert await read_bytes(stream, len(big)) == big  # the buffer grows for it
     assert stream.transport.reading
     await feeder
+
+
+async def test_a_request_and_its_payload_are_taken_together_or_not_at_all():
+    """take_request (a small WRITE served as it arrives): nothing is consumed until
+    header and payload are both in; then both are, and the payload is a view."""
+    stream = await open_stream()
+    header, payload = b"h" * 28, os.urandom(4096)
+    receive(stream, header + payload[:1000])
+    assert stream.take_request(28, 4096) is None
+    assert stream.available() == 28 + 1000  # untouched
+    receive(stream, payload[1000:] + b"next")
+    view = stream.take_request(28, 4096)
+    assert view.obj is stream.unread().obj and bytes(view) == payload
+    assert stream.available() == 4 and bytes(stream.unread()) == b"next"
+    assert stream.take_request(28, 0) is None  # a header not all here is no request

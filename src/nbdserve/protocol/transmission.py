@@ -38,6 +38,14 @@ EXTENDED_ERROR_CHUNK_HEADER = struct.Struct(">IHHQQQIH")  # + error + message le
 EXTENDED_BLOCK_STATUS_HEADER = struct.Struct(">IHHQQQII")  # + context id + count
 
 _WRITE_COMMANDS = (c.NBD_CMD_WRITE, c.NBD_CMD_WRITE_ZEROES, c.NBD_CMD_TRIM)
+# Bound once for check(), which runs per request: a module attribute costs a lookup
+# more than a global, and a tuple of them would be built at every call.
+_RANGELESS = frozenset((c.NBD_CMD_DISC, c.NBD_CMD_FLUSH))  # offset and length unused
+_CMD_READ, _CMD_WRITE = c.NBD_CMD_READ, c.NBD_CMD_WRITE
+_CMD_WRITE_ZEROES, _CMD_TRIM = c.NBD_CMD_WRITE_ZEROES, c.NBD_CMD_TRIM
+_CMD_BLOCK_STATUS, _MAX_PAYLOAD = c.NBD_CMD_BLOCK_STATUS, c.MAX_PAYLOAD
+_EINVAL, _EPERM, _ENOSPC = c.NBD_EINVAL, c.NBD_EPERM, c.NBD_ENOSPC
+_VALID = (0, "")
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 
 
@@ -85,26 +93,26 @@ class RequestValidator:
         """Return (0, "") for a valid request, else (NBD error, short reason)."""
         allowed = self.allowed_flags.get(command)
         if allowed is None:
-            return c.NBD_EINVAL, f"unknown command {command}"
+            return _EINVAL, f"unknown command {command}"
         if self.read_only and command in _WRITE_COMMANDS:
-            return c.NBD_EPERM, "export is read-only"
-        if self.discard_only and command in _WRITE_COMMANDS and command != c.NBD_CMD_TRIM:
-            return c.NBD_EPERM, "a snapshot is read-only (TRIM releases what was backed up)"
-        if command not in (c.NBD_CMD_DISC, c.NBD_CMD_FLUSH) and offset + length > self.size:
+            return _EPERM, "export is read-only"
+        if self.discard_only and command in _WRITE_COMMANDS and command != _CMD_TRIM:
+            return _EPERM, "a snapshot is read-only (TRIM releases what was backed up)"
+        if offset + length > self.size and command not in _RANGELESS:
             # Spec: writes past the end earn ENOSPC, everything else EINVAL.
-            if command in (c.NBD_CMD_WRITE, c.NBD_CMD_WRITE_ZEROES):
-                return c.NBD_ENOSPC, "request past the end of the export"
-            return c.NBD_EINVAL, "request past the end of the export"
+            if command in (_CMD_WRITE, _CMD_WRITE_ZEROES):  # (the error path)
+                return _ENOSPC, "request past the end of the export"
+            return _EINVAL, "request past the end of the export"
         if flags & ~allowed:
-            return c.NBD_EINVAL, f"flags 0x{flags:x} not valid for this command"
-        if command == c.NBD_CMD_READ and length > c.MAX_PAYLOAD:
-            return c.NBD_EINVAL, "read larger than 32 MiB"
-        if command == c.NBD_CMD_BLOCK_STATUS:
+            return _EINVAL, f"flags 0x{flags:x} not valid for this command"
+        if command == _CMD_READ and length > _MAX_PAYLOAD:
+            return _EINVAL, "read larger than 32 MiB"
+        if command == _CMD_BLOCK_STATUS:
             if not self.has_contexts:
-                return c.NBD_EINVAL, "no metadata context negotiated"
+                return _EINVAL, "no metadata context negotiated"
             if length == 0:
-                return c.NBD_EINVAL, "block status needs a non-zero length"
-        return 0, ""
+                return _EINVAL, "block status needs a non-zero length"
+        return _VALID
 
 
 class Phase(enum.Enum):

@@ -283,6 +283,19 @@ class NbdStream(asyncio.BufferedProtocol):
         self._consume(n)
         return view
 
+    def take_request(self, header_size: int, length: int) -> memoryview | None:
+        """A request header (already peeked at) and the length bytes of payload after
+        it, consumed together, the payload as a view without a copy (valid until
+        control returns to the loop); None, consuming nothing, until all are here.
+        One call for what a small WRITE served as it arrives would otherwise take
+        three."""
+        start = self._start + header_size
+        end = start + length
+        if end > self._end:
+            return None
+        self._consume(end - self._start)
+        return memoryview(self._buf)[start:end]
+
     def take_struct(self, layout: struct.Struct) -> tuple | None:
         """The next fixed-size record if it has arrived (consumed), else None: the
         request loop's fast path, with no coroutine when requests are pipelined."""

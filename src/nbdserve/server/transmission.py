@@ -53,6 +53,9 @@ MAX_INFLIGHT_BYTES = 64 << 20  # payload held by unanswered requests, per connec
 WRITE_BUFFER_HIGH = 4 << 20  # wait for the socket to drain above this
 BATCH_MAX = 64  # replies queued before they are flushed even mid-burst
 INLINE_WRITE_MAX = SPLICE_MIN  # larger WRITEs are left to the request loop
+# Bound once: these are tested per request (a global, not a module attribute).
+_CMD_READ, _CMD_WRITE, _CMD_DISC = c.NBD_CMD_READ, c.NBD_CMD_WRITE, c.NBD_CMD_DISC
+_FLAG_FUA, _FLAG_PAYLOAD_LEN = c.NBD_CMD_FLAG_FUA, c.NBD_CMD_FLAG_PAYLOAD_LEN
 
 
 class Transmission:
@@ -163,7 +166,7 @@ class Transmission:
                 self.requests += 1
                 requests[command if command < OTHER else OTHER] += 1
                 started = clock() if stats.timing else 0.0
-                if command == c.NBD_CMD_WRITE:
+                if command == _CMD_WRITE:
                     if not error and length >= SPLICE_MIN and self.splice_worthy(length):
                         await self.write_spliced(flags, cookie, offset, length, started)
                         continue
@@ -220,29 +223,31 @@ class Transmission:
                     self.polled_from = self.prepare_to_wait()
                     return
                 magic, flags, command, cookie, offset, length = header
-                if magic != magic_wanted or command == c.NBD_CMD_DISC:
+                if magic != magic_wanted or command == _CMD_DISC:
                     break
-                if command == c.NBD_CMD_WRITE:
+                if command == _CMD_WRITE:
                     if length > INLINE_WRITE_MAX:
                         break
-                    if stream.available() < size + length:
+                    view = stream.take_request(size, length)
+                    if view is None:
                         # Its payload is on its way (and fits the buffer): served
                         # here once it is in, without waking the loop for it. (No
                         # busy-polling: the rest is already being sent.)
                         stream.expect(size + length)
                         replies.flush()
                         return
-                elif flags & c.NBD_CMD_FLAG_PAYLOAD_LEN:
+                    payload = (view,)
+                elif flags & _FLAG_PAYLOAD_LEN:
                     break
+                else:
+                    stream.consume(size)
+                    payload = None
                 # (What rules.frame would check is settled above: the magic, no DISC,
                 # no payload but a WRITE's, and that one far under MAX_PAYLOAD.)
-                stream.consume(size)
                 error, reason = rules.check(command, flags, offset, length)
                 self.requests += 1
                 stats.requests[command if command < OTHER else OTHER] += 1
                 started = time.perf_counter() if stats.timing else 0.0
-                payload = (stream.take_view(length),) if command == c.NBD_CMD_WRITE \
-                    else None
                 if error:
                     replies.refuse(command, cookie, error, reason, offset)
                 elif self.handle(command, flags, cookie, offset, length, payload,
@@ -335,11 +340,11 @@ class Transmission:
         when the request was answered here; False when a task will answer it."""
         export = self.export
         replies = self.replies
-        if command == c.NBD_CMD_READ:
+        if command == _CMD_READ:
             export.stats.bytes_read += length
             sparse = (self.structured and length >= SPARSE_READ_MIN
                       and not flags & c.NBD_CMD_FLAG_DF)
-            if not flags & c.NBD_CMD_FLAG_FUA:
+            if not flags & _FLAG_FUA:
                 if length >= SENDFILE_MIN:
                     replies.large_read()
                     if self.stream.available() >= self.sendfile_backlog and \
@@ -359,14 +364,14 @@ class Transmission:
             self.spawn(self.slow_read(cookie, offset, length, flags, sparse), length, started,
                        command)
             return False
-        if command == c.NBD_CMD_WRITE:
+        if command == _CMD_WRITE:
             export.stats.bytes_written += length
             try:
                 export.write(offset, length, payload)
             except OSError as exc:
                 replies.fail(command, cookie, flags, exc, offset)
                 return True
-            if flags & c.NBD_CMD_FLAG_FUA:
+            if flags & _FLAG_FUA:
                 return self.in_thread(command, cookie, flags, export.flush, started, offset)
             replies.ok(cookie, offset)
             return True
