@@ -203,8 +203,11 @@ class ExtendedTransmissionRules(TransmissionRules):
         return 0
 
 
+_SIMPLE_REPLY_MAGIC = c.NBD_SIMPLE_REPLY_MAGIC
+
+
 def simple_reply(cookie: int, error: int = 0) -> bytes:
-    return SIMPLE_REPLY.pack(c.NBD_SIMPLE_REPLY_MAGIC, error, cookie)
+    return SIMPLE_REPLY.pack(_SIMPLE_REPLY_MAGIC, error, cookie)
 
 
 def none_chunk(cookie: int) -> bytes:

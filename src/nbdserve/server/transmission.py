@@ -215,9 +215,9 @@ class Transmission:
         rules = self.rules
         stats = self.export.stats
         stream.expect(size)  # what the request loop waits for (a WRITE may raise it)
+        write_buffer_size = self.transport.get_write_buffer_size
         try:
-            while not self.held_up and \
-                    self.transport.get_write_buffer_size() <= WRITE_BUFFER_HIGH:
+            while not self.held_up and write_buffer_size() <= WRITE_BUFFER_HIGH:
                 header = stream.peek_struct(layout)
                 if header is None:  # all served: wait on
                     self.polled_from = self.prepare_to_wait()
