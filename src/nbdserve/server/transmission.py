@@ -253,7 +253,7 @@ class Transmission:
                 elif self.handle(command, flags, cookie, offset, length, payload,
                                  started) and started:
                     stats.observe(command, time.perf_counter() - started)
-                payload = None
+                payload = view = None  # (views of the receive buffer: never kept)
                 if len(replies.out) > BATCH_MAX:
                     replies.flush()
         except BaseException as exc:  # the loop raises it, as if it had been there
