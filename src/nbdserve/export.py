@@ -206,26 +206,31 @@ class Export:
         migration) hear of the change after it landed. A change held at a closed gate
         while the export moved (a migration's switchover) is made on the new image.
         """
-        active = self.gate.active
+        gate = self.gate
+        active = gate.active
         active.append(None)
         try:
-            if self.gate.closed:
-                self.gate.wait_open()
+            if gate.closed:
+                gate.wait_open()
                 change = self._rebind(change)
             recorder = self.recorder
             epoch = recorder.mark_dirty(offset, length) if recorder is not None else 0
             watch = self.watch
             if watch is not None and watch.at_rest:
                 watch.unsettle()  # before the image's times move
+            # (Each tuple is tested before it is walked: most exports have neither,
+            # and iterating an empty tuple still makes an iterator, per write.)
             try:
-                for preserver in self.preservers:
-                    preserver.preserve(offset, length)
+                if self.preservers:
+                    for preserver in self.preservers:
+                        preserver.preserve(offset, length)
                 return change(*args)
             finally:
                 if recorder is not None and recorder.epoch != epoch:
                     recorder.mark_dirty(offset, length)
-                for follower in self.followers:
-                    follower.changed(offset, length)
+                if self.followers:
+                    for follower in self.followers:
+                        follower.changed(offset, length)
         finally:
             active.pop()
 
