@@ -160,7 +160,7 @@ class Connections:
             stream.write(GREETING)  # first: the client waits for nothing else
         sock = stream.get_extra_info("socket")
         self.accepted += 1
-        family = sock.family if sock is not None else socket.AF_UNIX
+        family = stream.family or (sock.family if sock is not None else socket.AF_UNIX)
         if family in (socket.AF_INET, socket.AF_INET6):
             address = stream.get_extra_info("peername")
             if address is None:  # reset before we looked: the peer is already gone

@@ -102,8 +102,10 @@ class Server:
                                     [waiting.describe() for waiting in self.incoming]))
         loop = asyncio.get_running_loop()
         for sock in self.sockets:
-            def factory() -> NbdStream:
-                return NbdStream(self.connections.connection_made, loop)
+            def factory(family: int = sock.family) -> NbdStream:
+                stream = NbdStream(self.connections.connection_made, loop)
+                stream.family = family
+                return stream
             if sock.family == socket.AF_UNIX:
                 server = await loop.create_unix_server(factory, sock=sock)
             else:

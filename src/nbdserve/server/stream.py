@@ -70,6 +70,9 @@ class NbdStream(asyncio.BufferedProtocol):
         # for a header (Transmission.serve_arrived), and leaves the rest unread.
         self.on_arrival: Callable[[], None] | None = None
         self.on_lost: Callable[[], None] | None = None
+        # The listener's address family when it says (saves asking the socket object
+        # per connection, which converts it to an enum each time); 0 when unknown.
+        self.family = 0
         self._connected = False
         self.transport: asyncio.Transport | None = None
         self.loop = loop or asyncio.get_running_loop()  # given: one syscall less

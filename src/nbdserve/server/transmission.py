@@ -90,8 +90,9 @@ class Transmission:
         self.loop = stream.loop
         self.tasks: set[asyncio.Task] = set()
         self.inflight_bytes = 0
-        self.room = asyncio.Event()  # set while inflight_bytes is under the limit...
-        self.room.set()
+        # Set while inflight_bytes is under the limit; made at the first time it is not
+        # (most connections never get there, and every connection would pay for it)...
+        self.room: asyncio.Event | None = None
         self.held_up = False  # ...and this is its opposite, read per request for less
         self.requests = 0
         # Busy-polling before sleeping (see polling.py); plain sockets only, as TLS
@@ -329,7 +330,7 @@ class Transmission:
         finish), or replies the client reads slower than it asks (wait for the socket
         to drain)."""
         self.replies.flush()
-        if not self.room.is_set():
+        if self.room is not None and not self.room.is_set():
             await self.room.wait()
         if self.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH:
             await self.stream.drain()
@@ -456,6 +457,8 @@ class Transmission:
     def spawn(self, coroutine, held_bytes: int, started: float, command: int) -> None:
         self.inflight_bytes += held_bytes
         if self.inflight_bytes > MAX_INFLIGHT_BYTES:
+            if self.room is None:
+                self.room = asyncio.Event()
             self.room.clear()  # backpressure: stop reading requests until some finish
             self.held_up = True
         task = self.loop.create_task(coroutine)
@@ -467,7 +470,8 @@ class Transmission:
             self.tasks.discard(finished)
             self.inflight_bytes -= held_bytes
             if self.inflight_bytes <= MAX_INFLIGHT_BYTES:
-                self.room.set()
+                if self.room is not None:
+                    self.room.set()
                 self.held_up = False
         task.add_done_callback(done)
 
