@@ -575,3 +575,41 @@ def image_holds(image, offset: int, data: bytes) -> bool:
     with open(image, "rb") as f:
         f.seek(offset)
         return f.read(len(data)) == data
+
+
+async def test_payload_held_by_unanswered_requests_holds_back_the_next_ones(
+        image, tmp_path, monkeypatch):
+    """Backpressure: once the requests in worker threads hold more than the limit, the
+    server serves no further request until some finish. A cached READ sent behind slow
+    ones (READ with FUA flushes first) is then answered after one of them, not at once:
+    before the request loop runs (the first round) and while it waits for a header
+    (the second)."""
+    from nbdserve.server import transmission
+
+    monkeypatch.setattr(transmission, "MAX_INFLIGHT_BYTES", 8192)
+    export = SlowFlushExport(ExportConfig("", str(image)), RawImage(str(image)))
+    path = str(tmp_path / "s.sock")
+    server = Server(ExportCatalog([export]), [bind_unix(path)], poll_max_us=0)
+    await server.start()
+    data = image.read_bytes()
+    order: list[str] = []
+    try:
+        nbd = await NbdClient.connect(unix=path)
+        for _round in range(2):  # the limit engages again once it was lifted
+            futures = []
+            for i in range(3):
+                future = nbd.submit(c.NBD_CMD_READ, i * 4096, 4096, c.NBD_CMD_FLAG_FUA)
+                future.add_done_callback(lambda _f, i=i: order.append(f"slow{i}"))
+                futures.append(future)
+            cached = nbd.submit(c.NBD_CMD_READ, 1 << 20, 4096)
+            cached.add_done_callback(lambda _f: order.append("cached"))
+            await nbd.writer.drain()
+            replies = await asyncio.wait_for(asyncio.gather(*futures, cached), 30)
+            assert [bytes(r) for r in replies] == [data[i * 4096:(i + 1) * 4096]
+                                                   for i in range(3)] + \
+                [data[1 << 20:(1 << 20) + 4096]]
+            assert order.index("cached") > 0, order  # after a slow one at least
+            order.clear()
+        await nbd.disconnect()
+    finally:
+        await server.shutdown()

@@ -154,6 +154,10 @@ class Transmission:
                     if self.polled_from:
                         self.poller.adapt(time.perf_counter_ns() - self.polled_from)
                         self.polled_from = 0
+                    if self.held_up:
+                        # The callback's requests filled the backlog while this
+                        # waited: this one waits for room too, like the next.
+                        await self.wait_for_client()
                 elif len(replies.out) > BATCH_MAX:
                     replies.flush()
                 magic, flags, command, cookie, offset, length = header
