@@ -218,18 +218,20 @@ class Export:
             watch = self.watch
             if watch is not None and watch.at_rest:
                 watch.unsettle()  # before the image's times move
-            # (Each tuple is tested before it is walked: most exports have neither,
-            # and iterating an empty tuple still makes an iterator, per write.)
+            # (Each tuple is read once, and tested before it is walked: most exports
+            # have neither, and iterating an empty tuple still makes an iterator.)
+            preservers = self.preservers
             try:
-                if self.preservers:
-                    for preserver in self.preservers:
+                if preservers:
+                    for preserver in preservers:
                         preserver.preserve(offset, length)
                 return change(*args)
             finally:
                 if recorder is not None and recorder.epoch != epoch:
                     recorder.mark_dirty(offset, length)
-                if self.followers:
-                    for follower in self.followers:
+                followers = self.followers
+                if followers:
+                    for follower in followers:
                         follower.changed(offset, length)
         finally:
             active.pop()

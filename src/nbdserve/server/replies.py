@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
 import socket
@@ -22,7 +21,6 @@ from nbdserve.export import Export
 from nbdserve.metrics import OTHER
 from nbdserve.protocol import constants as c
 from nbdserve.protocol.transmission import (
-    SIMPLE_REPLY,
     block_status_chunk,
     error_chunk,
     extended_block_status_chunk,
@@ -33,12 +31,9 @@ from nbdserve.protocol.transmission import (
     none_chunk,
     offset_data_header,
     offset_hole_chunk,
+    simple_ok,
     simple_reply,
 )
-
-# simple_reply(cookie) for a request that succeeded, one per WRITE: bound in C, so the
-# call costs no Python frame.
-_simple_ok = functools.partial(SIMPLE_REPLY.pack, c.NBD_SIMPLE_REPLY_MAGIC, 0)
 
 log = logging.getLogger("nbdserve.transmission")
 
@@ -85,7 +80,7 @@ class ReplyWriter:
     # -- framing --------------------------------------------------------------------------------
 
     def ok(self, cookie: int, offset: int) -> None:
-        self.out.append(_simple_ok(cookie))
+        self.out.append(simple_ok(cookie))
 
     def fail(self, command: int, cookie: int, flags: int, exc: BaseException,
              offset: int) -> None:

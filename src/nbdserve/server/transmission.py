@@ -283,7 +283,7 @@ class Transmission:
         stream = self.stream
         header = stream.peek_struct(self.request_header)
         if header is not None and not self.tasks and header[0] == self.request_magic \
-                and header[2] == c.NBD_CMD_DISC:
+                and header[2] == _CMD_DISC:
             magic, flags, command, _cookie, _offset, length = header
             stream.consume(self.request_header.size)
             self.rules.frame(magic, flags, command, length)  # the phase is CLOSED now
