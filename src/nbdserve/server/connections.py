@@ -46,6 +46,11 @@ WAITING_MAX = 128
 HANDSHAKES_MAX = 256
 
 
+def _settle(future: asyncio.Future, _task: object = None) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def _nothing() -> None:
     pass
 
@@ -217,8 +222,7 @@ class Connections:
         lost = connection.lost
         if lost is not None and not lost.done():
             if finishing is not None:  # gone once that loop has ended it
-                finishing.add_done_callback(lambda _task: lost.done() or
-                                            lost.set_result(None))
+                finishing.add_done_callback(functools.partial(_settle, lost))
             else:
                 lost.set_result(None)
         if connection.has_slot:

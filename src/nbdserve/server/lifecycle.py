@@ -290,11 +290,13 @@ class Server:
         if self.status_pending or not self.notify_enabled:
             return
         self.status_pending = True
+        # (A method, not an inner function: one would make a cell on every call, and
+        # this runs twice per connection.)
+        asyncio.get_running_loop().call_later(STATUS_INTERVAL, self.send_status)
 
-        def send() -> None:
-            self.status_pending = False
-            systemd.notify(self.status_line())
-        asyncio.get_running_loop().call_later(STATUS_INTERVAL, send)
+    def send_status(self) -> None:
+        self.status_pending = False
+        systemd.notify(self.status_line())
 
     def status_line(self) -> str:
         exports = list(self.catalog)

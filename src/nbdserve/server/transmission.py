@@ -12,6 +12,7 @@ answered out of order when done.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import time
@@ -380,16 +381,18 @@ class Transmission:
                 return self.in_thread(command, cookie, flags, export.flush, started, offset)
             replies.ok(cookie, offset)
             return True
+        # (No lambda, inner function or comprehension in this method: any of them
+        # would turn the variables it uses into cells, made on every call, READs and
+        # WRITEs included.)
         if command == c.NBD_CMD_WRITE_ZEROES:
-            may_punch = not flags & c.NBD_CMD_FLAG_NO_HOLE
-            fast_only = bool(flags & c.NBD_CMD_FLAG_FAST_ZERO)
-
-            def zero() -> None:
-                export.zero(offset, length, may_punch=may_punch, fast_only=fast_only)
+            zero = functools.partial(export.zero, offset, length,
+                                     may_punch=not flags & c.NBD_CMD_FLAG_NO_HOLE,
+                                     fast_only=bool(flags & c.NBD_CMD_FLAG_FAST_ZERO))
             return self.in_thread(command, cookie, flags, zero, started, offset)
         if command == c.NBD_CMD_TRIM:
             return self.in_thread(command, cookie, flags,
-                                  lambda: export.trim(offset, length), started, offset)
+                                  functools.partial(export.trim, offset, length), started,
+                                  offset)
         if command == c.NBD_CMD_FLUSH:
             return self.in_thread(command, cookie, flags, export.flush, started, offset)
         if command == c.NBD_CMD_CACHE:
@@ -397,22 +400,30 @@ class Transmission:
             replies.ok(cookie, offset)
             return True
         if command == c.NBD_CMD_BLOCK_STATUS:
-            limit = 1 if flags & c.NBD_CMD_FLAG_REQ_ONE else c.MAX_EXTENTS_PER_CHUNK
-            selected = self.contexts.items()
-            if self.status_filter is not None:  # BLOCK_STATUS_PAYLOAD named some
-                selected = [(i, self.contexts[i]) for i in self.status_filter]
-                self.status_filter = None
-            typecode = self.status_typecode
-            try:
-                chunks = [(context_id, export.block_status(name, offset, length, limit,
-                                                           typecode))
-                          for context_id, name in selected]
-            except OSError as exc:  # a context that went away since SET, say
-                replies.fail(command, cookie, flags, exc, offset)
-                return True
-            replies.block_status(cookie, chunks, offset)
+            self.block_status(cookie, flags, offset, length)
             return True
         raise AssertionError(f"command {command} passed validation")  # pragma: no cover
+
+    def block_status(self, cookie: int, flags: int, offset: int, length: int) -> None:
+        """BLOCK_STATUS: one chunk per selected context, answered at once."""
+        limit = 1 if flags & c.NBD_CMD_FLAG_REQ_ONE else c.MAX_EXTENTS_PER_CHUNK
+        contexts = self.contexts
+        selected = self.status_filter  # BLOCK_STATUS_PAYLOAD named some
+        if selected is None:
+            selected = contexts
+        else:
+            self.status_filter = None
+        status = self.export.block_status
+        typecode = self.status_typecode
+        chunks = []
+        try:
+            for context_id in selected:
+                chunks.append((context_id, status(contexts[context_id], offset, length,
+                                                  limit, typecode)))
+        except OSError as exc:  # a context that went away since SET, say
+            self.replies.fail(c.NBD_CMD_BLOCK_STATUS, cookie, flags, exc, offset)
+            return
+        self.replies.block_status(cookie, chunks, offset)
 
     # -- WRITE payloads spliced from the socket ----------------------------------------------
 
