@@ -46,6 +46,9 @@ WAITING_MAX = 128
 HANDSHAKES_MAX = 256
 
 
+_EXPIRED = float("inf")  # a handshake already cut off
+
+
 def _settle(future: asyncio.Future, _task: object = None) -> None:
     if not future.done():
         future.set_result(None)
@@ -69,7 +72,7 @@ class Connection:
         self.transmission: Transmission | None = None
         self.task: asyncio.Task | None = None  # the transmission phase, once it starts
         self.handshake: Handshake | None = None
-        self.timer: asyncio.TimerHandle | None = None  # the handshake's deadline
+        self.deadline = 0.0  # when its handshake must be over (the loop's clock)
         self.has_slot = False  # counted against max_connections
         self.lost: asyncio.Future | None = None  # set when the client is gone
         self.gone = False  # the connection is closed
@@ -134,6 +137,9 @@ class Connections:
         self.max_handshakes = HANDSHAKES_MAX
         self.accepted = 0
         self.stopping = False
+        # One timer for every handshake's deadline (sweep_handshakes), armed while
+        # handshakes run: a timer per connection cost 3 us of every handshake.
+        self.sweep: asyncio.TimerHandle | None = None
 
     def __iter__(self):
         return iter(list(self.live))
@@ -198,8 +204,6 @@ class Connections:
         # break that now, so the buffers go with the connection and not whenever the
         # cycle collector next runs (issue 12: memory not given back).
         connection.stream.on_lost = None
-        if connection.timer is not None:
-            connection.timer.cancel()
         if connection.handshake is not None:
             log.debug("%s: client left during the handshake", connection.peer)
             connection.handshake.abandon()
@@ -259,20 +263,43 @@ class Connections:
         connection.handshake = Handshake(
             connection.stream, negotiator, connection.peer,
             functools.partial(self.handshake_done, connection), self.tls, self.ssl_context)
-        connection.timer = connection.stream.loop.call_later(
-            self.handshake_timeout, self.handshake_expired, connection)
+        loop = connection.stream.loop
+        connection.deadline = loop.time() + self.handshake_timeout
+        if self.sweep is None:
+            self.sweep = loop.call_later(self.sweep_interval(), self.sweep_handshakes)
         connection.handshake.start(greeted)
+
+    def sweep_interval(self) -> float:
+        """How often handshake deadlines are checked: a client is cut off between
+        handshake_timeout and a quarter more (at most a second more) after it began."""
+        return min(1.0, self.handshake_timeout / 4)
+
+    def sweep_handshakes(self) -> None:
+        """Cut off the handshakes past their deadline; check again while any run."""
+        self.sweep = None
+        now = asyncio.get_running_loop().time()
+        running = False
+        for connection in list(self.live):
+            if connection.handshake is None or connection.deadline == _EXPIRED:
+                continue
+            if now >= connection.deadline:
+                self.handshake_expired(connection)
+            else:
+                running = True
+        if running:
+            self.sweep = asyncio.get_running_loop().call_later(self.sweep_interval(),
+                                                               self.sweep_handshakes)
 
     def handshake_expired(self, connection: Connection) -> None:
         log.warning("%s: handshake not finished in %g s; disconnecting", connection.peer,
                     self.handshake_timeout)
         HANDSHAKE_FAILURES.count("timeout")
+        connection.deadline = _EXPIRED  # (closing takes a turn of the loop)
         if connection.handshake is not None:
             connection.handshake.finished = True  # counted here, not again as closed
         connection.stream.close()
 
     def handshake_done(self, connection: Connection, session: Session | None) -> None:
-        connection.timer.cancel()
         connection.handshake = None
         self.census.handshaking -= 1
         self.admit_waiting()
