@@ -565,7 +565,22 @@ async def test_requests_served_as_they_arrive_need_no_request_loop(image, tmp_pa
         await ended()
         assert export.flushed
         assert len(loops) == 2
-        assert caplog.text.count("disconnected from export") == 4
+        # 5. The same while something waits for the connection to finish (as
+        #    shutdown and export removal do): it hears of the end once the FLUSH
+        #    is done and the connection accounted for, not when the client went.
+        export.flushed = False
+        nbd = await connect()
+        nbd.submit(c.NBD_CMD_FLUSH, 0, 0)
+        await nbd.writer.drain()
+        await wait_until(lambda: server.connections.inflight(), what="FLUSH in flight")
+        (connection,) = server.connections.live
+        finished = connection.finished()
+        nbd.writer.close()
+        await asyncio.wait_for(finished, 5)
+        assert export.flushed
+        assert (export.connections, bitmap.busy) == (0, 0)
+        assert len(loops) == 3
+        assert caplog.text.count("disconnected from export") == 5
         assert image_holds(image, 0, small) and image_holds(image, 8192, small)
     finally:
         await server.shutdown()
