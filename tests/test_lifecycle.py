@@ -586,6 +586,107 @@ async def test_requests_served_as_they_arrive_need_no_request_loop(image, tmp_pa
         await server.shutdown()
 
 
+async def test_a_client_that_only_says_goodbye_is_served_with_nothing_built(
+        image, tmp_path, monkeypatch, caplog):
+    """A client that reads the handshake's answers and sends DISC (nbdinfo --size, a
+    health probe) is hung up on without anything built to serve requests; the first
+    request of any other kind builds it, also when it came in the GO's packet. Either
+    way the connection counts as in transmission until it ends, and its end undoes
+    what it counted."""
+    import struct
+
+    from nbdserve.bitmaps.store import BitmapStore
+    from nbdserve.config import BitmapRequest
+    from nbdserve.server import connections as connections_module
+
+    raw = RawImage(str(image))
+    store = BitmapStore.open(str(image) + ".qdb", raw.size, raw.identity,
+                             requests=[BitmapRequest("b0")])
+    export = Export(ExportConfig("", str(image)), raw, store)
+    path = str(tmp_path / "s.sock")
+    server = Server(ExportCatalog([export]), [bind_unix(path)], poll_max_us=0)
+    built: list[str] = []
+    transmission_class = connections_module.Transmission
+
+    def counted(stream, session, *args, **kwargs):
+        built.append(session.export.name)
+        return transmission_class(stream, session, *args, **kwargs)
+
+    monkeypatch.setattr(connections_module, "Transmission", counted)
+    caplog.set_level("INFO", logger="nbdserve.server")
+    await server.start()
+    bitmap = store.bitmaps["b0"]
+    data = os.urandom(4096)
+    with open(image, "r+b") as f:
+        f.write(data)
+
+    async def ended() -> None:
+        await wait_until(lambda: not server.connections.live, what="the client gone")
+        assert (export.connections, bitmap.busy) == (0, 0)
+
+    def raw_go(extra: bytes) -> tuple[socket.socket, object]:
+        """GO on the default export with `extra` in the same packet; the option
+        replies read."""
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(path)
+        stream = sock.makefile("rb")
+        assert len(stream.read(18)) == 18
+        sock.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 7, 6)
+                     + struct.pack(">IH", 0, 0) + extra)
+        while True:
+            _magic, _option, reply_type, length = struct.unpack(">QIII", stream.read(20))
+            stream.read(length)
+            if reply_type == 1:
+                return sock, stream
+
+    try:
+        for extended in (False, True):
+            # 1. Connected and idle: in transmission, with what it holds, and nothing
+            #    built yet. Then DISC.
+            nbd = await NbdClient.connect(unix=path, extended=extended,
+                                          meta_contexts=["qemu:dirty-bitmap:b0"])
+            assert nbd.extended == extended
+            assert (export.connections, bitmap.busy) == (1, 1)
+            (state,) = [conn.describe() for conn in server.connections]
+            assert (state["state"], state["requests"], state["in_flight"]) == \
+                ("transmission", 0, 0)
+            await nbd.disconnect()
+            await ended()
+            assert built == []
+        # 2. The client goes without a request: the same.
+        nbd = await NbdClient.connect(unix=path)
+        nbd.writer.close()
+        await ended()
+        assert built == []
+        # 3. A first request that is not DISC builds what serves it.
+        nbd = await NbdClient.connect(unix=path)
+        assert await nbd.read(0, 4096) == data
+        await nbd.disconnect()
+        await ended()
+        assert built == [""]
+        # 4. DISC, then a READ, in the GO's packet: hung up on, the READ unanswered.
+        sock, stream = await asyncio.to_thread(
+            raw_go, struct.pack(">IHHQQI", 0x25609513, 0, c.NBD_CMD_DISC, 1, 0, 0)
+            + struct.pack(">IHHQQI", 0x25609513, 0, c.NBD_CMD_READ, 2, 0, 4096))
+        assert await asyncio.to_thread(stream.read, 1) == b""
+        sock.close()
+        await ended()
+        assert built == [""]
+        # 5. A READ, then DISC, in the GO's packet: answered, then hung up on.
+        sock, stream = await asyncio.to_thread(
+            raw_go, struct.pack(">IHHQQI", 0x25609513, 0, c.NBD_CMD_READ, 7, 0, 4096)
+            + struct.pack(">IHHQQI", 0x25609513, 0, c.NBD_CMD_DISC, 8, 0, 0))
+        reply = await asyncio.to_thread(stream.read, 16 + 4096 + 1)
+        assert reply == struct.pack(">IIQ", c.NBD_SIMPLE_REPLY_MAGIC, 0, 7) + data
+        sock.close()
+        await ended()
+        assert built == ["", ""]
+        assert caplog.text.count("disconnected from export") == 6
+        assert caplog.text.count("after 0 requests") == 4
+    finally:
+        await server.shutdown()
+
+
 def image_holds(image, offset: int, data: bytes) -> bool:
     with open(image, "rb") as f:
         f.seek(offset)

@@ -551,12 +551,13 @@ def test_methods_run_per_request_or_connection_make_no_cells():
     WRITE, bench/instructions.py). These run per request or per connection."""
     from nbdserve.server.connections import Connections
     from nbdserve.server.lifecycle import Server as Lifecycle
-    from nbdserve.server.transmission import Transmission
+    from nbdserve.server.transmission import Transmission, first_is_disc
 
-    hot = [Transmission.handle, Transmission.serve_arrived, Transmission.run,
+    hot = [first_is_disc, Transmission.handle, Transmission.serve_arrived, Transmission.run,
            Transmission.take_over, Transmission.prepare_to_wait,
            Connections.connection_made, Connections.connection_lost,
            Connections.begin_handshake, Connections.enter_transmission,
+           Connections.first_request, Connections.serve,
            Connections.end_transmission, Lifecycle.status_changed]
     assert {f.__qualname__: f.__code__.co_cellvars for f in hot
             if f.__code__.co_cellvars} == {}

@@ -27,7 +27,7 @@ from nbdserve.protocol.options import GREETING, OptionNegotiator, Session
 from nbdserve.server.handshake import Handshake
 from nbdserve.server.polling import Census, Poller
 from nbdserve.server.stream import NbdStream
-from nbdserve.server.transmission import Transmission
+from nbdserve.server.transmission import Transmission, first_is_disc
 from nbdserve.tls import TlsConfig
 
 log = logging.getLogger("nbdserve.server")
@@ -67,8 +67,11 @@ class Connection:
         self.peer = peer
         self.sock = sock  # uvloop builds a new socket object per lookup: keep this one
         self.unix = unix
-        self.session: Session | None = None
+        self.session: Session | None = None  # set once it is in transmission
         self.features: list[str] = []
+        # What serves its requests, built at the first one that is not DISC
+        # (Connections.first_request): None before that, and for good on a connection
+        # that only looks at the handshake's answers and says goodbye.
         self.transmission: Transmission | None = None
         self.task: asyncio.Task | None = None  # the transmission phase, once it starts
         self.handshake: Handshake | None = None
@@ -104,12 +107,13 @@ class Connection:
     def describe(self) -> dict:
         state = "handshake" if self.has_slot else "waiting"  # for a connection slot
         entry = {"peer": self.peer, "export": None, "state": state}
-        if self.session is not None and self.transmission is not None:
+        if self.session is not None:
+            transmission = self.transmission
             entry.update({
                 "export": self.session.export.name, "state": "transmission",
                 "features": self.features,
-                "in_flight": len(self.transmission.tasks),
-                "requests": self.transmission.requests,
+                "in_flight": len(transmission.tasks) if transmission is not None else 0,
+                "requests": transmission.requests if transmission is not None else 0,
             })
         return entry
 
@@ -160,7 +164,7 @@ class Connections:
 
     def using(self, export) -> list[Connection]:
         return [conn for conn in self.live
-                if conn.transmission is not None and conn.transmission.export is export]
+                if conn.session is not None and conn.session.export is export]
 
     # -- accepting ------------------------------------------------------------------------------
 
@@ -204,6 +208,7 @@ class Connections:
         # break that now, so the buffers go with the connection and not whenever the
         # cycle collector next runs (issue 12: memory not given back).
         connection.stream.on_lost = None
+        connection.stream.on_data = None  # (first_request's, which refers to it)
         if connection.handshake is not None:
             log.debug("%s: client left during the handshake", connection.peer)
             connection.handshake.abandon()
@@ -221,6 +226,11 @@ class Connections:
                 finishing = connection.task
             else:
                 self.end_transmission(connection)
+        elif transmission is None and connection.session is not None:
+            # In transmission, and no request but DISC (or none) came.
+            if not connection.ended:
+                log.debug("%s: client closed the connection", connection.peer)
+            self.end_transmission(connection)
         connection.gone = True
         self.live.discard(connection)
         lost = connection.lost
@@ -311,10 +321,8 @@ class Connections:
     # -- transmission ----------------------------------------------------------------------------
 
     def enter_transmission(self, connection: Connection, session: Session) -> None:
-        """The handshake agreed on a session: account for the connection, then serve
-        its requests from the stream's callbacks. A task for its request loop starts
-        only when a request needs one (start_loop): a client that connects, asks a
-        few things and sends DISC (nbdinfo, a monitoring probe) never costs one."""
+        """The handshake agreed on a session: account for the connection, then wait
+        for its first request (first_request)."""
         export = session.export
         features = ["tls"] if session.tls else []
         if session.extended_headers:
@@ -329,17 +337,45 @@ class Connections:
             log.info("%s: connected to export %r (flags 0x%04x%s)", connection.peer,
                      export.name, session.transmission_flags,
                      "; " + ", ".join(features) if features else "")
+        export.connections += 1
+        self.census.transmitting += 1
+        self.on_change()
+        connection.held = export.hold(session.meta_contexts.values())
+        stream = connection.stream
+        stream.on_data = functools.partial(self.first_request, connection)
+        self.first_request(connection)  # it may have come with the GO
+
+    def first_request(self, connection: Connection) -> None:
+        """Bytes arrived on a connection in transmission that has served nothing yet.
+        What serves requests (a Transmission: the request rules, the reply writer, the
+        large receive buffer, busy-polling) is built now, unless the request is DISC:
+        then the client only wanted the handshake's answers (nbdinfo --size, a health
+        probe), and it is hung up on at once. That is a sixth of such a connection's
+        cost saved (docs/performance.md)."""
+        stream = connection.stream
+        disc = first_is_disc(stream, connection.session.extended_headers)
+        if disc is None:
+            return  # the header is on its way
+        stream.on_data = None
+        if disc:
+            log.debug("%s: client disconnected (DISC)", connection.peer)
+            self.end_transmission(connection)  # (before the close: it takes a turn)
+            stream.close()
+            return
+        self.serve(connection)
+
+    def serve(self, connection: Connection) -> None:
+        """Serve a connection's requests, from the stream's callbacks: a task for its
+        request loop starts only when a request needs one (start_loop), so a client
+        that asks a few things and sends DISC (nbdinfo --map) never costs one."""
         sock = connection.sock
+        session = connection.session
         if self.census.poll_max_ns and sock is not None:
             connection.poller = Poller(sock.fileno(), self.census)
         transmission = Transmission(connection.stream, session, self.executor,
                                     connection.peer, stopping=self.stopping, sock=sock,
                                     unix=connection.unix, poller=connection.poller)
         connection.transmission = transmission
-        export.connections += 1
-        self.census.transmitting += 1
-        self.on_change()
-        connection.held = export.hold(session.meta_contexts.values())
         transmission.serve_from_callbacks(functools.partial(self.start_loop, connection))
 
     def start_loop(self, connection: Connection) -> None:
@@ -377,8 +413,10 @@ class Connections:
         connection.ended = True
         # Let go of what refers back to the connection and its stream, so both go
         # when it does (not whenever the cycle collector next runs: issue 12).
-        connection.stream.on_arrival = None
-        connection.transmission.start_loop = _nothing
+        connection.stream.on_arrival = connection.stream.on_data = None
+        transmission = connection.transmission
+        if transmission is not None:
+            transmission.start_loop = _nothing
         export = connection.session.export
         export.release(connection.held)
         export.connections -= 1
@@ -388,4 +426,4 @@ class Connections:
         self.on_change()
         if connection.logged:
             log.info("%s: disconnected from export %r after %d requests", connection.peer,
-                     export.name, connection.transmission.requests)
+                     export.name, transmission.requests if transmission is not None else 0)

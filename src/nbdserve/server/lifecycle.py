@@ -203,7 +203,8 @@ class Server:
         self.catalog.remove(name)
         users = self.connections.using(export)
         for conn in users:
-            await conn.transmission.finish_inflight()
+            if conn.transmission is not None:
+                await conn.transmission.finish_inflight()
             conn.hang_up()
         if users:
             await asyncio.wait([c.finished() for c in users], timeout=5)

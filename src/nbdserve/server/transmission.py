@@ -59,6 +59,21 @@ _CMD_READ, _CMD_WRITE, _CMD_DISC = c.NBD_CMD_READ, c.NBD_CMD_WRITE, c.NBD_CMD_DI
 _FLAG_FUA, _FLAG_PAYLOAD_LEN = c.NBD_CMD_FLAG_FUA, c.NBD_CMD_FLAG_PAYLOAD_LEN
 
 
+def first_is_disc(stream: NbdStream, extended: bool) -> bool | None:
+    """Whether a connection's first request is DISC, looked at before anything is
+    built to serve requests (Connections.first_request): True, consumed; False, left
+    unread; None while the header is still on its way."""
+    layout = EXTENDED_REQUEST_HEADER if extended else REQUEST_HEADER
+    header = stream.peek_struct(layout)
+    if header is None:
+        return None
+    magic = c.NBD_EXTENDED_REQUEST_MAGIC if extended else c.NBD_REQUEST_MAGIC
+    if header[2] != _CMD_DISC or header[0] != magic:
+        return False
+    stream.consume(layout.size)
+    return True
+
+
 class Transmission:
     def __init__(self, stream: NbdStream, session: Session, executor: Executor, peer: str,
                  *, stopping: bool = False, sock: socket.socket | None = None,
