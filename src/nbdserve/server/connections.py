@@ -343,7 +343,8 @@ class Connections:
         connection.held = export.hold(session.meta_contexts.values())
         stream = connection.stream
         stream.on_data = functools.partial(self.first_request, connection)
-        self.first_request(connection)  # it may have come with the GO
+        if stream.available():  # it came with the GO
+            self.first_request(connection)
 
     def first_request(self, connection: Connection) -> None:
         """Bytes arrived on a connection in transmission that has served nothing yet.

@@ -48,7 +48,8 @@ class Handshake:
         if not greeted:
             self.stream.write(GREETING)
         self.stream.on_data = self.feed
-        self.feed()
+        if self.stream.available():  # whatever was received before (none, when just accepted)
+            self.feed()
 
     def feed(self) -> None:
         """Handle every complete message received so far. (No busy-polling between
