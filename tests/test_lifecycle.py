@@ -481,6 +481,22 @@ async def test_a_bug_in_a_request_costs_its_connection_only(image, tmp_path, cap
         await server.shutdown()
 
 
+def bitmap_server(image, tmp_path, export_class: type[Export] = Export):
+    """An in-process server (not started) of image with one recording bitmap, b0, on a
+    Unix socket, without busy-polling. Returns it, the export, its store and the
+    socket's path."""
+    from nbdserve.bitmaps.store import BitmapStore
+    from nbdserve.config import BitmapRequest
+
+    raw = RawImage(str(image))
+    store = BitmapStore.open(str(image) + ".qdb", raw.size, raw.identity,
+                             requests=[BitmapRequest("b0")])
+    export = export_class(ExportConfig("", str(image)), raw, store)
+    path = str(tmp_path / "s.sock")
+    server = Server(ExportCatalog([export]), [bind_unix(path)], poll_max_us=0)
+    return server, export, store, path
+
+
 class SlowFlushExport(Export):
     """An export whose FLUSH takes a while (and says when it is done)."""
 
@@ -500,16 +516,9 @@ async def test_requests_served_as_they_arrive_need_no_request_loop(image, tmp_pa
     so does a hang-up with a request still in flight. However it ends, what the
     connection counted is undone: the export's connections, the bitmap it kept busy,
     its "disconnected" line."""
-    from nbdserve.bitmaps.store import BitmapStore
-    from nbdserve.config import BitmapRequest
     from nbdserve.server.connections import Connections
 
-    raw = RawImage(str(image))
-    store = BitmapStore.open(str(image) + ".qdb", raw.size, raw.identity,
-                             requests=[BitmapRequest("b0")])
-    export = SlowFlushExport(ExportConfig("", str(image)), raw, store)
-    path = str(tmp_path / "s.sock")
-    server = Server(ExportCatalog([export]), [bind_unix(path)], poll_max_us=0)
+    server, export, store, path = bitmap_server(image, tmp_path, SlowFlushExport)
     loops: list[str] = []
     start_loop = Connections.start_loop
 
@@ -595,16 +604,9 @@ async def test_a_client_that_only_says_goodbye_is_served_with_nothing_built(
     what it counted."""
     import struct
 
-    from nbdserve.bitmaps.store import BitmapStore
-    from nbdserve.config import BitmapRequest
     from nbdserve.server import connections as connections_module
 
-    raw = RawImage(str(image))
-    store = BitmapStore.open(str(image) + ".qdb", raw.size, raw.identity,
-                             requests=[BitmapRequest("b0")])
-    export = Export(ExportConfig("", str(image)), raw, store)
-    path = str(tmp_path / "s.sock")
-    server = Server(ExportCatalog([export]), [bind_unix(path)], poll_max_us=0)
+    server, export, store, path = bitmap_server(image, tmp_path)
     built: list[str] = []
     transmission_class = connections_module.Transmission
 
