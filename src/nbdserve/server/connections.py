@@ -351,8 +351,8 @@ class Connections:
         What serves requests (a Transmission: the request rules, the reply writer, the
         large receive buffer, busy-polling) is built now, unless the request is DISC:
         then the client only wanted the handshake's answers (nbdinfo --size, a health
-        probe), and it is hung up on at once. That is a sixth of such a connection's
-        cost saved (docs/performance.md)."""
+        probe), and it is hung up on at once: an eighth of such a connection's cost
+        (docs/performance.md)."""
         stream = connection.stream
         disc = first_is_disc(stream, connection.session.extended_headers)
         if disc is None:
@@ -360,7 +360,7 @@ class Connections:
         stream.on_data = None
         if disc:
             log.debug("%s: client disconnected (DISC)", connection.peer)
-            self.end_transmission(connection)  # (before the close: it takes a turn)
+            self.end_transmission(connection)  # (connection_lost finds it ended)
             stream.close()
             return
         self.serve(connection)
