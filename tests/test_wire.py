@@ -551,10 +551,10 @@ def test_methods_run_per_request_or_connection_make_no_cells():
     WRITE, bench/instructions.py). These run per request or per connection."""
     from nbdserve.server.connections import Connections
     from nbdserve.server.lifecycle import Server as Lifecycle
-    from nbdserve.server.transmission import Transmission, first_is_disc
+    from nbdserve.server.transmission import Transmission, first_is_disc, take_disc
 
-    hot = [first_is_disc, Transmission.handle, Transmission.serve_arrived, Transmission.run,
-           Transmission.take_over, Transmission.prepare_to_wait,
+    hot = [first_is_disc, take_disc, Transmission.handle, Transmission.serve_arrived,
+           Transmission.run, Transmission.take_over, Transmission.prepare_to_wait,
            Connections.connection_made, Connections.connection_lost,
            Connections.begin_handshake, Connections.enter_transmission,
            Connections.first_request, Connections.serve,

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -59,19 +60,24 @@ _CMD_READ, _CMD_WRITE, _CMD_DISC = c.NBD_CMD_READ, c.NBD_CMD_WRITE, c.NBD_CMD_DI
 _FLAG_FUA, _FLAG_PAYLOAD_LEN = c.NBD_CMD_FLAG_FUA, c.NBD_CMD_FLAG_PAYLOAD_LEN
 
 
-def first_is_disc(stream: NbdStream, extended: bool) -> bool | None:
-    """Whether a connection's first request is DISC, looked at before anything is
-    built to serve requests (Connections.first_request): True, consumed; False, left
-    unread; None while the header is still on its way."""
-    layout = EXTENDED_REQUEST_HEADER if extended else REQUEST_HEADER
+def take_disc(stream: NbdStream, layout: struct.Struct, magic: int) -> bool | None:
+    """Whether the next request (its header: layout, magic) is DISC: True, consumed;
+    False, left unread; None while the header is still on its way."""
     header = stream.peek_struct(layout)
     if header is None:
         return None
-    magic = c.NBD_EXTENDED_REQUEST_MAGIC if extended else c.NBD_REQUEST_MAGIC
     if header[2] != _CMD_DISC or header[0] != magic:
         return False
     stream.consume(layout.size)
     return True
+
+
+def first_is_disc(stream: NbdStream, extended: bool) -> bool | None:
+    """take_disc for a connection's first request, looked at before anything is built
+    to serve requests (Connections.first_request)."""
+    if extended:
+        return take_disc(stream, EXTENDED_REQUEST_HEADER, c.NBD_EXTENDED_REQUEST_MAGIC)
+    return take_disc(stream, REQUEST_HEADER, c.NBD_REQUEST_MAGIC)
 
 
 class Transmission:
@@ -296,13 +302,8 @@ class Transmission:
         """serve_arrived left a request to the request loop, and none runs yet. DISC
         with nothing in flight ends the connection here (how most short connections
         end: without a task at all); anything else starts the loop."""
-        stream = self.stream
-        header = stream.peek_struct(self.request_header)
-        if header is not None and not self.tasks and header[0] == self.request_magic \
-                and header[2] == _CMD_DISC:
-            magic, flags, command, _cookie, _offset, length = header
-            stream.consume(self.request_header.size)
-            self.rules.frame(magic, flags, command, length)  # the phase is CLOSED now
+        if not self.tasks and take_disc(self.stream, self.request_header, self.request_magic):
+            self.rules.frame(self.request_magic, 0, _CMD_DISC, 0)  # the phase is CLOSED now
             log.debug("%s: client disconnected (DISC)", self.peer)
             self.hang_up()
             return
