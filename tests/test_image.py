@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nbdserve import image as image_module
 from nbdserve.image import RawImage, filesystem_type
@@ -73,6 +75,88 @@ def test_limit_stops_early_without_covering_the_range(layout):
 def test_words_carry_the_callers_flags(layout):
     words = layout.allocation_words(0, 4 * BLOCK, 100, data=7, hole=3)
     assert list(words) == [BLOCK, 3, 2 * BLOCK, 7, BLOCK, 3]
+
+
+def expected_runs(blocks: list[bool], offset: int, length: int, limit: int):
+    """The (length, is_data) runs of [offset, offset+length) in a file of BLOCK-sized
+    blocks, data where blocks says, joined and cut to limit."""
+    joined: list[list] = []
+    for index, is_data in enumerate(blocks):
+        start, end = max(index * BLOCK, offset), min((index + 1) * BLOCK, offset + length)
+        if start >= end:
+            continue
+        if joined and joined[-1][1] == is_data:
+            joined[-1][0] += end - start
+        else:
+            joined.append([end - start, is_data])
+    return [tuple(run) for run in joined[:limit]]
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(blocks=st.lists(st.booleans(), min_size=1, max_size=24),
+       queries=st.lists(st.tuples(st.integers(0, 24 * 128), st.integers(0, 24 * 128),
+                                  st.integers(1, 30), st.sampled_from("IQ")),
+                        min_size=1, max_size=8))
+@pytest.mark.parametrize("few_bounds", [2, image_module.FEW_BOUNDS])
+def test_any_layout_and_range_against_the_blocks_written(tmp_path, monkeypatch, few_bounds,
+                                                         blocks, queries):
+    """Every range (in 512-byte steps) and limit, both word sizes, asked in turn of
+    one image, so that what one walk remembers is used by the next: the runs are
+    exactly the blocks written and the holes left. With few_bounds 2, every answer of
+    two runs or more is made the way a map's many runs are."""
+    skip_without_holes(tmp_path)
+    monkeypatch.setattr(image_module, "FEW_BOUNDS", few_bounds)
+    path = tmp_path / f"any-{os.getpid()}-{len(os.listdir(tmp_path))}.img"
+    with open(path, "wb") as f:
+        f.truncate(len(blocks) * BLOCK)
+        for index, is_data in enumerate(blocks):
+            if is_data:
+                f.seek(index * BLOCK)
+                f.write(b"\1" * BLOCK)
+    image = RawImage(str(path), read_only=True)
+    try:
+        size = len(blocks) * BLOCK
+        for start, length, limit, typecode in queries:
+            offset = min(start * 512, size)
+            length = min(length * 512, size - offset)
+            expected = expected_runs(blocks, offset, length, limit)
+            words = image.allocation_words(offset, length, limit, 7, 3, typecode)
+            assert words.typecode == typecode
+            assert list(words) == [word for run, is_data in expected
+                                   for word in (run, 7 if is_data else 3)], \
+                (offset, length, limit)
+    finally:
+        image.close()
+        path.unlink()
+
+
+@pytest.mark.parametrize("blocks", [4, 16])  # few runs, and many (answered by C code)
+def test_a_hole_filled_during_the_walk_joins_the_runs_around_it(tmp_path, monkeypatch,
+                                                                 blocks):
+    """SEEK_DATA from the start of a hole says data there: another thread wrote it
+    between our two calls. The data runs on both sides become one."""
+    skip_without_holes(tmp_path)
+    path = tmp_path / "alternating.img"
+    with open(path, "wb") as f:  # a hole, data, a hole, data, ...
+        f.truncate(blocks * BLOCK)
+        for index in range(1, blocks, 2):
+            f.seek(index * BLOCK)
+            f.write(b"\1" * BLOCK)
+    image = RawImage(str(path), read_only=True)
+    real = os.lseek
+
+    def lseek(fd, position, whence):
+        if position == 2 * BLOCK:  # the second hole, written as we walk
+            return 2 * BLOCK if whence == os.SEEK_DATA else 4 * BLOCK
+        return real(fd, position, whence)
+    monkeypatch.setattr(os, "lseek", lseek)
+    try:
+        expected = [(BLOCK, False), (3 * BLOCK, True)] + \
+            [(BLOCK, bool(index % 2)) for index in range(4, blocks)]
+        assert runs(image, 0, blocks * BLOCK) == expected
+    finally:
+        image.close()
 
 
 # -- reads that ask the page cache first (RWF_NOWAIT) ------------------------------------

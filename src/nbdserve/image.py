@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import errno
 import mmap
+import operator
 import os
 import stat
 import threading
@@ -29,6 +30,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 SECTOR = 512
 SPLICE_F_MOVE = 1
 SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
+FEW_BOUNDS = 9  # walks that found this few runs (plus one) are answered by a plain loop
 _ZERO_CHUNK = bytes(1 << 20)
 
 # File systems whose files live in memory: every read is a page-cache hit.
@@ -263,55 +265,76 @@ class RawImage:
 
         SEEK_DATA/SEEK_HOLE tell where data is; where the file system cannot say, the
         whole range is reported as data (always a safe answer). A map is mostly these
-        calls, so the loop is kept flat: two calls per hole-and-data pair, no more.
+        calls, so the loop does little else: it notes where each hole and each data
+        run ends (two calls per pair), and the lengths and flags are made from those
+        positions afterwards, by C code (docs/performance.md: the map).
         """
-        words = array(typecode)
-        extend = words.extend
         lseek, fd = os.lseek, self.fd
-        end = offset + length + self.base  # the file's positions from here on
-        position = offset + self.base
-        count = 0
-        # Per extent, so kept to the two calls and plain comparisons (no min(), one
-        # extend per run): this loop's Python is what a map costs beyond the lseeks.
+        position = offset + self.base  # the file's positions from here on
+        end = position + length
         known_from, known_to = self._data_run
         holes_made = self._holes_made
-        while position < end and count < limit:
-            if known_from <= position < known_to:
-                data_end = known_to if known_to < end else end
-                extend((data_end - position, data))
-                count += 1
-                position = data_end
-                continue
+        # Where each run ends, after where the first begins. The runs are a hole and
+        # a data run, in turn; a hole is empty where data starts at once.
+        bounds = [position]
+        append = bounds.append
+        last = limit + 1  # a pair more than limit runs can need (the first hole empty)
+        if known_from >= known_to:
+            known_from = -1  # none: no position is its start
+        if known_from <= position < known_to:
+            data_start = known_from = position  # (so that the loop takes it at once)
+        else:
             try:
                 data_start = lseek(fd, position, SEEK_DATA)
             except OSError as exc:
-                # ENXIO: no data after position, a hole to the end. Anything else: the
-                # file system cannot tell, so say data.
-                extend((end - position, hole if exc.errno == errno.ENXIO else data))
+                data_start = _no_data_found(exc, position, end)
+        while True:
+            if data_start >= end:
+                append(end)
                 break
-            if data_start > position:
-                hole_end = data_start if data_start < end else end
-                extend((hole_end - position, hole))
-                count += 1
-                position = hole_end
-                if position == end or count == limit:
-                    break
-            if known_from <= position < known_to:
-                continue
+            append(data_start)
+            if data_start == known_from:
+                data_end = known_to
+            else:
+                try:
+                    data_end = lseek(fd, data_start, SEEK_HOLE)
+                except OSError:
+                    data_end = end
+                if data_end > end:
+                    self._data_run = data_start, data_end
+                    if self._holes_made != holes_made:  # (checked after the store)
+                        self._data_run = (0, 0)
+            if not data_start < data_end < end:  # (the usual case, in one test)
+                # At the end; or, if SEEK_HOLE found no hole after data_start, the
+                # file changed between the two calls: say data (safe), and stop.
+                append(end)
+                break
+            append(data_end)
+            if len(bounds) > last:
+                break
             try:
-                data_end = lseek(fd, position, SEEK_HOLE)
-            except OSError:
-                data_end = end
-            if data_end > end:
-                self._data_run = known_from, known_to = position, data_end
-                if self._holes_made != holes_made:  # (checked after the store)
-                    self._data_run = (0, 0)
-                data_end = end
-            elif data_end <= position:
-                data_end = end  # changed between the two calls: say data (safe), stop
-            extend((data_end - position, data))
-            count += 1
-            position = data_end
+                data_start = lseek(fd, data_end, SEEK_DATA)
+            except OSError as exc:
+                data_start = _no_data_found(exc, data_end, end)
+        if len(bounds) == 2:  # a hole to the end (or an empty range)
+            return array(typecode, (end - position, hole) if end > position else ())
+        if len(bounds) == 3 and bounds[1] == position:  # one data run: most READs
+            return array(typecode, (bounds[2] - position, data))
+        if len(bounds) <= FEW_BOUNDS:
+            return _words_from_bounds(bounds, data, hole, limit, typecode)
+        # Many runs (a map): lengths and flags made by C code, each in one pass.
+        lengths = list(map(operator.sub, bounds[1:], bounds[:-1]))
+        first_is_data = not lengths[0]
+        if first_is_data:
+            del lengths[0]
+        if 0 in lengths:  # data found where a hole had just been: runs to join
+            return _words_from_bounds(bounds, data, hole, limit, typecode)
+        del lengths[limit:]
+        count = len(lengths)
+        words = array(typecode, (0,)) * (2 * count)
+        words[0::2] = array(typecode, lengths)
+        pair = (data, hole) if first_is_data else (hole, data)
+        words[1::2] = (array(typecode, pair) * ((count + 1) // 2))[:count]
         return words
 
     # -- writes -----------------------------------------------------------------------
@@ -403,6 +426,36 @@ class RawImage:
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
+
+
+def _no_data_found(exc: OSError, position: int, end: int) -> int:
+    """Where data starts, after SEEK_DATA from position failed: ENXIO says there is
+    none before the end of the file (a hole to the end); anything else means the file
+    system cannot tell, and position starts data (the safe answer)."""
+    return end if exc.errno == errno.ENXIO else position
+
+
+def _words_from_bounds(bounds: list[int], data: int, hole: int, limit: int,
+                       typecode: str) -> array:
+    """RawImage.allocation_words' answer from the positions its walk noted: runs
+    between them, a hole and a data run in turn, the empty ones left out and the
+    runs on both sides of an empty one joined; at most limit runs."""
+    words = array(typecode)
+    extend = words.extend
+    flag, other = hole, data
+    start = bounds[0]
+    last = None  # the flag of the run last added
+    for bound in bounds[1:]:
+        if bound > start:
+            if flag == last:
+                words[-2] += bound - start
+            else:
+                extend((bound - start, flag))
+                last = flag
+            start = bound
+        flag, other = other, flag
+    del words[2 * limit:]
+    return words
 
 
 DIRECT_ALIGNMENT = 4096  # O_DIRECT's offset, length and memory alignment: enough for
