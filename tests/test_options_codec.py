@@ -10,9 +10,11 @@ import pytest
 from nbdserve.protocol import constants as c
 from nbdserve.protocol.options import (
     GREETING,
+    OptionError,
     OptionNegotiator,
     Outcome,
     ProtocolViolation,
+    decode_string,
     parse_client_flags,
 )
 
@@ -588,3 +590,18 @@ def test_without_extended_headers_nothing_changes():
     result = n.handle_option(c.NBD_OPT_GO, info_payload(b""))
     assert not result.session.extended_headers
     assert result.session.transmission_flags == 0x0DED
+
+
+@pytest.mark.parametrize("raw", [b"\0", b"disk\0", b"\0disk", b"di\0sk"])
+def test_a_string_with_nul_is_refused(raw):
+    """Spec: names and queries hold no NUL, wherever it is."""
+    with pytest.raises(OptionError) as refused:
+        decode_string(raw, "export name")
+    assert refused.value.reply_type == c.NBD_REP_ERR_INVALID
+    assert refused.value.message == "export name contains NUL"
+
+
+def test_strings_without_nul_are_decoded():
+    assert decode_string(b"", "export name") == ""
+    assert decode_string("qemu:dirty-bitmap:b0 é".encode(), "query") == \
+        "qemu:dirty-bitmap:b0 é"

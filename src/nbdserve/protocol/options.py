@@ -126,7 +126,7 @@ def decode_string(raw: bytes, what: str) -> str:
         return ""  # the default export's name, in most requests
     if len(raw) > c.NBD_MAX_STRING:
         raise OptionError(c.NBD_REP_ERR_INVALID, f"{what} longer than 4096 bytes")
-    if b"\0" in raw:
+    if 0 in raw:  # (the byte value: a bytes needle costs CPython a TypeError, cleared)
         raise OptionError(c.NBD_REP_ERR_INVALID, f"{what} contains NUL")
     try:
         return raw.decode("utf-8")
