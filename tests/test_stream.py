@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import struct
 
 import pytest
@@ -202,3 +203,28 @@ async def test_bytes_handed_over_whole_fill_the_buffers_a_transport_would_be_giv
     stream.data_received(data)
     assert stream.available() == len(data)
     assert bytes(stream.unread()) == data
+
+
+async def test_receive_now_reads_what_the_socket_holds_unless_something_else_decides():
+    """receive_now (busy-polling saw the socket readable): the bytes join the unread
+    ones at once; nothing is read while reading is paused or a payload is received
+    in place, nor when nothing is there; at the end it reads nothing, and the end
+    stays for the event loop to find."""
+    ours, client = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        stream = await open_stream()
+        receive(stream, b"head")
+        assert stream.receive_now(ours.fileno()) == 0  # nothing there
+        client.sendall(b"request")
+        stream.pause_reading()  # (another reader of the socket, a splice)
+        assert stream.receive_now(ours.fileno()) == 0
+        stream.resume_reading()
+        assert stream.receive_now(ours.fileno()) == len(b"request")
+        assert bytes(stream.unread()) == b"headrequest"
+        client.close()
+        assert stream.receive_now(ours.fileno()) == 0
+        assert ours.recv(1) == b""  # the end is still there to be found
+    finally:
+        ours.close()
+        client.close()

@@ -14,7 +14,10 @@ An idle connection polls at most once (one window), then sleeps as usual. Pollin
 happens only in the request loop, while a single connection is busy (in
 transmission with nothing in flight, and no other connection in its handshake): the
 spin holds the event loop, and any other work must not wait behind it. The option
-phase does not poll (server/handshake.py says why).
+phase does not poll (server/handshake.py says why). When the spin sees the next
+request arrive on a plain socket, the requests served from the stream's callbacks
+read it at once (NbdStream.receive_now) and go on, without a turn of the event loop
+(its wait and its read callback) in between.
 """
 
 from __future__ import annotations
@@ -70,18 +73,20 @@ class Poller:
     def allowed(self, busy: bool) -> bool:
         return not busy and self.census.alone()
 
-    def spin(self, started_ns: int) -> None:
-        """Watch the socket for up to the window; return early once it is readable
-        (or closed). The event loop then finds it ready and does not sleep."""
+    def spin(self, started_ns: int) -> bool:
+        """Watch the socket for up to the window; return early, True, once it is
+        readable (or closed). The caller may then read it at once; if it does not, the
+        event loop finds it ready and does not sleep."""
         window = self.census.window_ns
         if not window:
-            return
+            return False
         clock = time.perf_counter_ns
         deadline = started_ns + window
         poll = self._poll.poll
         while clock() < deadline:
             if poll(0):
-                return
+                return True
+        return False
 
     def adapt(self, waited_ns: int) -> None:
         self.census.adapt(waited_ns)

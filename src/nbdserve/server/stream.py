@@ -11,6 +11,7 @@ image.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import struct
 from collections.abc import Callable
@@ -280,6 +281,21 @@ class NbdStream(asyncio.BufferedProtocol):
 
     def resume_reading(self) -> None:
         self._resume(_HANDED_OVER)
+
+    def receive_now(self, fd: int) -> int:
+        """Receive what the socket fd holds now, as the event loop would on its next
+        turn, for a caller that just saw it readable (busy-polling) and goes on
+        serving; how many bytes came. 0 when none did, or while something else
+        decides what is read (a pause, a payload received in place): the event loop
+        then finds what there is (more bytes, the end, an error) as usual."""
+        if self._paused or self._direct is not None:
+            return 0
+        try:
+            count = os.readv(fd, (self.get_buffer(-1),))
+        except OSError:
+            return 0
+        self._end += count
+        return count
 
     def unread(self) -> memoryview:
         """The bytes received and not yet consumed, without a copy: valid until

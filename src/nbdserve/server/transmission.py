@@ -247,8 +247,15 @@ class Transmission:
             while not self.held_up and write_buffer_size() <= WRITE_BUFFER_HIGH:
                 header = stream.peek_struct(layout)
                 if header is None:  # all served: wait on
-                    self.polled_from = self.prepare_to_wait()
-                    return
+                    polled_from = self.prepare_to_wait()
+                    if polled_from > 0 or not polled_from or self.looping or \
+                            not stream.receive_now(self.sockfd):
+                        self.polled_from = abs(polled_from)
+                        return
+                    # The next request came while we polled, and is read now: no
+                    # turn of the event loop (a wait and a callback) before it.
+                    self.poller.adapt(time.perf_counter_ns() + polled_from)
+                    continue
                 magic, flags, command, cookie, offset, length = header
                 if magic != magic_wanted or command == _CMD_DISC:
                     break
@@ -342,7 +349,8 @@ class Transmission:
         if poller is not None and self.requests and \
                 poller.allowed(bool(self.tasks) or self.transport.get_write_buffer_size()):
             polled_from = time.perf_counter_ns()
-            poller.spin(polled_from)
+            if poller.spin(polled_from) and self.sockfd >= 0:
+                return -polled_from  # (negative: the socket is readable now)
             return polled_from
         return 0
 
