@@ -123,6 +123,8 @@ class Transmission:
         self.sockfd = plain.fileno() if plain is not None else -1
         self.splicer: SocketSplicer | None = None  # made at the first large WRITE
         self.polled_from = 0  # when busy-polling started before this wait (ns), or 0
+        # The last spin ended with the (plain) socket readable: it may be read at once.
+        self.polled_readable = False
         # Until the request loop runs (run), requests are served from the stream's
         # callback alone, and start_loop is called when one needs the loop.
         self.looping = False
@@ -248,13 +250,13 @@ class Transmission:
                 header = stream.peek_struct(layout)
                 if header is None:  # all served: wait on
                     polled_from = self.prepare_to_wait()
-                    if polled_from > 0 or not polled_from or self.looping or \
+                    if not self.polled_readable or self.looping or \
                             not stream.receive_now(self.sockfd):
-                        self.polled_from = abs(polled_from)
+                        self.polled_from = polled_from
                         return
                     # The next request came while we polled, and is read now: no
                     # turn of the event loop (a wait and a callback) before it.
-                    self.poller.adapt(time.perf_counter_ns() + polled_from)
+                    self.poller.adapt(time.perf_counter_ns() - polled_from)
                     continue
                 magic, flags, command, cookie, offset, length = header
                 if magic != magic_wanted or command == _CMD_DISC:
@@ -339,7 +341,8 @@ class Transmission:
     def prepare_to_wait(self) -> int:
         """Before waiting for the client: send the queued replies, and let a lone busy
         connection busy-poll its socket briefly. Returns when polling started (ns, for
-        Poller.adapt), or 0 if it did not."""
+        Poller.adapt), or 0 if it did not; polled_readable says whether the spin saw
+        the next request arrive on a plain socket."""
         replies = self.replies
         if replies.out:
             replies.flush()
@@ -349,9 +352,9 @@ class Transmission:
         if poller is not None and self.requests and \
                 poller.allowed(bool(self.tasks) or self.transport.get_write_buffer_size()):
             polled_from = time.perf_counter_ns()
-            if poller.spin(polled_from) and self.sockfd >= 0:
-                return -polled_from  # (negative: the socket is readable now)
+            self.polled_readable = poller.spin(polled_from) and self.sockfd >= 0
             return polled_from
+        self.polled_readable = False
         return 0
 
     async def wait_for_client(self) -> None:
