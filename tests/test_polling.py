@@ -84,6 +84,25 @@ def test_one_cpu_never_polls(monkeypatch):
     assert Census(MAX_NS).poll_max_ns == 0
 
 
+async def qemu_io_polled(image, tmp_path, commands: list[str]) -> tuple[bytes, int]:
+    """qemu-io running commands one at a time (writeback: no FUA, so no request needs
+    a task) against an in-process server that busy-polls. Returns its output and the
+    polling window at the end."""
+    export = Export(ExportConfig("", str(image)), RawImage(str(image)))
+    path = str(tmp_path / "polled.sock")
+    server = Server(ExportCatalog([export]), [bind_unix(path)], poll_max_us=200_000)
+    await server.start()
+    try:
+        qemu_io = await asyncio.create_subprocess_exec(
+            "qemu-io", "-f", "raw", "-t", "writeback", *commands, f"nbd:unix:{path}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await qemu_io.communicate()
+        assert qemu_io.returncode == 0, output
+        return output, server.connections.census.window_ns
+    finally:
+        await server.shutdown()
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: no busy-polling")
 async def test_a_request_seen_while_polling_is_read_and_served_at_once(image, tmp_path,
                                                                      monkeypatch):
@@ -98,23 +117,12 @@ async def test_a_request_seen_while_polling_is_read_and_served_at_once(image, tm
         read_now.append(count)
         return count
     monkeypatch.setattr(NbdStream, "receive_now", counting)
-    export = Export(ExportConfig("", str(image)), RawImage(str(image)))
-    path = str(tmp_path / "polled.sock")
-    server = Server(ExportCatalog([export]), [bind_unix(path)], poll_max_us=200_000)
-    await server.start()
-    try:
-        commands = []
-        for index in range(150):
-            commands += ["-c", f"write -P {index % 250 + 1} {index * 8192} 4k",
-                         "-c", f"read -P {index % 250 + 1} {index * 8192} 4k"]
-        qemu_io = await asyncio.create_subprocess_exec(  # (writeback: no FUA, no task)
-            "qemu-io", "-f", "raw", "-t", "writeback", *commands, f"nbd:unix:{path}",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        output, _ = await qemu_io.communicate()
-        assert qemu_io.returncode == 0, output
-        assert b"verification failed" not in output and output.count(b"read 4096/") == 150
-    finally:
-        await server.shutdown()
+    commands = []
+    for index in range(150):
+        commands += ["-c", f"write -P {index % 250 + 1} {index * 8192} 4k",
+                     "-c", f"read -P {index % 250 + 1} {index * 8192} 4k"]
+    output, _ = await qemu_io_polled(image, tmp_path, commands)
+    assert b"verification failed" not in output and output.count(b"read 4096/") == 150
     data = image.read_bytes()
     for index in range(150):
         assert data[index * 8192:index * 8192 + 4096] == bytes([index % 250 + 1]) * 4096
@@ -128,22 +136,10 @@ async def test_the_request_loop_keeps_its_window_when_polling_sees_a_request(ima
     busy-polls between them too: a spin that sees the next request arrive is a short
     wait, so the window grows, and must not be taken for a long one (which stops
     polling)."""
-    export = Export(ExportConfig("", str(image)), RawImage(str(image)))
-    path = str(tmp_path / "looped.sock")
-    server = Server(ExportCatalog([export]), [bind_unix(path)], poll_max_us=200_000)
-    await server.start()
-    try:
-        commands = []
-        for index in range(60):
-            commands += ["-c", f"write -P {index + 1} {index << 17} 128k"]
-        qemu_io = await asyncio.create_subprocess_exec(  # (writeback: no FUA, no task)
-            "qemu-io", "-f", "raw", "-t", "writeback", *commands, f"nbd:unix:{path}",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        output, _ = await qemu_io.communicate()
-        assert qemu_io.returncode == 0, output
-        window = server.connections.census.window_ns
-    finally:
-        await server.shutdown()
+    commands = []
+    for index in range(60):
+        commands += ["-c", f"write -P {index + 1} {index << 17} 128k"]
+    _, window = await qemu_io_polled(image, tmp_path, commands)
     data = image.read_bytes()
     assert all(data[index << 17:(index + 1) << 17] == bytes([index + 1]) * (128 << 10)
                for index in range(60))
