@@ -11,10 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from writers import BLOCKS, SIZE, MiB, Replay, Writer, cli, initial_image, taken_between
+from writers import BLOCKS, SIZE, MiB, Replay, Writer, initial_image, taken_between
 
 from conftest import NBDSERVE, free_port, run
 from nbdserve.client import NbdClient
+from nbdserve.control.client import ControlClient
 
 
 @pytest.fixture
@@ -176,12 +177,15 @@ async def test_a_run_killed_midway_then_the_next_run(tmp_path, start_server):
     proc = await asyncio.create_subprocess_exec(
         *NBDSERVE, "backup", "run", "--control", str(control), "--compression", "none",
         str(dest), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(1000):  # kill it as soon as its snapshot exists
-        listed = json.loads((await cli("snapshot", "list", "--json", "--control",
-                                       str(control))).stdout)
-        if listed or proc.returncode is not None:
-            break
-        await asyncio.sleep(0.01)
+    # Kill it as soon as its snapshot exists, asked over one control connection every
+    # millisecond or so: a `snapshot list` process per look took long enough (its
+    # start-up) for the 200 MiB copy to finish in between, now and then.
+    with ControlClient(str(control)) as client:
+        for _ in range(20000):
+            listed = client.execute("query-snapshots")
+            if listed or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.001)
     assert listed, "the run finished before it could be killed"
     proc.kill()
     await proc.wait()
