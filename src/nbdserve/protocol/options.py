@@ -345,7 +345,7 @@ class OptionNegotiator:
             if self._needs_tls(export):
                 continue  # SELECTIVETLS: TLS-only exports stay hidden until TLS is on
             name = export.name.encode()
-            data = struct.pack(">I", len(name)) + name + export.description.encode()
+            data = U32.pack(len(name)) + name + export.description.encode()
             replies.append(encode_option_reply(option, c.NBD_REP_SERVER, data))
         replies.append(encode_option_reply(option, c.NBD_REP_ACK))
         return OptionResult(b"".join(replies))
@@ -409,10 +409,10 @@ class OptionNegotiator:
             _BLOCK_SIZE_INFO[option],
         ]
         if c.NBD_INFO_NAME in requested:
-            replies.append(self._info(option, struct.pack(">H", c.NBD_INFO_NAME)
+            replies.append(self._info(option, U16.pack(c.NBD_INFO_NAME)
                                       + export.name.encode()))
         if c.NBD_INFO_DESCRIPTION in requested and export.description:
-            replies.append(self._info(option, struct.pack(">H", c.NBD_INFO_DESCRIPTION)
+            replies.append(self._info(option, U16.pack(c.NBD_INFO_DESCRIPTION)
                                       + export.description.encode()))
         replies.append(_INFO_OR_GO_ACK[option])
         if option == c.NBD_OPT_INFO:
@@ -513,5 +513,5 @@ class OptionNegotiator:
     @staticmethod
     def _meta_reply(option: int, context_id: int, name: str) -> bytes:
         return encode_option_reply(
-            option, c.NBD_REP_META_CONTEXT, struct.pack(">I", context_id) + name.encode()
+            option, c.NBD_REP_META_CONTEXT, U32.pack(context_id) + name.encode()
         )
