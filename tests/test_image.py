@@ -209,6 +209,67 @@ def test_a_file_system_that_cannot_tell_sends_reads_to_threads(tmpfs_dir, monkey
         image.close()
 
 
+def test_a_read_buffer_is_reused_only_once_nothing_refers_to_it(tmp_path):
+    """Reads of 64 KiB or more that ask the page cache fill a buffer an earlier read
+    left, and never one whose data is still held: by its reader, by a view (as a
+    transport keeps a reply it has not sent), or by a list of pieces."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"")
+    image = RawImage(str(path), read_only=True)
+    try:
+        first = image._read_buffer(256 * KiB)
+        held = image._read_buffer(256 * KiB)
+        assert held is not first  # first is still ours
+        first_id = id(first)
+        del first
+        again = image._read_buffer(256 * KiB)
+        assert id(again) == first_id  # nothing else held it: reused
+        view = memoryview(again)[4:8]
+        del again
+        assert id(image._read_buffer(256 * KiB)) != first_id  # the view holds it
+        view.release()
+        del view
+        pieces = [(0, 256 * KiB, image._read_buffer(256 * KiB))]
+        assert id(pieces[0][2]) == first_id
+        assert id(image._read_buffer(256 * KiB)) != first_id  # the pieces hold it
+        assert image._read_buffer(128 * KiB) is not None  # another length: a new one
+        for _ in range(3 * image_module.READ_BUFFERS):
+            image._read_buffer(64 * KiB)
+        assert len(image._read_buffers) <= image_module.READ_BUFFERS
+    finally:
+        image.close()
+
+
+def test_reads_into_reused_buffers_keep_every_held_result_intact(tmp_path):
+    path = tmp_path / "disk.img"
+    data = os.urandom(4 << 20)
+    path.write_bytes(data)
+    if refuses_nowait(path):
+        pytest.skip("this file system refuses RWF_NOWAIT: its reads do not use the pool")
+    image = RawImage(str(path), read_only=True)
+    try:
+        kept = []
+        for round_ in range(3):
+            for index in range(4):
+                offset = index << 20
+                pieces = image.read_pieces(offset, 1 << 20, False, nowait=True)
+                assert pieces is not None
+                assert bytes(pieces[0][2]) == data[offset:offset + (1 << 20)]
+                if round_ == 1:
+                    kept.append((offset, pieces[0][2]))  # held across later reads
+        # Later reads did not land in any buffer still held.
+        for offset, held in kept:
+            assert bytes(held) == data[offset:offset + (1 << 20)]
+        small = image.read_pieces(0, 4 * KiB, False, nowait=True)[0][2]
+        assert all(len(buffer) >= image_module.READ_REUSE_MIN
+                   for buffer in image._read_buffers) and len(small) == 4 * KiB
+        del kept
+        first = image.read_pieces(0, 1 << 20, False, nowait=True)[0][2]
+        assert any(buffer is first for buffer in image._read_buffers)
+    finally:
+        image.close()
+
+
 def test_the_file_system_type_is_read_from_the_mount_table(tmp_path):
     assert filesystem_type(os.stat("/proc").st_dev) == "proc"
     assert filesystem_type(os.makedev(0, 0)) == ""

@@ -223,6 +223,67 @@ async def test_large_reads_use_sendfile_only_with_requests_queued_behind(
         await asyncio.wait_for(server.shutdown(), 30)
 
 
+LIBNBD_READS = """
+import nbd, sys
+path, uri, size = sys.argv[1], sys.argv[2], 1 << 20
+data = open(path, "rb").read()
+h = nbd.NBD()
+h.connect_uri(uri)
+bad = 0
+for round_ in range(8):
+    offsets = [((round_ * 5 + i * 3) % 16) * size for i in range(8)]
+    buffers = [nbd.Buffer(size) for _ in offsets]
+    cookies = [h.aio_pread(buf, off) for buf, off in zip(buffers, offsets)]
+    while h.aio_in_flight():
+        h.poll(-1)
+    for cookie in cookies:
+        h.aio_command_completed(cookie)
+    bad += sum(buf.to_bytearray() != data[off:off + size]
+               for buf, off in zip(buffers, offsets))
+h.shutdown()
+print(bad)
+"""
+
+
+async def test_pipelined_large_reads_reuse_buffers_and_return_the_right_bytes(
+        tmp_path, monkeypatch):
+    """In-process server, libnbd client. On a file system that answers RWF_NOWAIT, a
+    large READ served from the page cache fills a buffer an earlier READ left once its
+    reply is gone (RawImage._read_buffer): with eight 1 MiB READs in flight at a time,
+    buffers are reused and every READ still returns its own bytes."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(os.urandom(16 << 20))
+    raw = RawImage(str(path))
+    if raw.cache_unknown:
+        raw.close()
+        pytest.skip("this file system refuses RWF_NOWAIT: its reads do not use the pool")
+    reused = []
+    read_buffer = RawImage._read_buffer
+
+    def recorded(self, length):
+        pooled = [id(pooled) for pooled in self._read_buffers]  # (alive: ids unique)
+        buffer = read_buffer(self, length)
+        reused.append(id(buffer) in pooled)
+        return buffer
+
+    monkeypatch.setattr(RawImage, "_read_buffer", recorded)
+    sock = str(tmp_path / "inprocess.sock")
+    server = Server(ExportCatalog([Export(ExportConfig("", str(path)), raw)]),
+                    [bind_unix(sock)])
+    await server.start()
+    try:
+        client = await asyncio.create_subprocess_exec(
+            "/usr/bin/python3", "-c", LIBNBD_READS, str(path), f"nbd+unix:///?socket={sock}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(client.communicate(), 60)
+        assert client.returncode == 0, err.decode()
+        assert out.decode().strip() == "0"  # no READ returned other bytes
+    finally:
+        await asyncio.wait_for(server.shutdown(), 30)
+    assert len(reused) >= 32  # (a READ may go out with sendfile instead)
+    assert sum(reused) >= len(reused) * 3 // 4  # most reads reused a buffer
+
+
 async def test_small_writes_whose_payload_arrives_late_are_served_from_the_callback(
         image, tmp_path, monkeypatch):
     """In-process. A small WRITE whose header came before its payload waits for the
