@@ -45,6 +45,14 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
+async def serve_in_process(raw: RawImage, path: str) -> Server:
+    """A started in-process server of raw, as the default export, on Unix socket path."""
+    server = Server(ExportCatalog([Export(ExportConfig("", raw.path), raw)]),
+                    [bind_unix(path)])
+    await server.start()
+    return server
+
+
 def handshake_simple(sock: socket.socket) -> None:
     """Fixed newstyle, NO_ZEROES, EXPORT_NAME "": simple replies only."""
     assert recv_exactly(sock, 18) == b"NBDMAGICIHAVEOPT\x00\x03"
@@ -207,9 +215,7 @@ async def test_large_reads_use_sendfile_only_with_requests_queued_behind(
 
     monkeypatch.setattr(RawImage, "send_to", counted)
     path = str(tmp_path / "inprocess.sock")
-    server = Server(ExportCatalog([Export(ExportConfig("", str(image)), raw)]),
-                    [bind_unix(path)])
-    await server.start()
+    server = await serve_in_process(raw, path)
     try:
         async with await NbdClient.connect(unix=path) as nbd:
             for i in range(4):  # one at a time: nothing waits behind any of them
@@ -268,9 +274,7 @@ async def test_pipelined_large_reads_reuse_buffers_and_return_the_right_bytes(
 
     monkeypatch.setattr(RawImage, "_read_buffer", recorded)
     sock = str(tmp_path / "inprocess.sock")
-    server = Server(ExportCatalog([Export(ExportConfig("", str(path)), raw)]),
-                    [bind_unix(sock)])
-    await server.start()
+    server = await serve_in_process(raw, sock)
     try:
         client = await asyncio.create_subprocess_exec(
             "/usr/bin/python3", "-c", LIBNBD_READS, str(path), f"nbd+unix:///?socket={sock}",
@@ -301,9 +305,6 @@ async def test_small_writes_whose_payload_arrives_late_are_served_from_the_callb
 
     monkeypatch.setattr(NbdStream, "read_payload", counted)
     path = str(tmp_path / "inprocess.sock")
-    raw = RawImage(str(image))
-    server = Server(ExportCatalog([Export(ExportConfig("", str(image)), raw)]),
-                    [bind_unix(path)])
     data = [os.urandom(4096) for _ in range(10)]
 
     def client() -> bytes:
@@ -332,7 +333,7 @@ async def test_small_writes_whose_payload_arrives_late_are_served_from_the_callb
             assert read[:16] == struct.pack(">IIQ", c.NBD_SIMPLE_REPLY_MAGIC, 0, 10)
             return read[16:]
 
-    await server.start()
+    server = await serve_in_process(RawImage(str(image)), path)
     try:
         assert await asyncio.wait_for(asyncio.to_thread(client), 30) == b"".join(data)
     finally:
