@@ -261,8 +261,11 @@ def test_reads_into_reused_buffers_keep_every_held_result_intact(tmp_path):
         for offset, held in kept:
             assert bytes(held) == data[offset:offset + (1 << 20)]
         small = image.read_pieces(0, 4 * KiB, False, nowait=True)[0][2]
-        assert all(len(buffer) >= image_module.READ_REUSE_MIN
-                   for buffer in image._read_buffers) and len(small) == 4 * KiB
+        large = image.read_pieces(0, 2 << 20, False, nowait=True)[0][2]
+        assert bytes(large) == data[:2 << 20] and len(small) == 4 * KiB
+        # Neither size is kept: the pool holds 64 KiB to 1 MiB buffers only.
+        assert all(image_module.READ_REUSE_MIN <= len(buffer) <= image_module.READ_REUSE_MAX
+                   for buffer in image._read_buffers)
         del kept
         first = image.read_pieces(0, 1 << 20, False, nowait=True)[0][2]
         assert any(buffer is first for buffer in image._read_buffers)

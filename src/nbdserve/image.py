@@ -37,10 +37,25 @@ _ZERO_CHUNK = bytes(1 << 20)
 # File systems whose files live in memory: every read is a page-cache hit.
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 # Buffers that reads served from the page cache keep for later reads of the same
-# length (pread_nowait): this many at most, each of READ_REUSE_MIN bytes or more (and
-# at most the inline READ's 1 MiB, so 8 MiB per image at most).
+# length (pread_nowait): this many at most, each of READ_REUSE_MIN to READ_REUSE_MAX
+# bytes (so 8 MiB per image at most).
 READ_BUFFERS = 8
 READ_REUSE_MIN = 64 << 10
+READ_REUSE_MAX = 1 << 20
+
+
+def _pooled_only_refcount() -> int:
+    """What sys.getrefcount says, in RawImage._read_buffer's loop, of a buffer that
+    only its pool refers to. Asked of this interpreter rather than assumed: how many
+    references a loop variable and the call hold is CPython's detail, and a count one
+    too high here would hand out buffers still in use."""
+    pool = [bytearray(1)]
+    for buffer in pool:
+        return sys.getrefcount(buffer)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_POOLED_ONLY = _pooled_only_refcount()
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
@@ -192,7 +207,8 @@ class RawImage:
         """Read only if every byte is in the page cache (RWF_NOWAIT), else None."""
         if self.cache_unknown:
             return self.pread(offset, length) if self.in_memory else None
-        buffer = self._read_buffer(length) if length >= READ_REUSE_MIN else bytearray(length)
+        buffer = self._read_buffer(length) if READ_REUSE_MIN <= length <= READ_REUSE_MAX \
+            else bytearray(length)
         try:
             done = os.preadv(self.fd, [buffer], offset + self.base, os.RWF_NOWAIT)
         except BlockingIOError:
@@ -215,8 +231,7 @@ class RawImage:
         buffer between the test and the read."""
         pool = self._read_buffers
         for buffer in pool:
-            # Three references: the pool's, this loop's and getrefcount's argument.
-            if len(buffer) == length and sys.getrefcount(buffer) == 3:
+            if len(buffer) == length and sys.getrefcount(buffer) == _POOLED_ONLY:
                 return buffer
         buffer = bytearray(length)
         if len(pool) >= READ_BUFFERS:
