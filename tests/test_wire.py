@@ -285,7 +285,9 @@ async def test_pipelined_large_reads_reuse_buffers_and_return_the_right_bytes(
     finally:
         await asyncio.wait_for(server.shutdown(), 30)
     assert len(reused) >= 32  # (a READ may go out with sendfile instead)
-    assert sum(reused) >= len(reused) * 3 // 4  # most reads reused a buffer
+    # Most reads reused a buffer (all but the first few, seen even with both cores
+    # busy); half leaves room for a slow host.
+    assert sum(reused) >= len(reused) // 2
 
 
 async def test_small_writes_whose_payload_arrives_late_are_served_from_the_callback(
