@@ -10,6 +10,7 @@ event loop (page-cache hits) or in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -501,6 +502,7 @@ def _words_from_bounds(bounds: list[int], data: int, hole: int, limit: int,
 
 DIRECT_ALIGNMENT = 4096  # O_DIRECT's offset, length and memory alignment: enough for
 # 512-byte and 4 KiB devices and the file systems on them
+DIRECT_SCRATCH_MAX = 1 << 20  # aligned buffers a thread keeps for its next read or write
 
 
 class DirectImage(RawImage):
@@ -509,13 +511,15 @@ class DirectImage(RawImage):
     second time.
 
     O_DIRECT wants the file offset, the length and the memory of every read and write
-    aligned. Reads and writes therefore go through aligned buffers (anonymous mmap);
-    a write that does not cover whole blocks reads them, merges and writes them back,
-    under a lock, so two such writes to one block cannot lose each other's bytes. The
-    image's size must be a multiple of the alignment (the last block is written
-    whole). Nothing is served from the page cache: no sendfile(2), no RWF_NOWAIT reads
-    (READs go to worker threads), and a spliced WRITE payload is read from its pipe.
-    Holes, punching and zeroing work as for RawImage (fallocate needs no alignment).
+    aligned. Reads and writes therefore go through aligned buffers (anonymous mmap),
+    each thread keeping one of up to DIRECT_SCRATCH_MAX bytes for its next read or
+    write (_scratch); a write that does not cover whole blocks reads them, merges and
+    writes them back, under a lock, so two such writes to one block cannot lose each
+    other's bytes. The image's size must be a multiple of the alignment (the last
+    block is written whole). Nothing is served from the page cache: no sendfile(2), no
+    RWF_NOWAIT reads (READs go to worker threads), and a spliced WRITE payload is read
+    from its pipe. Holes, punching and zeroing work as for RawImage (fallocate needs
+    no alignment).
     """
 
     def __init__(self, path: str, *, read_only: bool = False, offset: int = 0) -> None:
@@ -538,6 +542,7 @@ class DirectImage(RawImage):
         os.close(self.fd)
         self.fd = direct
         self._merging = threading.Lock()
+        self._threads = threading.local()  # each thread's aligned buffer (_scratch)
 
     @staticmethod
     def _span(offset: int, length: int) -> tuple[int, int]:
@@ -545,23 +550,49 @@ class DirectImage(RawImage):
         end = -(-(offset + length) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
         return start, end
 
-    def _read_aligned(self, start: int, end: int) -> mmap.mmap:
-        buffer = mmap.mmap(-1, end - start)
+    @contextlib.contextmanager
+    def _scratch(self, size: int) -> Iterator[mmap.mmap]:
+        """An aligned buffer of at least size bytes for one read or write by this
+        thread. Up to DIRECT_SCRATCH_MAX the thread keeps it for its next one: a new
+        anonymous mapping costs a map, a page fault per page and an unmap, which was
+        a third of a 1 MiB read from this host's disk. Larger ones are unmapped after.
+        Nothing may keep the buffer (or a view of it) past the block: what is read is
+        copied out."""
+        if size > DIRECT_SCRATCH_MAX:
+            with mmap.mmap(-1, size) as buffer:
+                yield buffer
+            return
+        buffer = getattr(self._threads, "buffer", None)
+        if buffer is None or len(buffer) < size:
+            if buffer is not None:
+                buffer.close()
+            # 64 KiB at least, so that small reads and writes settle on one buffer.
+            buffer = self._threads.buffer = mmap.mmap(-1, max(size, 64 << 10))
+        yield buffer
+
+    def _read_aligned(self, start: int, end: int, buffer: mmap.mmap) -> None:
+        """[start, end) of the file (aligned) into the front of buffer."""
+        size = end - start
         view = memoryview(buffer)
-        done = 0
-        while done < end - start:
-            got = os.preadv(self.fd, [view[done:]], start + done + self.base)
-            if got <= 0:
-                break  # past the end of a file that shrank: the rest reads as zeros
-            done += got
-        view.release()
-        return buffer
+        try:
+            done = 0
+            while done < size:
+                got = os.preadv(self.fd, [view[done:size]], start + done + self.base)
+                if got <= 0:
+                    # Past the end of a file that shrank: the rest reads as zeros (the
+                    # buffer may hold an earlier read's bytes there).
+                    view[done:size] = bytes(size - done)
+                    break
+                done += got
+        finally:
+            view.release()
 
     def pread(self, offset: int, length: int) -> bytes:
         if not length:
             return b""
         start, end = self._span(offset, length)
-        with self._read_aligned(start, end) as buffer:
+        with self._scratch(end - start) as buffer:
+            self._read_aligned(start, end, buffer)
             return buffer[offset - start:offset - start + length]
 
     def pread_nowait(self, offset: int, length: int) -> None:
@@ -580,22 +611,22 @@ class DirectImage(RawImage):
         if not length:
             return  # (a spliced WRITE whose payload was all still on the socket)
         start, end = self._span(offset, length)
-        with self._merging:
-            if start == offset and end == offset + length:
-                with mmap.mmap(-1, length) as buffer:
-                    buffer[:] = data
-                    self._write_aligned(start, buffer)
-                return
-            with self._read_aligned(start, end) as buffer:  # read, merge, write back
-                buffer[offset - start:offset - start + length] = data
-                self._write_aligned(start, buffer)
+        with self._merging, self._scratch(end - start) as buffer:
+            if start != offset or end != offset + length:
+                self._read_aligned(start, end, buffer)  # read, merge, write back
+            buffer[offset - start:offset - start + length] = data
+            self._write_aligned(start, end, buffer)
 
-    def _write_aligned(self, start: int, buffer: mmap.mmap) -> None:
+    def _write_aligned(self, start: int, end: int, buffer: mmap.mmap) -> None:
+        """The front of buffer to [start, end) of the file (aligned)."""
+        size = end - start
         view = memoryview(buffer)
-        done = 0
-        while done < len(buffer):
-            done += os.pwritev(self.fd, [view[done:]], start + done + self.base)
-        view.release()
+        try:
+            done = 0
+            while done < size:
+                done += os.pwritev(self.fd, [view[done:size]], start + done + self.base)
+        finally:
+            view.release()
 
     def pwritev(self, offset: int, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
         self.pwrite(offset, buffers[0] if len(buffers) == 1 else b"".join(buffers))
