@@ -352,7 +352,7 @@ class Transmission:
         if poller is not None and self.requests and \
                 poller.allowed(bool(self.tasks) or self.transport.get_write_buffer_size()):
             polled_from = time.perf_counter_ns()
-            self.polled_readable = poller.spin(polled_from) and self.sockfd >= 0
+            self.polled_readable = poller.spin(polled_from)  # (a poller: a plain socket)
             return polled_from
         self.polled_readable = False
         return 0
