@@ -40,6 +40,8 @@ class FakeExport:
 
 
 class FakeCatalog:
+    generation = 0
+
     def __init__(self, *exports):
         self.exports = {e.name: e for e in exports}
 

@@ -400,20 +400,24 @@ class ExportCatalog:
     def __init__(self, exports: Sequence[Export] = ()) -> None:
         self._exports = {export.name: export for export in exports}
         self._absent: dict[str, str] = {}  # names not served now, and why
+        self.generation = 0  # counts the changes of what is served (protocol/replay.py)
 
     def add(self, export: Export) -> None:
         self._exports[export.name] = export
         self._absent.pop(export.name, None)
+        self.generation += 1
 
     def mark_absent(self, name: str, reason: str) -> None:
         """A name clients may ask for that is not served now (an export waiting for
         a migration, or moved away): negotiation tells them why."""
         self._absent[name] = reason
+        self.generation += 1
 
     def absence(self, name: str) -> str:
         return self._absent.get(name, "")
 
     def remove(self, name: str) -> Export | None:
+        self.generation += 1
         return self._exports.pop(name, None)
 
     def find(self, name: str) -> Export | None:

@@ -123,6 +123,11 @@ class HandshakeFraming:
                 self._enter(_CLOSED)
         return end, result
 
+    def resume_options(self) -> None:
+        """Haggling goes on from a replayed history (replay.py), which always ends
+        in the options phase unless it ended the handshake."""
+        self._enter(_OPTIONS)
+
     def tls_started(self) -> None:
         """The TLS handshake succeeded: haggling starts over, encrypted."""
         if self.phase is not _TLS:

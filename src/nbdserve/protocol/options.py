@@ -46,6 +46,8 @@ class ExportView(Protocol):
 
 
 class ExportCatalog(Protocol):
+    generation: int  # moves on whenever an export is added or removed
+
     def find(self, name: str) -> ExportView | None: ...
 
     def listed(self) -> Sequence[ExportView]: ...
@@ -64,7 +66,9 @@ class Outcome(enum.Enum):
 
 class Session(NamedTuple):
     """What haggling agreed, handed to the transmission phase. (A named tuple: made
-    once per connection, at a third of a frozen dataclass's cost.)"""
+    once per connection, at a third of a frozen dataclass's cost.) Connections whose
+    handshakes were the same share one (replay.py): nothing may change it, its
+    meta_contexts included."""
 
     export: ExportView
     structured_replies: bool
@@ -237,6 +241,28 @@ class OptionNegotiator:
         # The selection of the last SET_META_CONTEXT and the export it named.
         self.meta_export: str | None = None
         self.meta_contexts: dict[int, str] = {}
+        # What the answers so far depended on, for replaying them (replay.py): the
+        # export names looked up, and whether the whole catalog was (LIST).
+        self.names: tuple[str, ...] = ()
+        self.listed = False
+
+    def snapshot(self) -> tuple:
+        """The state the answers so far left (TLS off, not shutting down), for
+        restore: another connection whose client sent the same bytes resumes here."""
+        return (self.go_refused, self.fixed_newstyle, self.no_zeroes,
+                self.structured_replies, self.extended_headers, self.options_seen,
+                self.meta_export, dict(self.meta_contexts), self.names)
+
+    def restore(self, state: tuple) -> None:
+        (self.go_refused, self.fixed_newstyle, self.no_zeroes, self.structured_replies,
+         self.extended_headers, self.options_seen, self.meta_export, contexts,
+         self.names) = state
+        self.meta_contexts = dict(contexts)
+
+    def _find(self, name: str) -> ExportView | None:
+        if name not in self.names:
+            self.names += (name,)
+        return self.catalog.find(name)
 
     def payload_limit(self) -> int:
         """The largest option payload worth receiving now. Before TLS in FORCEDTLS
@@ -322,7 +348,7 @@ class OptionNegotiator:
             name = decode_string(payload, "export name")
         except OptionError as error:
             return OptionResult(b"", Outcome.DISCONNECT, note=error.message)
-        export = self.catalog.find(name)
+        export = self._find(name)
         if export is None:
             return OptionResult(b"", Outcome.DISCONNECT, note=self._unknown(name))
         if self._needs_tls(export):
@@ -341,6 +367,7 @@ class OptionNegotiator:
         if payload:
             raise OptionError(c.NBD_REP_ERR_INVALID, "LIST takes no data")
         replies = []
+        self.listed = True
         for export in self.catalog.listed():
             if self._needs_tls(export):
                 continue  # SELECTIVETLS: TLS-only exports stay hidden until TLS is on
@@ -392,7 +419,7 @@ class OptionNegotiator:
 
     def _info_or_go(self, option: int, payload: bytes) -> OptionResult:
         name, requested = parse_info_request(payload)
-        export = self.catalog.find(name)
+        export = self._find(name)
         if export is None:
             raise OptionError(c.NBD_REP_ERR_UNKNOWN, self._unknown(name))
         if self._needs_tls(export):
@@ -470,7 +497,7 @@ class OptionNegotiator:
     # -- helpers --------------------------------------------------------------------
 
     def _meta_export(self, name: str) -> ExportView:
-        export = self.catalog.find(name)
+        export = self._find(name)
         if export is None:
             raise OptionError(c.NBD_REP_ERR_UNKNOWN, self._unknown(name))
         if self._needs_tls(export):

@@ -24,6 +24,7 @@ from nbdserve.export import Export, ExportCatalog
 from nbdserve.logs import Sampler
 from nbdserve.metrics import HANDSHAKE_FAILURES
 from nbdserve.protocol.options import GREETING, OptionNegotiator, Session
+from nbdserve.protocol.replay import Transcripts
 from nbdserve.server.handshake import Handshake
 from nbdserve.server.polling import Census, Poller
 from nbdserve.server.stream import NbdStream
@@ -144,6 +145,8 @@ class Connections:
         # One timer for every handshake's deadline (sweep_handshakes), armed while
         # handshakes run: a timer per connection cost 3 us of every handshake.
         self.sweep: asyncio.TimerHandle | None = None
+        # Negotiations seen before, replayed to clients that repeat them (replay.py).
+        self.transcripts = Transcripts(catalog)
 
     def __iter__(self):
         return iter(list(self.live))
@@ -154,6 +157,7 @@ class Connections:
     def stop(self) -> None:
         """Shutdown begins: requests from now on earn ESHUTDOWN, options ERR_SHUTDOWN."""
         self.stopping = True
+        self.transcripts.disable()
         for conn in self.live:
             if conn.transmission is not None:
                 conn.transmission.stop()
@@ -270,9 +274,13 @@ class Connections:
         negotiator = OptionNegotiator(self.catalog, shutting_down=self.is_stopping,
                                       tls_mode=self.tls.mode)
         self.census.handshaking += 1
+        # (Not with TLS: what a client may do depends on its certificate and on TLS
+        # being active, which a replay would have to know.)
+        transcripts = self.transcripts if self.tls.mode == "off" else None
         connection.handshake = Handshake(
             connection.stream, negotiator, connection.peer,
-            functools.partial(self.handshake_done, connection), self.tls, self.ssl_context)
+            functools.partial(self.handshake_done, connection), self.tls, self.ssl_context,
+            transcripts)
         loop = connection.stream.loop
         connection.deadline = loop.time() + self.handshake_timeout
         if self.sweep is None:

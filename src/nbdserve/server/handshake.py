@@ -4,7 +4,9 @@ between the connection and the sans-I/O HandshakeFraming (protocol/handshake.py)
 The handshake runs without a task or coroutine: bytes are parsed as they arrive and
 replies written at once. Per connection this is what a handshake rate is made of, and
 a coroutine chain resumed for every option cost a third of it. Only STARTTLS, whose
-TLS handshake is asynchronous, runs in a task.
+TLS handshake is asynchronous, runs in a task. A client that sends what an earlier one
+sent gets the earlier answers (protocol/replay.py), without the haggling: a sixth of a
+short connection's CPU (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from nbdserve.metrics import HANDSHAKE_FAILURES
 from nbdserve.protocol.handshake import HandshakeFraming, Phase
 from nbdserve.protocol.options import GREETING, OptionNegotiator, Outcome, Session
+from nbdserve.protocol.replay import MAX_HISTORY, Transcripts
 from nbdserve.server.stream import NbdStream
 from nbdserve.tls import TlsConfig, subject_allowed, subject_string
 
@@ -32,7 +35,8 @@ class Handshake:
 
     def __init__(self, stream: NbdStream, negotiator: OptionNegotiator, peer: str,
                  on_done: Callable[[Session | None], None], tls: TlsConfig | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 transcripts: Transcripts | None = None) -> None:
         self.stream = stream
         self.negotiator = negotiator
         self.framing = HandshakeFraming(negotiator)
@@ -42,6 +46,13 @@ class Handshake:
         self.ssl_context = ssl_context
         self.finished = False
         self.tls_task: asyncio.Task | None = None
+        # Earlier negotiations to replay (protocol/replay.py; None with TLS, which
+        # this does not cover): the client's bytes handled so far, and the negotiator's
+        # state after a replayed history, taken up only if the client then goes on
+        # differently from every earlier one.
+        self.transcripts = transcripts
+        self.history = b""
+        self.resume_from: tuple | None = None
 
     def start(self, greeted: bool = False) -> None:
         """Greet the client (unless the caller already did), then handle options."""
@@ -62,6 +73,59 @@ class Handshake:
             self.finish(None, "error")
 
     def _feed(self) -> None:
+        transcripts = self.transcripts
+        if transcripts is not None and not self.stream.write_paused:
+            if len(self.history) + self.stream.available() <= MAX_HISTORY:
+                self._replay_or_record(transcripts)
+                return
+            self._resume()  # longer than any transcript: haggle from here on
+            self.transcripts = None
+        session = self._haggle(None)
+        if session is not None:
+            self.finish(session)
+
+    def _replay_or_record(self, transcripts: Transcripts) -> None:
+        """Answer from the table what an earlier client sent just so; else haggle, and
+        record the answer for later clients."""
+        stream = self.stream
+        received = bytes(stream.unread())
+        history = self.history + received
+        transcript = transcripts.find(history)
+        if transcript is not None:  # answered before: answer the same
+            stream.consume(len(received))
+            self.history = history
+            if transcript.replies:
+                stream.write(transcript.replies)
+            if transcript.session is not None:
+                self.finish(transcript.session)
+            else:
+                self.resume_from = transcript.state
+            return
+        self._resume()
+        sent: list[bytes] = []
+        session = self._haggle(sent)
+        # (Recorded before finish: entering transmission may read the first request.)
+        unread = stream.available()
+        self.history = history[:len(history) - unread]
+        framing, negotiator = self.framing, self.negotiator
+        if not unread and not framing.discarding and not negotiator.listed and (
+                framing.phase is _OPTIONS or session is not None):
+            transcripts.record(self.history, b"".join(sent), session, negotiator.snapshot(),
+                               negotiator.names)
+        if session is not None:
+            self.finish(session)
+
+    def _resume(self) -> None:
+        """The client goes its own way after a replayed history: the negotiator takes
+        up the state that history left."""
+        if self.resume_from is not None:
+            self.negotiator.restore(self.resume_from)
+            self.framing.resume_options()
+            self.resume_from = None
+
+    def _haggle(self, sent: list[bytes] | None) -> Session | None:
+        """Handle every complete message received; the replies go out (and into sent).
+        Returns the session when a GO ended the handshake, for the caller to finish."""
         stream = self.stream
         framing = self.framing
         while framing.reading and not stream.write_paused:
@@ -71,9 +135,11 @@ class Handshake:
             if result is None:
                 if consumed:
                     continue  # part of an oversized option was dropped: go on
-                return  # incomplete: the buffer grows (to the payload limit at most)
+                return None  # incomplete: the buffer grows (to the payload limit at most)
             if result.replies:
                 stream.write(result.replies)
+                if sent is not None:
+                    sent.append(result.replies)
             phase = framing.phase
             if phase is _OPTIONS:
                 continue
@@ -81,7 +147,7 @@ class Handshake:
                 stream.on_data = None
                 self.tls_task = asyncio.get_running_loop().create_task(self._start_tls())
             elif phase is _TRANSMISSION:
-                self.finish(result.session)
+                return result.session
             elif result.outcome is _ABORT:
                 log.debug("%s: client aborted the handshake", self.peer)
                 # A client that aborts after a refused GO was refused (nbdinfo asking
@@ -90,7 +156,8 @@ class Handshake:
             else:
                 log.warning("%s: %s; disconnecting", self.peer, result.note)
                 self.finish(None, "refused")
-            return
+            return None
+        return None
 
     def finish(self, session: Session | None, failure: str = "") -> None:
         """The handshake ended: in a session, or (None) in a failure of that kind
