@@ -8,6 +8,7 @@ import os
 import random
 import socket
 import struct
+import time
 
 import pytest
 from test_options_codec import FakeCatalog, FakeExport, info_payload, meta_payload
@@ -30,7 +31,7 @@ META = meta_payload(b"", b"base:allocation")
 
 
 def record(transcripts: Transcripts, history: bytes, names=("",)) -> None:
-    transcripts.record(history, b"answer", None, ("state",), tuple(names))
+    transcripts.record(0, history, b"answer", None, ("state",), tuple(names))
 
 
 # -- the table, sans I/O ---------------------------------------------------------------------
@@ -41,8 +42,11 @@ def test_a_transcript_holds_while_its_exports_look_the_same():
     catalog = FakeCatalog(export)
     transcripts = Transcripts(catalog)
     record(transcripts, b"history")
-    assert transcripts.find(b"history").replies == b"answer"
-    assert transcripts.find(b"other") is None
+    assert transcripts.find(0, b"history").replies == b"answer"
+    assert transcripts.find(0, b"other") is None
+    # The same bytes, but the client had its answer to the first three already: the
+    # answer kept is to all seven, so it is not this one's.
+    assert transcripts.find(3, b"history") is None
     assert transcripts.replayed == 1
 
 
@@ -69,8 +73,8 @@ def test_a_transcript_is_dropped_when_an_export_it_looked_up_changes(change):
         export.description = "changed"
     else:
         setattr(export, change, not getattr(export, change))
-    assert transcripts.find(b"history") is None
-    assert b"history" not in transcripts.table  # (recorded anew by the next haggling)
+    assert transcripts.find(0, b"history") is None
+    assert (0, b"history") not in transcripts.table  # (recorded anew by the next haggling)
 
 
 def test_the_table_is_forgotten_when_exports_come_or_go(image):
@@ -81,14 +85,14 @@ def test_the_table_is_forgotten_when_exports_come_or_go(image):
     served = Export(ExportConfig("", str(image)), RawImage(str(image)))
     catalog = ExportCatalog([served])
     transcripts = Transcripts(catalog)
-    transcripts.record(b"history", b"answer", None, (), ("",))
-    assert transcripts.find(b"history") is not None
+    transcripts.record(0, b"history", b"answer", None, (), ("",))
+    assert transcripts.find(0, b"history") is not None
     catalog.mark_absent("elsewhere", "it was migrated to elsewhere")
-    assert transcripts.find(b"history") is None and not transcripts.table
-    transcripts.record(b"history", b"answer", None, (), ("",))
+    assert transcripts.find(0, b"history") is None and not transcripts.table
+    transcripts.record(0, b"history", b"answer", None, (), ("",))
     catalog.remove("")
-    transcripts.record(b"other", b"answer", None, (), ())
-    assert list(transcripts.table) == [b"other"]
+    transcripts.record(0, b"other", b"answer", None, (), ())
+    assert list(transcripts.table) == [(0, b"other")]
     served.image.close()
 
 
@@ -99,24 +103,24 @@ def test_a_name_not_served_is_remembered_with_why():
     transcripts = Transcripts(catalog)
     record(transcripts, b"history", names=("gone",))
     assert export_view(catalog, "gone") == reasons["gone"]
-    assert transcripts.find(b"history") is not None
+    assert transcripts.find(0, b"history") is not None
     reasons["gone"] = "it was migrated to elsewhere"
-    assert transcripts.find(b"history") is None
+    assert transcripts.find(0, b"history") is None
 
 
 def test_the_table_is_bounded():
     transcripts = Transcripts(FakeCatalog(FakeExport("")))
     record(transcripts, bytes(MAX_HISTORY + 1))  # too long to keep
-    transcripts.record(b"long answer", bytes(8192), None, (), ())
+    transcripts.record(0, b"long answer", bytes(8192), None, (), ())
     assert not transcripts.table
     for i in range(MAX_TRANSCRIPTS):
         record(transcripts, b"%d" % i)
     assert len(transcripts.table) == MAX_TRANSCRIPTS
     record(transcripts, b"one more")  # full: everything goes, the newest stays
-    assert list(transcripts.table) == [b"one more"]
+    assert list(transcripts.table) == [(0, b"one more")]
     transcripts.disable()
     record(transcripts, b"after")
-    assert not transcripts.table and transcripts.find(b"one more") is None
+    assert not transcripts.table and transcripts.find(0, b"one more") is None
 
 
 def test_a_negotiator_restored_from_a_snapshot_answers_as_the_original():
@@ -303,28 +307,45 @@ def expected_replies(catalog, messages: list[bytes]) -> tuple[list[bytes], bool]
     return answers, negotiator.extended_headers
 
 
+def disc(extended: bool) -> bytes:
+    if extended:
+        return struct.pack(">IHHQQQ", c.NBD_EXTENDED_REQUEST_MAGIC, 0, c.NBD_CMD_DISC, 0, 0, 0)
+    return struct.pack(">IHHQQI", c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_DISC, 0, 0, 0)
+
+
 def random_walks(path: str, catalog, seed: int) -> int:
     """Clients one after another, each sending a few options drawn from a small set
-    (so that many share a beginning) and then GO or ABORT, one message at a time;
-    every reply must be the reference's, byte for byte. Returns the connections."""
+    (so that many share a beginning) and then GO or ABORT. Most messages go one per
+    send; some two at once, some in two pieces (the server then sees part of one), and
+    some GOs come with the DISC behind them. Every reply must be the reference's, byte
+    for byte. Returns the connections."""
     rng = random.Random(seed)
     for _ in range(60):
         messages = [FLAGS] + [rng.choice(ALPHABET) for _ in range(rng.randrange(4))]
         messages.append(rng.choice(ENDINGS))
         expected, extended = expected_replies(catalog, messages)
+        goodbye = disc(extended) if messages[-1] != ENDINGS[-1] else b""
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(10)
             sock.connect(path)
             recv_exactly(sock, 18)
-            for message, answer in zip(messages, expected, strict=True):
-                sock.sendall(message)
+            i = 0
+            while i < len(messages):
+                count = 2 if i + 1 < len(messages) and rng.random() < 0.2 else 1
+                data = b"".join(messages[i:i + count])
+                if i + count == len(messages) and goodbye and rng.random() < 0.3:
+                    data, goodbye = data + goodbye, b""  # the first request, pipelined
+                if count == 1 and len(data) > 1 and rng.random() < 0.2:
+                    cut = rng.randrange(1, len(data))
+                    sock.sendall(data[:cut])
+                    time.sleep(0.002)  # (so that the server reads the piece alone)
+                    data = data[cut:]
+                sock.sendall(data)
+                answer = b"".join(expected[i:i + count])
                 assert recv_exactly(sock, len(answer)) == answer, messages
-            if extended and messages[-1] != ENDINGS[-1]:  # in transmission: goodbye
-                sock.sendall(struct.pack(">IHHQQQ", c.NBD_EXTENDED_REQUEST_MAGIC, 0,
-                                         c.NBD_CMD_DISC, 0, 0, 0))
-            elif messages[-1] != ENDINGS[-1]:
-                sock.sendall(struct.pack(">IHHQQI", c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_DISC,
-                                         0, 0, 0))
+                i += count
+            if goodbye:  # (not after ABORT, nor sent already: the server hung up)
+                sock.sendall(goodbye)
             assert sock.recv(1) == b""  # and nothing more
     return 60
 

@@ -6,7 +6,9 @@ a backup tool that connects per step, libnbd's own loops. What option haggling a
 is a function of three things: the client's bytes so far, the negotiator's settings
 (the same for every connection of a server while TLS is off and it is not shutting
 down), and what it looked up in the catalog. So each transcript is kept under the
-client's bytes so far (its *history*), with:
+client's bytes so far (its *history*) and where in them the bytes it answered began
+(a client that sent two options at once wants both answers, one that sent them one
+at a time has had the first), with:
 
 - the replies to the bytes that ended it, and the session when they were a GO's;
 - the negotiator's state after it (``OptionNegotiator.snapshot``), which a connection
@@ -63,7 +65,7 @@ class Transcripts:
 
     def __init__(self, catalog: ExportCatalog) -> None:
         self.catalog = catalog
-        self.table: dict[bytes, Transcript] = {}
+        self.table: dict[tuple[int, bytes], Transcript] = {}
         self.generation = catalog.generation  # of the catalog the table was made with
         self.enabled = True
         self.replayed = 0  # for tests and curiosity: histories answered from the table
@@ -72,29 +74,32 @@ class Transcripts:
         catalog = self.catalog
         return tuple([export_view(catalog, name) for name in names])
 
-    def find(self, history: bytes) -> Transcript | None:
-        """The transcript of this history, if there is one and it still holds."""
+    def find(self, start: int, history: bytes) -> Transcript | None:
+        """The transcript of this history whose answers are to its bytes from start
+        on, if there is one and it still holds."""
         if self.catalog.generation != self.generation:
             self.forget()  # exports came or went: let go of the sessions of old ones
             return None
-        transcript = self.table.get(history)
+        key = (start, history)
+        transcript = self.table.get(key)
         if transcript is None:
             return None
         if transcript.names and self.views(transcript.names) != transcript.views:
-            del self.table[history]  # an export changed: haggle again (and record anew)
+            del self.table[key]  # an export changed: haggle again (and record anew)
             return None
         self.replayed += 1
         return transcript
 
-    def record(self, history: bytes, replies: bytes, session: Session | None,
+    def record(self, start: int, history: bytes, replies: bytes, session: Session | None,
                state: tuple, names: tuple[str, ...]) -> None:
-        """What the negotiator answered to the bytes that ended history, and where it
+        """What the negotiator answered to history's bytes from start on, and where it
         is now. The caller records only when every byte received was handled."""
         if not self.enabled or len(history) > MAX_HISTORY or len(replies) > MAX_REPLIES:
             return
         if len(self.table) >= MAX_TRANSCRIPTS or self.catalog.generation != self.generation:
             self.forget()
-        self.table[history] = Transcript(replies, session, state, names, self.views(names))
+        self.table[start, history] = Transcript(replies, session, state, names,
+                                                self.views(names))
 
     def forget(self) -> None:
         self.table.clear()

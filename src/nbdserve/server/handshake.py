@@ -89,8 +89,9 @@ class Handshake:
         record the answer for later clients."""
         stream = self.stream
         received = bytes(stream.unread())
+        start = len(self.history)
         history = self.history + received
-        transcript = transcripts.find(history)
+        transcript = transcripts.find(start, history)
         if transcript is not None:  # answered before: answer the same
             stream.consume(len(received))
             self.history = history
@@ -110,8 +111,8 @@ class Handshake:
         framing, negotiator = self.framing, self.negotiator
         if not unread and not framing.discarding and not negotiator.listed and (
                 framing.phase is _OPTIONS or session is not None):
-            transcripts.record(self.history, b"".join(sent), session, negotiator.snapshot(),
-                               negotiator.names)
+            transcripts.record(start, self.history, b"".join(sent), session,
+                               negotiator.snapshot(), negotiator.names)
         if session is not None:
             self.finish(session)
 
