@@ -488,6 +488,7 @@ def test_metrics_are_scraped_over_http(three_exports):
         assert float(lines['nbdserve_request_duration_seconds_count{command="READ",'
                            'export="a"}']) >= 1
         assert float(lines['nbdserve_connections_accepted_total']) >= 2
+        assert float(lines['nbdserve_handshakes_replayed_total']) == 0  # none repeated
         assert 'nbdserve_connections{export="c"}' in lines
         assert float(lines['nbdserve_export_size_bytes{export="a"}']) > 0
         assert lines['nbdserve_bitmap_inconsistent{bitmap="daily",export="a"}'] == "0.0"
@@ -506,6 +507,13 @@ def test_metrics_are_scraped_over_http(three_exports):
                 break
             time.sleep(0.05)
         assert refused in again
+        # The same client three times: its handshake comes from the table after the
+        # first (each of nbdinfo's messages waits for the answer to the one before).
+        for _ in range(3):
+            run("nbdinfo", "--size", f"nbd://127.0.0.1:{port}/b")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            replayed = response.read().decode()
+        assert "nbdserve_handshakes_replayed_total 2.0" in replayed
         # Every query of the shipped Grafana dashboard names metrics this server exports.
         exported = exported_names(again)
         dashboard = json.loads((ROOT / "examples/grafana-dashboard.json").read_text())

@@ -80,10 +80,12 @@ HANDSHAKE_FAILURES = HandshakeFailures()
 
 def start_metrics_server(host: str, port: int, exports: Callable[[], Iterable],
                          accepted: Callable[[], int],
-                         migrations: Callable[[], tuple] = lambda: (None, [])):
+                         migrations: Callable[[], tuple] = lambda: (None, []),
+                         replayed: Callable[[], int] = lambda: 0):
     """Serve /metrics on host:port; returns the HTTP server (closed at shutdown).
     ``migrations`` gives the latest outgoing migration's describe() (or None) and the
-    incoming ones'."""
+    incoming ones'; ``replayed``, the handshakes answered from the table of earlier
+    ones (protocol/replay.py)."""
     from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR, start_http_server
     from prometheus_client.core import (
         CollectorRegistry,
@@ -166,6 +168,10 @@ def start_metrics_server(host: str, port: int, exports: Callable[[], Iterable],
             accepted_total = CounterMetricFamily("nbdserve_connections_accepted",
                                                  "Connections accepted since start")
             accepted_total.add_metric([], accepted())
+            replayed_total = CounterMetricFamily(
+                "nbdserve_handshakes_replayed",
+                "Handshakes answered from the table of earlier ones (docs/protocol.md)")
+            replayed_total.add_metric([], replayed())
             failed = CounterMetricFamily("nbdserve_handshake_failures",
                                          "Handshakes that did not reach transmission",
                                          labels=["reason"])
@@ -175,7 +181,8 @@ def start_metrics_server(host: str, port: int, exports: Callable[[], Iterable],
             build.add_metric([], {"version": __version__})
             yield from (requests, errors, read, written, latency, size, connections, dirty,
                         *flags.values(), preserved, scratch, broken,
-                        accepted_total, failed, build, *migration_metrics(*migrations()))
+                        accepted_total, replayed_total, failed, build,
+                        *migration_metrics(*migrations()))
 
     def migration_metrics(outgoing: dict | None, incoming: list[dict]):
         phase = GaugeMetricFamily(

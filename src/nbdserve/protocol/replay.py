@@ -68,7 +68,8 @@ class Transcripts:
         self.table: dict[tuple[int, bytes], Transcript] = {}
         self.generation = catalog.generation  # of the catalog the table was made with
         self.enabled = True
-        self.replayed = 0  # for tests and curiosity: histories answered from the table
+        self.replayed = 0  # histories answered from the table...
+        self.handshakes = 0  # ...and of those, the ones that ended a handshake (a metric)
 
     def views(self, names: tuple[str, ...]) -> tuple:
         catalog = self.catalog
@@ -88,6 +89,8 @@ class Transcripts:
             del self.table[key]  # an export changed: haggle again (and record anew)
             return None
         self.replayed += 1
+        if transcript.session is not None:
+            self.handshakes += 1
         return transcript
 
     def record(self, start: int, history: bytes, replies: bytes, session: Session | None,

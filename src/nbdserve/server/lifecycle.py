@@ -98,6 +98,7 @@ class Server:
             self.metrics_server = start_metrics_server(
                 *self.metrics, exports=lambda: list(self.catalog),
                 accepted=lambda: self.connections.accepted,
+                replayed=lambda: self.connections.transcripts.handshakes,
                 migrations=lambda: (self.migration.describe() if self.migration else None,
                                     [waiting.describe() for waiting in self.incoming]))
         loop = asyncio.get_running_loop()
