@@ -5,8 +5,8 @@ The handshake runs without a task or coroutine: bytes are parsed as they arrive 
 replies written at once. Per connection this is what a handshake rate is made of, and
 a coroutine chain resumed for every option cost a third of it. Only STARTTLS, whose
 TLS handshake is asynchronous, runs in a task. A client that sends what an earlier one
-sent gets the earlier answers (protocol/replay.py), without the haggling: a sixth of a
-short connection's CPU (docs/performance.md).
+sent gets the earlier answers (protocol/replay.py), without the haggling: about 15 %
+of a short connection's CPU (docs/performance.md).
 """
 
 from __future__ import annotations
