@@ -10,7 +10,8 @@ client's bytes so far (its *history*) and where in them the bytes it answered be
 (a client that sent two options at once wants both answers, one that sent them one
 at a time has had the first), with:
 
-- the replies to the bytes that ended it, and the session when they were a GO's;
+- the replies to its bytes from that point on, and the session when they ended in a
+  GO;
 - the negotiator's state after it (``OptionNegotiator.snapshot``), which a connection
   takes up when its client goes on differently from every earlier one;
 - the export names it looked up, and what each looked like then (``export_view``).
@@ -53,8 +54,8 @@ def export_view(catalog: ExportCatalog, name: str) -> tuple | str:
 
 
 class Transcript(NamedTuple):
-    replies: bytes  # the answer to the bytes that ended this history
-    session: Session | None  # set when they ended the handshake in a session
+    replies: bytes  # the answer to the history's bytes from its start on
+    session: Session | None  # set when those ended the handshake in a session
     state: tuple  # OptionNegotiator.snapshot() after them
     names: tuple[str, ...]  # the export names looked up on the way
     views: tuple  # export_view of each, then
