@@ -141,6 +141,22 @@ def test_a_negotiator_restored_from_a_snapshot_answers_as_the_original():
     assert resumed.names == original.names == ("",)  # (SET, LIST and GO named it)
 
 
+def test_a_session_shared_by_replayed_connections_cannot_be_changed():
+    """Connections whose handshakes were the same share the one Session the recorded
+    GO made: its selected contexts are read-only, and later SETs of the negotiator
+    that made it do not reach it."""
+    negotiator = OptionNegotiator(FakeCatalog(FakeExport("")))
+    negotiator.handle_client_flags(FLAGS)
+    negotiator.handle_option(c.NBD_OPT_STRUCTURED_REPLY, b"")
+    negotiator.handle_option(c.NBD_OPT_SET_META_CONTEXT, META)
+    session = negotiator.handle_option(c.NBD_OPT_GO, GO[16:]).session
+    assert dict(session.meta_contexts) == {1: "base:allocation"}
+    with pytest.raises(TypeError):
+        session.meta_contexts[2] = "qemu:dirty-bitmap:b0"
+    negotiator.meta_contexts[2] = "qemu:dirty-bitmap:b0"
+    assert dict(session.meta_contexts) == {1: "base:allocation"}
+
+
 # -- in a server ------------------------------------------------------------------------------
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import NamedTuple, Protocol
 
 from nbdserve.protocol import ProtocolViolation
@@ -67,13 +68,13 @@ class Outcome(enum.Enum):
 class Session(NamedTuple):
     """What haggling agreed, handed to the transmission phase. (A named tuple: made
     once per connection, at a third of a frozen dataclass's cost.) Connections whose
-    handshakes were the same share one (replay.py): nothing may change it, its
-    meta_contexts included."""
+    handshakes were the same share one (replay.py): nothing may change it, and its
+    meta_contexts is a read-only view, so nothing can."""
 
     export: ExportView
     structured_replies: bool
     transmission_flags: int
-    meta_contexts: dict[int, str]
+    meta_contexts: Mapping[int, str]
     tls: bool = False
     extended_headers: bool = False
 
@@ -528,7 +529,7 @@ class OptionNegotiator:
             structured_replies=self.structured_replies,
             transmission_flags=transmission_flags(export, self.structured_replies,
                                                   status_payload),
-            meta_contexts=contexts,
+            meta_contexts=MappingProxyType(contexts),
             tls=self.tls_active,
             extended_headers=self.extended_headers,
         )
