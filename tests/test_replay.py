@@ -143,8 +143,8 @@ def test_a_negotiator_restored_from_a_snapshot_answers_as_the_original():
 
 def test_a_session_shared_by_replayed_connections_cannot_be_changed():
     """Connections whose handshakes were the same share the one Session the recorded
-    GO made: its selected contexts are read-only, and later SETs of the negotiator
-    that made it do not reach it."""
+    GO made: its selected contexts are read-only, and what the negotiator that made
+    it selects later does not reach it."""
     negotiator = OptionNegotiator(FakeCatalog(FakeExport("")))
     negotiator.handle_client_flags(FLAGS)
     negotiator.handle_option(c.NBD_OPT_STRUCTURED_REPLY, b"")
