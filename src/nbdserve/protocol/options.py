@@ -57,6 +57,11 @@ class ExportCatalog(Protocol):
         """Why a name that is not served is not (a migration), or ""."""
 
 
+def at_connection_limit(export: ExportView) -> bool:
+    """Whether the export has as many connections as it allows (GO is refused)."""
+    return bool(export.max_connections) and export.connections >= export.max_connections
+
+
 class Outcome(enum.Enum):
     CONTINUE = "continue"  # send the replies, read the next option
     ABORT = "abort"  # send the replies (the ACK), then close
@@ -355,7 +360,7 @@ class OptionNegotiator:
         if self._needs_tls(export):
             return OptionResult(b"", Outcome.DISCONNECT,
                                 note=f"export {name!r} requires TLS")
-        if self._full(export):
+        if at_connection_limit(export):
             return OptionResult(b"", Outcome.DISCONNECT,
                                 note=f"export {name!r} is at its connection limit")
         session = self._session(export)
@@ -425,7 +430,7 @@ class OptionNegotiator:
             raise OptionError(c.NBD_REP_ERR_UNKNOWN, self._unknown(name))
         if self._needs_tls(export):
             raise OptionError(c.NBD_REP_ERR_TLS_REQD, f"export {name!r} requires TLS")
-        if option == c.NBD_OPT_GO and self._full(export):
+        if option == c.NBD_OPT_GO and at_connection_limit(export):
             raise OptionError(c.NBD_REP_ERR_POLICY,
                               f"export {name!r} is at its limit of {export.max_connections} "
                               "connections")
@@ -509,10 +514,6 @@ class OptionNegotiator:
     def _unknown(self, name: str) -> str:
         why = self.catalog.absence(name)
         return f"export {name!r} not available" + (f": {why}" if why else "")
-
-    @staticmethod
-    def _full(export: ExportView) -> bool:
-        return bool(export.max_connections) and export.connections >= export.max_connections
 
     def _needs_tls(self, export: ExportView) -> bool:
         return self.tls_mode == "optional" and export.tls_required and not self.tls_active

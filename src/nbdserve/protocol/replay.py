@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from nbdserve.protocol.options import ExportCatalog, Session
+from nbdserve.protocol.options import ExportCatalog, Session, at_connection_limit
 
 MAX_TRANSCRIPTS = 256
 MAX_HISTORY = 1024  # client bytes; a libnbd GO with structured replies is about 60
@@ -45,11 +45,11 @@ def export_view(catalog: ExportCatalog, name: str) -> tuple | str:
     export = catalog.find(name)
     if export is None:
         return catalog.absence(name)
-    full = bool(export.max_connections) and export.connections >= export.max_connections
     # The export by identity (its id, unique while the view holds the export), not by
     # equality: a reloaded export equal to the old one is still another export.
     return (id(export), export, export.size, export.read_only, export.discard_only,
-            export.multi_conn, export.tls_required, export.description, full,
+            export.multi_conn, export.tls_required, export.description,
+            at_connection_limit(export),
             tuple(export.meta_contexts()))
 
 
