@@ -7,7 +7,8 @@
 Every server gets a private copy of the same images. Rounds are interleaved (A B C,
 then C B A, ...), ratios are taken pair by pair within a round, and the median and
 range of each figure are reported with each server's CPU time per unit of work and peak
-RSS. Results go to stdout as a table and to bench/results/DATE.json.
+RSS, and the client's CPU time per unit beside it. Results go to stdout as a table and
+to bench/results/DATE.json.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -338,22 +340,40 @@ def interleaved(servers: list[Server], rounds: int):
         yield index, servers if index % 2 == 0 else list(reversed(servers))
 
 
+def children_cpu_seconds() -> float:
+    """User + system CPU of this process's finished children: the clients a workload
+    runs (fio, nbdcopy, the handshake loop) and everything they waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(workload: Workload, servers: list[Server], rounds: int) -> dict:
+    """Each server's figure in every round, with the server's CPU time per unit of
+    work and the client's. The client shares this machine's cores with the server, so
+    what the two spend together says how near the machine's limit a rate is; the
+    client's figure includes its start-up (for the handshake loop, about 1 µs per
+    connection)."""
     values: dict[str, list[float]] = {s.name: [] for s in servers}
     cpu: dict[str, list[float]] = {s.name: [] for s in servers}
     per_unit: dict[str, list[float]] = {s.name: [] for s in servers}
+    client_per_unit: dict[str, list[float]] = {s.name: [] for s in servers}
     for _, order in interleaved(servers, rounds):
         for server in order:
-            before = server.cpu_seconds()
+            before, client_before = server.cpu_seconds(), children_cpu_seconds()
             value = workload.measure(server)
             used = server.cpu_seconds() - before
+            client = children_cpu_seconds() - client_before
+            units = workload.units(value) if value else 0.0
             values[server.name].append(value)
             cpu[server.name].append(used)
-            per_unit[server.name].append(used / workload.units(value) if value else 0.0)
+            per_unit[server.name].append(used / units if units else 0.0)
+            client_per_unit[server.name].append(client / units if units else 0.0)
     result = summarise(workload.name, workload.unit, workload.higher_is_better, values, cpu)
     result["cpu_unit"] = workload.work_unit
     for name, runs in per_unit.items():
         result["servers"][name]["cpu_per_unit_us"] = statistics.median(runs) * 1e6
+        result["servers"][name]["client_cpu_per_unit_us"] = \
+            statistics.median(client_per_unit[name]) * 1e6
     return result
 
 
@@ -414,8 +434,8 @@ def machine() -> dict:
 def print_table(results: list[dict]) -> None:
     names = ("nbdserve", "qemu-nbd", "qemu-nbd-10", "nbdkit")
     header = f"{'workload':40} {'unit':7}" + "".join(f" {n:>11}" for n in names) + \
-        f" {'vs best':>8} {'(range)':>11} {'best peer':>11}   server CPU per unit (us): " + \
-        " / ".join(names)
+        f" {'vs best':>8} {'(range)':>11} {'best peer':>11}   CPU per unit (us), server" + \
+        " | client: " + " / ".join(names)
     print(header)
     print("-" * len(header))
     for r in results:
@@ -448,6 +468,10 @@ def print_table(results: list[dict]) -> None:
         cpu = " / ".join(f"{r['servers'][n]['cpu_per_unit_us']:.4g}"
                          if "cpu_per_unit_us" in r["servers"].get(n, {}) else "-"
                          for n in names)
+        if any("client_cpu_per_unit_us" in r["servers"].get(n, {}) for n in names):
+            cpu += " | " + " / ".join(f"{r['servers'][n]['client_cpu_per_unit_us']:.4g}"
+                                      if "client_cpu_per_unit_us" in r["servers"].get(n, {})
+                                      else "-" for n in names)
         unit = f" per {r['cpu_unit']}" if "cpu_unit" in r else ""
         print(f"{r['workload'][:40]:40} {r['unit']:7}{cells}{ratio}   {cpu}{unit}")
 

@@ -51,3 +51,33 @@ def test_the_best_peer_is_one_peer_chosen_by_its_median():
                                                "nbdkit": [55, 44, 70]}, {})
     assert lower["best_peer"] == "qemu-nbd"
     assert lower["ratios"]["best peer"]["median"] == 45 / 50
+
+
+class _IdleServer:
+    """A stand-in for bench.Server that uses no CPU."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cpu_seconds(self, user_only: bool = False) -> float:
+        return 0.0
+
+
+def test_the_clients_cpu_is_reported_per_unit_beside_the_servers():
+    """What the client process spends (it shares the cores with the server) is
+    measured from its own accounting, per unit of work."""
+    bench = load_bench()
+    burn = ("import time\n"
+            "while time.process_time() < 0.3:\n"
+            "    pass\n")
+
+    def client(server) -> float:
+        bench.run([sys.executable, "-c", burn])
+        return 3.0  # three units of work per run
+
+    workload = bench.Workload("burn", "x/s", True, client, lambda value: value, "unit")
+    result = bench.measure(workload, [_IdleServer("nbdserve")], rounds=2)
+    ours = result["servers"]["nbdserve"]
+    assert ours["cpu_per_unit_us"] == 0.0
+    # At least 0.3 s of CPU over 3 units (plus the interpreter's start-up).
+    assert 0.1e6 <= ours["client_cpu_per_unit_us"] < 1e6
