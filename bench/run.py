@@ -431,6 +431,13 @@ def machine() -> dict:
                else {})}
 
 
+def _per_server(result: dict, names: tuple[str, ...], key: str) -> str:
+    """One figure of each server, "-" where a server has none."""
+    servers = result["servers"]
+    return " / ".join(f"{servers[n][key]:.4g}" if key in servers.get(n, {}) else "-"
+                      for n in names)
+
+
 def print_table(results: list[dict]) -> None:
     names = ("nbdserve", "qemu-nbd", "qemu-nbd-10", "nbdkit")
     header = f"{'workload':40} {'unit':7}" + "".join(f" {n:>11}" for n in names) + \
@@ -465,13 +472,9 @@ def print_table(results: list[dict]) -> None:
         ratio = f" {best['median']:7.2f}x {best['min']:5.2f}-{best['max']:<5.2f}" if best \
             else f" {'-':>8} {'':11}"
         ratio += f" {r.get('best_peer', '-'):>11}"
-        cpu = " / ".join(f"{r['servers'][n]['cpu_per_unit_us']:.4g}"
-                         if "cpu_per_unit_us" in r["servers"].get(n, {}) else "-"
-                         for n in names)
+        cpu = _per_server(r, names, "cpu_per_unit_us")
         if any("client_cpu_per_unit_us" in r["servers"].get(n, {}) for n in names):
-            cpu += " | " + " / ".join(f"{r['servers'][n]['client_cpu_per_unit_us']:.4g}"
-                                      if "client_cpu_per_unit_us" in r["servers"].get(n, {})
-                                      else "-" for n in names)
+            cpu += " | " + _per_server(r, names, "client_cpu_per_unit_us")
         unit = f" per {r['cpu_unit']}" if "cpu_unit" in r else ""
         print(f"{r['workload'][:40]:40} {r['unit']:7}{cells}{ratio}   {cpu}{unit}")
 
